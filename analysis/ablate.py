@@ -1,0 +1,252 @@
+"""``ablate``: remove an operator's computations on vision tokens in chosen decoder layers.
+
+    from analysis import ablate
+    with ablate(model, "skip_ffn", layers=range(12, 32)):
+        model.generate(**batch)
+
+Scoped, per instance, and exact: entering attaches one forward pre-hook to the LLaVA model (to
+read where the image tokens are) and replaces ``forward`` on the chosen decoder-layer
+*instances* only; leaving removes both in ``finally``. No transformers class is patched and no
+parameter or buffer is touched, so the model is bit-identical afterwards. Layers outside the
+range, and chunks the op does not affect (text-only input, most decode steps), run HF's own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import check_backend, split_attention
+from .layout import compute_layout, image_token_id
+from .models import decoder_layers, llava_core, text_config_of
+from .ops import Operator, get_operator
+from .rows import gather_rows, scatter_add_rows, select_rows
+
+
+@dataclass
+class Chunk:
+    """What the layers of one forward call need: where vision tokens are, in query and cache space."""
+
+    query_vision: torch.Tensor  # (B, T) bool, rows of this chunk
+    key_vision: torch.Tensor  # (B, K) bool, every cache position incl. this chunk
+    key_valid: torch.Tensor  # (B, K) bool, the attention mask
+    past: int  # cache positions before this chunk
+    masks: dict = field(default_factory=dict)  # (queries, window) -> (B, Nq, K) allowed
+    _text_rows: tuple | None = None
+
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, valid), each (B, N): the non-vision rows of this chunk, computed once per forward."""
+        if self._text_rows is None:
+            self._text_rows = select_rows(~self.query_vision)
+        return self._text_rows
+
+
+class VisionTracker:
+    """Keeps the vision mask of every cache position across prefill and decode steps."""
+
+    def __init__(self, config, newline_tokens: str):
+        self.config = config
+        self.newline_tokens = newline_tokens
+        self.key_vision: torch.Tensor | None = None
+        self.chunk: Chunk | None = None
+        self.warned_no_image = False
+        # generate() encodes images before the first forward and passes the features without
+        # image_sizes; remember them from the encoder call (LLaVA-NeXT's layout depends on them).
+        self.encoded_image_sizes = None
+
+    def watch_image_encoder(self, core):
+        """Wrap ``core.get_image_features`` (this instance only) to record ``image_sizes``; returns an undo."""
+        original = core.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            self.encoded_image_sizes = kwargs.get("image_sizes")
+            return original(*args, **kwargs)
+
+        core.get_image_features = get_image_features
+        return lambda: delattr(core, "get_image_features")
+
+    def pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError(
+                "ablate() locates vision tokens from input_ids; call the model with input_ids "
+                "(as the processor returns them), not inputs_embeds"
+            )
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("ablate() supports 2-D (batch, seq) attention masks only")
+        chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
+        if bool((input_ids == image_token_id(self.config)).any()):
+            image_sizes = kwargs.get("image_sizes")
+            if image_sizes is None and kwargs.get("pixel_values") is None:
+                image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
+            layout = compute_layout(input_ids, self.config, chunk_mask, image_sizes)
+            query_vision = layout.vision_mask(self.newline_tokens)
+        else:
+            query_vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        if past == 0:
+            self.key_vision = query_vision
+            if not query_vision.any() and not self.warned_no_image:
+                warnings.warn("ablate(): the input has no image tokens, so the op changes nothing", stacklevel=2)
+                self.warned_no_image = True
+        elif self.key_vision is None or self.key_vision.shape[1] != past:
+            raise RuntimeError(
+                "ablate(): the KV cache holds tokens this context did not see; build the cache "
+                "(prefill) inside the same `with ablate(...)` block"
+            )
+        else:
+            self.key_vision = torch.cat([self.key_vision, query_vision], dim=1)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.key_vision)
+        self.chunk = Chunk(query_vision, self.key_vision, valid, past)
+
+
+def _allowed(chunk: Chunk, op: Operator, window: int | None) -> torch.Tensor:
+    """(B, Nq, K) bool: causal, padding, sliding window, the op's rule, and always the diagonal.
+
+    Query rows are every row of the chunk, or its non-vision rows when the op skips attention.
+    """
+    key = (op.skip_attention, window)
+    if key in chunk.masks:
+        return chunk.masks[key]
+    rows = chunk.text_rows()[0] if op.skip_attention else None
+    B, T = chunk.query_vision.shape
+    device = chunk.query_vision.device
+    local = torch.arange(T, device=device).expand(B, T) if rows is None else rows
+    q_pos = chunk.past + local  # (B, Nq) cache position of each query row
+    k_pos = torch.arange(chunk.key_vision.shape[1], device=device)
+    offset = q_pos[:, :, None] - k_pos[None, None, :]
+    allowed = (offset >= 0) & chunk.key_valid[:, None, :]
+    if window is not None:
+        allowed &= offset < window
+    rule = op.allowed(torch.gather(chunk.query_vision, 1, local), chunk.key_vision)
+    if rule is not None:
+        allowed &= rule
+    allowed |= offset == 0
+    chunk.masks[key] = allowed
+    return allowed
+
+
+def _window(attn) -> int | None:
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_states, attention_mask=None,
+                          position_ids=None, past_key_values=None, use_cache=False, position_embeddings=None,
+                          **kwargs):
+    """A decoder layer's forward with ``op`` applied; HF's own forward where ``op`` changes nothing."""
+    chunk = tracker.chunk
+    if chunk is None or not op.affects(chunk.query_vision, chunk.key_vision):
+        return type(layer).forward(
+            layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    B, T, _ = hidden_states.shape
+    attn = layer.self_attn
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, hd)
+
+    if op.changes_attention:
+        x = layer.input_layernorm(hidden_states)
+        rows, valid = chunk.text_rows() if op.skip_attention else (None, None)  # (B, Nq)
+        allowed = _allowed(chunk, op, _window(attn))
+        if rows is None:
+            out = split_attention(attn, x, (cos, sin), x, (cos, sin), allowed, past_key_values)
+            hidden_states = hidden_states + out
+        else:
+            q_rope = (gather_rows(cos, rows), gather_rows(sin, rows))
+            out = split_attention(attn, gather_rows(x, rows), q_rope, x, (cos, sin), allowed, past_key_values)
+            hidden_states = scatter_add_rows(hidden_states, rows, valid, out)
+    else:
+        residual = hidden_states
+        hidden_states, _ = attn(
+            hidden_states=layer.input_layernorm(hidden_states), attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+    if op.skip_ffn:
+        rows, valid = chunk.text_rows()
+        h = gather_rows(hidden_states, rows)
+        out = layer.mlp(layer.post_attention_layernorm(h))
+        return scatter_add_rows(hidden_states, rows, valid, out)
+    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+
+def _resolve_layers(n_layers: int, layers, start_layer, end_layer) -> list[int]:
+    if layers is not None and (start_layer is not None or end_layer is not None):
+        raise ValueError("pass either layers= or start_layer=/end_layer=, not both")
+    if layers is None:
+        start = 0 if start_layer is None else start_layer
+        end = n_layers if end_layer is None else end_layer
+        for name, value in (("start_layer", start), ("end_layer", end)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if not 0 <= start < n_layers:
+            raise ValueError(f"start_layer={start} is out of range: the model has {n_layers} decoder layers "
+                             f"(valid 0..{n_layers - 1})")
+        if not start < end <= n_layers:
+            raise ValueError(f"end_layer={end} must be in {start + 1}..{n_layers} (exclusive end) "
+                             f"for start_layer={start}")
+        layers = range(start, end)
+    resolved = sorted({int(i) for i in layers})
+    if not resolved:
+        raise ValueError("the layer range is empty; give at least one decoder layer index")
+    bad = [i for i in resolved if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range: the model has {n_layers} decoder layers "
+                         f"(valid 0..{n_layers - 1})")
+    return resolved
+
+
+@contextlib.contextmanager
+def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, start_layer: int | None = None,
+           end_layer: int | None = None, newline_tokens: str = "vision"):
+    """Apply operator ``op`` to vision tokens in the given decoder layers for the duration of the block.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` (or their
+            ``.model``), with a Llama / Qwen2 / Mistral text backbone.
+        op: an operator name (see :data:`analysis.ops.OPERATORS`) or instance.
+        layers: decoder-layer indices; or ``start_layer``/``end_layer`` (end exclusive, default the
+            number of layers). Neither: every layer.
+        newline_tokens: how LLaVA-NeXT's ``image_newline`` tokens are treated: ``"vision"`` (default;
+            ablated with the vision tokens) or ``"text"`` (full compute, as the official ProxyV).
+    Yields:
+        the resolved, sorted list of ablated layer indices.
+    """
+    operator = get_operator(op)
+    core = llava_core(model)
+    layer_modules = decoder_layers(core)
+    chosen = _resolve_layers(len(layer_modules), layers, start_layer, end_layer)
+    if newline_tokens not in ("vision", "text"):
+        raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
+    if operator.changes_attention:
+        check_backend(text_config_of(core)._attn_implementation, f"op {operator.name!r}")
+    tracker = VisionTracker(core.config, newline_tokens)
+    handles, patched = [], []
+    try:
+        handles.append(core.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True).remove)
+        handles.append(tracker.watch_image_encoder(core))
+        if not operator.is_identity:
+            for i in chosen:
+                layer = layer_modules[i]
+                layer.forward = functools.partial(ablated_layer_forward, layer, operator, tracker)
+                patched.append(layer)
+        yield chosen
+    finally:
+        for undo in handles:
+            undo()
+        for layer in patched:
+            del layer.forward
+        tracker.chunk = tracker.key_vision = None

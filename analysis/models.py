@@ -1,0 +1,49 @@
+"""Which HF model classes the toolkit drives, and where their parts are."""
+
+from __future__ import annotations
+
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+)
+
+SUPPORTED_CLASSES = (
+    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaModel, LlavaNextModel,
+)
+SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _names(classes) -> str:
+    return ", ".join(c.__name__ for c in classes)
+
+
+def llava_core(model):
+    """The ``LlavaModel`` / ``LlavaNextModel`` inside ``model`` (which may be one itself)."""
+    if not isinstance(model, SUPPORTED_CLASSES):
+        raise TypeError(f"unsupported model class {type(model).__name__}; supported: {_names(SUPPORTED_CLASSES)}")
+    core = model.model if isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)) \
+        else model
+    backbone = text_config_of(core).model_type
+    if backbone not in SUPPORTED_BACKBONES:
+        raise TypeError(f"unsupported text backbone {backbone!r}; supported: {', '.join(SUPPORTED_BACKBONES)}")
+    return core
+
+
+def text_config_of(core):
+    return core.config.text_config
+
+
+def decoder_layers(core):
+    """The decoder layers of the language model, checked to have the Llama-family structure."""
+    layers = core.language_model.layers
+    for layer in layers[:1]:
+        missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+        missing += [f"self_attn.{p}" for p in _ATTN_PARTS if not hasattr(layer.self_attn, p)]
+        if missing:
+            raise TypeError(f"decoder layer {type(layer).__name__} lacks {missing}; "
+                            f"supported backbones: {', '.join(SUPPORTED_BACKBONES)}")
+    return layers

@@ -1,0 +1,32 @@
+"""Row selection for computing a sub-layer on some tokens only, batched, without Python loops."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of ``mask`` (B, T), left-aligned per sample.
+
+    Returns ``rows`` (B, N) long and ``valid`` (B, N) bool, N = the largest count in the batch; slots
+    past a sample's count hold other (unselected) row indices and ``valid`` False there, so they can
+    be computed and then discarded.
+    """
+    counts = mask.sum(dim=1)
+    n = int(counts.max()) if mask.numel() else 0
+    rows = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return rows, valid
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[b, rows[b, i]]``: (B, T, *F) -> (B, N, *F)."""
+    index = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(*rows.shape, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+def scatter_add_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` (B, T, D) with ``update[b, i]`` added to row ``rows[b, i]`` wherever ``valid``."""
+    B, T, D = x.shape
+    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T)[valid]
+    return x.reshape(B * T, D).index_add(0, flat, update[valid]).view(B, T, D)
