@@ -84,9 +84,13 @@ class VisionTracker:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("ablate() supports 2-D (batch, seq) attention masks only")
         chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
-        if bool((input_ids == image_token_id(self.config)).any()):
+        # Image tokens are vision tokens only in a call that carries image features (pixels or
+        # pre-encoded); elsewhere, e.g. an <image> id sampled in a decode step, HF embeds them as text.
+        pixels = kwargs.get("pixel_values") is not None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if (pixels or encoded) and bool((input_ids == image_token_id(self.config)).any()):
             image_sizes = kwargs.get("image_sizes")
-            if image_sizes is None and kwargs.get("pixel_values") is None:
+            if image_sizes is None and not pixels:
                 image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
             layout = compute_layout(input_ids, self.config, chunk_mask, image_sizes)
             query_vision = layout.vision_mask(self.newline_tokens)

@@ -84,6 +84,12 @@ def split_attention(
     key, value = project_kv(attn, keys_values, *kv_rope)  # (B, Hkv, Nk, hd)
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)
+        cached = allowed.shape[-1] - (0 if extra_kv is None else extra_kv[0].shape[2])
+        if key.shape[2] < cached:
+            # A sliding-window cache returns only its most recent keys; the window mask already
+            # excludes the older ones, so keep the mask columns of the keys returned.
+            keep = torch.arange(allowed.shape[-1], device=allowed.device) >= cached - key.shape[2]
+            allowed = allowed[..., keep]
     if extra_kv is not None:
         key = torch.cat([key, extra_kv[0]], dim=2)
         value = torch.cat([value, extra_kv[1]], dim=2)

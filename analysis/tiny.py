@@ -170,7 +170,7 @@ def build_model(kind: str = "llava", backbone: str = "llama", *, seed: int = 0, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, 0.12)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
         if kind == "llava_next":

@@ -1,0 +1,70 @@
+"""Synthetic twins of TextVQA, DocVQA, OCRBench and ChartQA, small enough for a CPU-trained LLaVA.
+
+Each picture is a GRID x GRID lattice of cells (8 x 8 px at the default 64 px, one CLIP patch
+each) with at most one glyph per cell; the answer is only readable from the picture. Samples are
+deterministic in (twin, split, seed, index), and the train / eval splits never share content.
+Scoring goes through lmms-eval's own metric functions (``tasks/utils.py``).
+
+    >>> docs = generate("synth_docvqa", "eval", n=4, seed=0)
+    >>> score("synth_docvqa", [d["answer"] for d in docs], docs)
+    1.0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from analysis.twins.base import SPLITS, Layout, Twin, split_of
+from analysis.twins.blind import blank_image
+from analysis.twins.canvas import BAR, BLANK, CELL_VOCAB, CHARSET, GRID
+from analysis.twins.chartqa import ChartQA
+from analysis.twins.docvqa import DocVQA
+from analysis.twins.ocrbench import OCRBench
+from analysis.twins.textvqa import TextVQA
+
+TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQA(), DocVQA(), OCRBench(), ChartQA())}
+TASKS_DIR = Path(__file__).parent / "tasks"
+GROUP = "synth_finegrained"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "twins"  # where the task yamls read eval splits
+EVAL_SEED = 1234
+EVAL_SIZE = 200
+
+__all__ = ["TWINS", "TASKS_DIR", "GROUP", "DATA_DIR", "EVAL_SEED", "EVAL_SIZE", "SPLITS", "GRID", "CHARSET",
+           "CELL_VOCAB", "BAR", "BLANK", "Twin", "Layout", "get", "generate", "write_split", "score",
+           "blank_image", "split_of"]
+
+
+def get(name: str) -> Twin:
+    """The twin called ``name``; the error lists the known names."""
+    if name not in TWINS:
+        raise KeyError(f"unknown twin {name!r}; known: {sorted(TWINS)}")
+    return TWINS[name]
+
+
+def generate(name: str, split: str, n: int, seed: int, image_size: int = 64, start: int = 0) -> list[dict]:
+    """Samples ``start .. start+n-1`` of a twin's split: dicts with id, image (PIL RGB,
+    image_size square), question, answers (list[str]), answer (canonical str), cells (GRID x GRID
+    list of the character drawn in each cell, "" for none, BAR for a chart bar) and the twin's
+    own fields. Sample i is the same whatever ``n`` and ``start``."""
+    twin = get(name)
+    return [twin.sample(split, seed, i, image_size) for i in range(start, start + n)]
+
+
+def write_split(name: str, split: str, n: int, seed: int, out_dir: str | Path = DATA_DIR,
+                image_size: int = 64) -> Path:
+    """Generate ``n`` samples and write them to ``out_dir/<name>/<split>.parquet``; returns the path.
+    Same arguments, same bytes."""
+    from analysis.twins.parquet import write_parquet
+
+    return write_parquet(generate(name, split, n, seed, image_size), Path(out_dir) / name / f"{split}.parquet")
+
+
+def score(name: str, predictions: list[str], docs: list[dict]) -> float:
+    """Mean metric of the twin in 0..1 for ``predictions`` (one string per doc), computed by the
+    same process_results and aggregation as its lmms-eval task (predictions stripped, as there)."""
+    from analysis.twins.tasks.utils import SCORING
+
+    if len(predictions) != len(docs):
+        raise ValueError(f"{len(predictions)} predictions for {len(docs)} docs")
+    process_results, metric, aggregate = SCORING[get(name).name]
+    return float(aggregate([process_results(doc, [str(p).strip()])[metric] for p, doc in zip(predictions, docs)]))

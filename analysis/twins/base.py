@@ -1,0 +1,99 @@
+"""What every twin shares: seeding, the train/eval partition, and assembling one sample.
+
+A twin is two steps. ``compose(rng)`` decides the content (which characters go in which cells,
+the question, the answer); ``paint(layout, canvas)`` draws it, with clutter and noise. The
+train/eval partition is decided on the composed cells alone, by a hash, so the two splits
+never share a picture's content, whatever the seeds and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.twins.canvas import GRID, Canvas
+
+SPLITS = ("train", "eval")
+EVAL_SHARE = 8  # one content hash in EVAL_SHARE belongs to the eval split, the rest to train
+
+
+@dataclass
+class Layout:
+    """The content of one sample before drawing.
+
+    ``cells`` is GRID x GRID: the character each cell will show, ``""`` if none. ``extra`` holds
+    the twin-specific fields of the sample (JSON-able scalars).
+    """
+
+    cells: list[list[str]]
+    question: str
+    answer: str
+    extra: dict = field(default_factory=dict)
+
+
+def empty_cells() -> list[list[str]]:
+    """A GRID x GRID grid of blank cells."""
+    return [[""] * GRID for _ in range(GRID)]
+
+
+def split_of(name: str, cells: list[list[str]]) -> str:
+    """The split ("train" or "eval") that the picture content ``cells`` of twin ``name`` belongs to."""
+    key = name + "|" + "/".join(",".join(row) for row in cells)
+    return "eval" if int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % EVAL_SHARE == 0 else "train"
+
+
+def sample_rng(name: str, split: str, seed: int, index: int) -> np.random.Generator:
+    """The generator for sample ``index``: independent of the number of samples asked for."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), SPLITS.index(split), index])
+
+
+class Twin:
+    """A synthetic benchmark resembling a real one. Subclasses set the class attributes below.
+
+    ``metric`` is the key of the twin's ``process_results`` output that ``score`` averages;
+    ``fields`` names the twin-specific columns (``Layout.extra`` keys) stored with each sample.
+    """
+
+    name: str = ""
+    resembles: str = ""
+    metric: str = ""
+    fields: tuple[str, ...] = ()
+    clutter: tuple[int, int] = (0, 3)  # inclusive range of clutter shapes per image
+    noise: float = 3.0
+
+    def compose(self, rng: np.random.Generator) -> Layout:
+        raise NotImplementedError
+
+    def paint(self, layout: Layout, canvas: Canvas) -> None:
+        raise NotImplementedError
+
+    def answers(self, layout: Layout) -> list[str]:
+        """Reference answers; one unless the real benchmark has several per question."""
+        return [layout.answer]
+
+    def sample(self, split: str, seed: int, index: int, image_size: int = 64) -> dict:
+        """Sample ``index`` of ``split`` for ``seed``: id, image (PIL), question, answers, answer,
+        cells (GRID x GRID characters, "" for none) and the twin's ``fields``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        rng = sample_rng(self.name, split, seed, index)
+        layout = self.compose(rng)
+        while split_of(self.name, layout.cells) != split:
+            layout = self.compose(rng)
+        canvas = Canvas(image_size, rng)
+        self.paint(layout, canvas)
+        if canvas.cells != layout.cells:  # the cells are a training target: they must be exact
+            raise AssertionError(f"{self.name}: painted cells differ from the layout")
+        canvas.clutter(int(rng.integers(self.clutter[0], self.clutter[1] + 1)))
+        return {
+            "id": f"{self.name}-{split}-{seed}-{index:06d}",
+            "image": canvas.finish(self.noise),
+            "question": layout.question,
+            "answers": self.answers(layout),
+            "answer": layout.answer,
+            "cells": layout.cells,
+            **{key: layout.extra[key] for key in self.fields},
+        }

@@ -1,0 +1,40 @@
+"""synth_ocrbench: transcribe one short row of characters (OCRBench's text recognition).
+
+Scored as OCRBench: the case-folded answer must be contained in the prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.canvas import CHARSET, GRID, Canvas, dark_color
+
+QUESTIONS = ("What is written?", "What is written in the image?", "Read the text.")
+
+
+@dataclass
+class OCRBench(Twin):
+    """One row of ``length`` random characters at a random row and column, among clutter."""
+
+    length: tuple[int, int] = (3, 5)  # inclusive
+
+    name = "synth_ocrbench"
+    resembles = "ocrbench"
+    metric = "ocrbench_accuracy"
+    fields = ("row", "col", "dataset", "question_type")
+
+    def compose(self, rng: np.random.Generator) -> Layout:
+        n = int(rng.integers(self.length[0], self.length[1] + 1))
+        text = "".join(rng.choice(list(CHARSET), size=n))
+        row, col = int(rng.integers(GRID)), int(rng.integers(GRID - n + 1))
+        cells = empty_cells()
+        cells[row][col:col + n] = list(text)
+        # dataset / question_type: the fields lmms-eval's ocrbench_process_results reads.
+        extra = {"row": row, "col": col, "dataset": "synth", "question_type": "Regular Text Recognition"}
+        return Layout(cells, str(rng.choice(QUESTIONS)), text, extra)
+
+    def paint(self, layout: Layout, canvas: Canvas) -> None:
+        canvas.text(layout.extra["row"], layout.extra["col"], layout.answer, dark_color(canvas.rng))

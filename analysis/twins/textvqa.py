@@ -1,0 +1,69 @@
+"""synth_textvqa: read the sign in a cluttered scene (TextVQA).
+
+The sign is a coloured plate carrying 3-4 characters; stray characters lie on the background
+around it, so the reader must find the plate and read only what is on it. Ten reference answers
+per question, as TextVQA collects from ten annotators (here they agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
+
+from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.canvas import CHARSET, GRID, Canvas, dark_color
+
+QUESTIONS = ("What does the sign say?", "What is written on the sign?", "What text is on the sign?")
+# Pale saturated plates, distinct from the nearly grey paper of ``light_color``.
+PLATES = ((250, 215, 80), (150, 205, 245), (160, 230, 150), (250, 175, 120), (245, 170, 210))
+N_ANNOTATORS = 10
+_normalize = EvalAIAnswerProcessor()
+
+
+@dataclass
+class TextVQA(Twin):
+    """A plate of ``length`` characters and ``strays`` single characters elsewhere (not touching it)."""
+
+    length: tuple[int, int] = (3, 4)
+    strays: tuple[int, int] = (1, 3)
+
+    name = "synth_textvqa"
+    resembles = "textvqa"
+    metric = "exact_match"
+    fields = ("row", "col", "plate", "question_id")
+    clutter = (2, 4)
+
+    def compose(self, rng: np.random.Generator) -> Layout:
+        n = int(rng.integers(self.length[0], self.length[1] + 1))
+        text = "".join(rng.choice(list(CHARSET), size=n))
+        while _normalize(text) != text.lower():  # e.g. "THE" (an article) or "TWO" (a number word)
+            text = "".join(rng.choice(list(CHARSET), size=n))
+        row, col = int(rng.integers(GRID)), int(rng.integers(GRID - n + 1))
+        cells = empty_cells()
+        cells[row][col:col + n] = list(text)
+        # Strays keep one cell away from the plate: a plate is read by its colour, not by a guess.
+        near = np.zeros((GRID, GRID), dtype=bool)
+        near[max(row - 1, 0):row + 2, max(col - 1, 0):col + n + 1] = True
+        free = [(int(r), int(c)) for r, c in zip(*np.nonzero(~near))]
+        k = int(rng.integers(self.strays[0], self.strays[1] + 1))
+        for i in rng.permutation(len(free))[:k]:
+            r, c = free[i]
+            cells[r][c] = str(rng.choice(list(CHARSET)))
+        extra = {"row": row, "col": col, "plate": int(rng.integers(len(PLATES))),
+                 "question_id": int(rng.integers(2**31))}
+        return Layout(cells, str(rng.choice(QUESTIONS)), text, extra)
+
+    def paint(self, layout: Layout, canvas: Canvas) -> None:
+        row, col, n = layout.extra["row"], layout.extra["col"], len(layout.answer)
+        canvas.fill(row, col, PLATES[layout.extra["plate"]], width=n)
+        ink = dark_color(canvas.rng)
+        canvas.text(row, col, layout.answer, ink)
+        for r in range(GRID):
+            for c in range(GRID):
+                if layout.cells[r][c] and not (r == row and col <= c < col + n):
+                    canvas.glyph(r, c, layout.cells[r][c], ink)
+
+    def answers(self, layout: Layout) -> list[str]:
+        return [layout.answer] * N_ANNOTATORS

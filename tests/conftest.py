@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight LLaVA models of the real HF classes, and batches for them."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from analysis import tiny  # noqa: E402
+
+# (kind, backbone, extra config): LLaVA-1.5 and LLaVA-NeXT layouts; Llama, Qwen2 (q/k/v bias) with GQA, Mistral.
+MODEL_SPECS = {
+    "llava-llama": ("llava", "llama", {}),
+    "llava-qwen2-gqa": ("llava", "qwen2", {"num_kv_heads": 2}),
+    "next-llama": ("llava_next", "llama", {}),
+    "next-mistral-gqa": ("llava_next", "mistral", {"num_kv_heads": 1, "sliding_window": None}),
+}
+
+
+# Only for forward passes: HF's own generate() with a sliding-window cache differs from a full
+# recomputation after the window fills, so generate tests use the specs above.
+SLIDING_SPECS = {"next-mistral-window": ("llava_next", "mistral", {"num_kv_heads": 2, "sliding_window": 24})}
+
+
+@functools.cache
+def model_for(spec: str, attn: str = "sdpa"):
+    kind, backbone, extra = {**MODEL_SPECS, **SLIDING_SPECS}[spec]
+    return tiny.build_model(kind, backbone, attn_implementation=attn, seed=1, **extra)
+
+
+@functools.cache
+def processor_for(kind: str, padding_side: str = "left"):
+    processor = tiny.build_processor(kind)
+    processor.tokenizer.padding_side = padding_side
+    return processor
+
+
+def image(seed: int, height: int = 32, width: int = 32) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+# Two samples with different prompt lengths and (for AnyRes) different image sizes -> padding.
+PAIR = (
+    ("USER: <image>\nWhat is written here? ASSISTANT:", [(0, 32, 48)]),
+    ("USER: <image>\nHi ASSISTANT:", [(1, 64, 40)]),
+)
+# Several images in one sample, and a sample without any image.
+MULTI = (
+    ("USER: <image>\nand <image>\nCompare. ASSISTANT:", [(2, 40, 40), (3, 20, 70)]),
+    ("USER: No image in this one, only text. ASSISTANT:", []),
+)
+
+
+def make_batch(kind: str, samples=PAIR, padding_side: str = "left"):
+    processor = processor_for(kind, padding_side)
+    texts = [text for text, _ in samples]
+    images = [image(*spec) for _, specs in samples for spec in specs]
+    return processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens, as generate() makes them for left-padded batches."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(params=list(MODEL_SPECS))
+def spec(request):
+    return request.param
