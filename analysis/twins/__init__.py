@@ -29,9 +29,28 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "twins"  # where the t
 EVAL_SEED = 1234
 EVAL_SIZE = 200
 
-__all__ = ["TWINS", "TASKS_DIR", "GROUP", "DATA_DIR", "EVAL_SEED", "EVAL_SIZE", "SPLITS", "GRID", "CHARSET",
-           "CELL_VOCAB", "BAR", "BLANK", "Twin", "Layout", "get", "generate", "write_split", "score",
-           "blank_image", "split_of"]
+__all__ = [
+    "BAR",
+    "BLANK",
+    "CELL_VOCAB",
+    "CHARSET",
+    "DATA_DIR",
+    "EVAL_SEED",
+    "EVAL_SIZE",
+    "GRID",
+    "GROUP",
+    "SPLITS",
+    "TASKS_DIR",
+    "TWINS",
+    "Layout",
+    "Twin",
+    "blank_image",
+    "generate",
+    "get",
+    "score",
+    "split_of",
+    "write_split",
+]
 
 
 def get(name: str) -> Twin:

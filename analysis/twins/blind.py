@@ -10,6 +10,6 @@ def blank_image(image: Image.Image) -> Image.Image:
     """An image of the same size and mode filled with one colour, the per-channel median of
     ``image`` (its paper colour): it carries nothing readable, but looks like an empty page."""
     pixels = np.asarray(image)
-    fill = np.median(pixels.reshape(-1, pixels.shape[-1]) if pixels.ndim == 3 else pixels, axis=0)
-    fill = tuple(int(v) for v in np.atleast_1d(np.rint(fill)))
+    channels = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 3 else 1)  # (H*W, C)
+    fill = tuple(int(v) for v in np.rint(np.median(channels, axis=0)))
     return Image.new(image.mode, image.size, fill if len(fill) > 1 else fill[0])

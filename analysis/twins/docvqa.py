@@ -33,8 +33,8 @@ class DocVQA(Twin):
         n = int(rng.integers(self.lines[0], self.lines[1] + 1))
         rows = sorted(int(r) for r in rng.choice(GRID, size=n, replace=False))
         keys = [str(k) for k in rng.choice(list(LETTERS), size=n, replace=False)]
-        values = ["".join(rng.choice(list(DIGITS), size=int(rng.integers(self.value_length[0], self.value_length[1] + 1))))
-                  for _ in range(n)]
+        lengths = rng.integers(self.value_length[0], self.value_length[1] + 1, size=n)
+        values = ["".join(rng.choice(list(DIGITS), size=int(length))) for length in lengths]
         col = int(rng.integers(GRID - (2 + self.value_length[1]) + 1))
         cells = empty_cells()
         for row, key, value in zip(rows, keys, values):

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 
 def png_bytes(image) -> bytes:
@@ -29,5 +30,6 @@ def write_parquet(samples: list[dict], path: Path) -> Path:
     dataset = datasets.Dataset.from_list([to_row(s) for s in samples])
     dataset = dataset.cast_column("image", datasets.Image())
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.to_parquet(str(path))
+    # The arrow table's schema metadata carries the HF features (Image); no progress bar.
+    pq.write_table(dataset.data.table, path)
     return path
