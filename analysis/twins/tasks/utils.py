@@ -55,7 +55,7 @@ def ocrbench_results(doc: dict, results: list[str]) -> dict:
 
 def ocrbench_accuracy(items: list[dict]) -> float:
     """Fraction of samples whose answer is in the prediction (replaces lmms-eval's /1000 sum)."""
-    return mean(item["score"] for item in items)
+    return float(mean(item["score"] for item in items))
 
 
 def chartqa_results(doc: dict, results: list[str]) -> dict:
