@@ -40,7 +40,7 @@ class ChartQA(Twin):
     name = "synth_chartqa"
     resembles = "chartqa"
     metric = "relaxed_overall"
-    fields = ("kind", "labels", "values", "type")
+    fields = ("kind", "labels", "values", "columns", "type")
 
     def compose(self, rng: np.random.Generator) -> Layout:
         n = int(rng.integers(self.bars[0], self.bars[1] + 1))
