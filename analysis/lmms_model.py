@@ -1,0 +1,298 @@
+"""The lmms-eval model class: any HF LLaVA / LLaVA-NeXT checkpoint with an ablation op applied.
+
+    lmms-eval --model llava_ablate \
+        --model_args pretrained=checkpoints/tiny-llava,op=skip_ffn,start_layer=12 \
+        --tasks synth_ocrbench --include_path analysis/twins/tasks
+
+Registered through our package's ``lmms_eval.models`` entry point (``analysis/lmms_manifest.py``).
+Plays the role of lmms-eval's ``llava_hf`` except:
+
+* generation is batched (left padding, requests sorted by prompt length);
+* the variant -- an operator on chosen decoder layers (:func:`analysis.ablate`), and optionally a
+  blind control that blanks every image -- is applied around each batch, so the loaded model is
+  never modified; :meth:`LlavaAblate.set_variant` switches variants between evaluations;
+* the device is chosen per process (``cuda:LOCAL_RANK`` under torchrun / accelerate), so
+  data-parallel runs place one replica per GPU;
+* :meth:`clean` keeps the model (lmms-eval's default deletes every module after each evaluation);
+* it records what the runner needs beside the scores: the token layout of every prompt (for
+  FLOPs) and a few prompts to time the prefill on (:meth:`prefill_latency_ms`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.utils import Collator
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+from .ablate import _resolve_layers, ablate
+from .layout import compute_layout
+from .ops import get_operator
+
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+IMAGE_TOKEN = "<image>"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device``, or for ``None`` / ``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    if device not in (None, "", "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype, device: torch.device, config=None) -> torch.dtype:
+    """``"auto"``: float32 on CPU; on GPU the checkpoint's dtype, or bfloat16 when it says float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "", "auto"):
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation: str = "sdpa"):
+    """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint (a directory or a hub id already in
+    the HF cache), in eval mode on ``device``, the processor padding on the left."""
+    device = pick_device(device)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in MODEL_CLASSES:
+        raise TypeError(f"{path}: model_type {config.model_type!r} is not supported; "
+                        f"supported: {', '.join(MODEL_CLASSES)}")
+    # TODO(proxyv): a checkpoint saved with ProxyV modules loads through analysis.proxyv.load_proxyv.
+    model = MODEL_CLASSES[config.model_type].from_pretrained(
+        path, dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation,
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model.to(device).eval(), processor
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What is removed: ``op`` on decoder ``layers`` (empty for the baseline); ``blind`` blanks the images."""
+
+    op: str = "none"
+    layers: tuple[int, ...] = ()
+    blind: bool = False
+
+    @classmethod
+    def make(cls, num_layers: int, op: str = "none", start_layer=None, end_layer=None, layers=None,
+             blind: bool = False) -> Variant:
+        """A validated variant; errors name the fix (unknown op lists the known ones, layers the valid range)."""
+        operator = get_operator(op)
+        if operator.is_identity:
+            return cls("none", (), bool(blind))
+        if isinstance(layers, str):
+            layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
+        chosen = _resolve_layers(num_layers, layers, start_layer, end_layer)
+        return cls(operator.name, tuple(chosen), bool(blind))
+
+    def __str__(self) -> str:
+        where = f"@{self.layers[0]}-{self.layers[-1]}" if self.layers else ""
+        return f"{self.op}{where}{' blind' if self.blind else ''}"
+
+
+class LlavaAblate(lmms):
+    """lmms-eval ``simple`` model wrapping a HF LLaVA checkpoint and an ablation variant.
+
+    Args (all reachable from ``--model_args``):
+        pretrained: checkpoint directory or hub id (resolved offline from the HF cache).
+        op, start_layer, end_layer, layers: the variant (see :func:`analysis.ablate`); ``layers`` is a
+            space- or ``;``-separated list of indices when given as a string.
+        blind: replace every image with a blank one (the blind control).
+        newline_tokens: LLaVA-NeXT newline tokens treated as ``"vision"`` (default) or ``"text"``.
+        batch_size, device, dtype, attn_implementation: as usual; ``device="auto"`` picks
+            ``cuda:LOCAL_RANK`` when CUDA is available.
+        max_new_tokens: default when a task's generation_kwargs do not set it.
+        model, processor: an already loaded pair (the runner passes these; ``pretrained`` is then a label).
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, op: str = "none", start_layer: int | None = None,
+                 end_layer: int | None = None, layers=None, blind: bool = False, newline_tokens: str = "vision",
+                 batch_size: int = 8, device: str | None = None, dtype: str = "auto",
+                 attn_implementation: str = "sdpa", max_new_tokens: int = 32, progress: bool = True,
+                 model=None, processor=None, **kwargs) -> None:
+        super().__init__()
+        unknown = {k: v for k, v in kwargs.items() if v is not None and k not in ("max_batch_size",)}
+        if unknown:
+            raise TypeError(f"llava_ablate: unknown model_args {sorted(unknown)}")
+        if model is None:
+            if pretrained is None:
+                raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA checkpoint)")
+            model, processor = load_llava(pretrained, device, dtype, attn_implementation)
+        self._model, self.processor = model, processor
+        self.processor.tokenizer.padding_side = "left"
+        self.pretrained = str(pretrained)
+        self._device = next(model.parameters()).device
+        self.batch_size_per_gpu = int(batch_size or 1)
+        self.max_new_tokens = int(max_new_tokens)
+        self.newline_tokens = newline_tokens
+        self.progress = progress
+        self.num_layers = model.config.text_config.num_hidden_layers
+        self.set_variant(op, start_layer=start_layer, end_layer=end_layer, layers=layers, blind=blind)
+
+    # ----------------------------------------------------------------- what lmms-eval reads
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def clean(self) -> None:
+        """Keep the model: one loaded model serves every variant of a sweep (lmms-eval's default deletes it)."""
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------- variant and bookkeeping
+    def set_variant(self, op: str = "none", start_layer=None, end_layer=None, layers=None, blind: bool = False):
+        """Switch the variant for the next evaluation and reset the recorded layouts and prompts."""
+        self.variant = Variant.make(self.num_layers, op, start_layer, end_layer, layers, blind)
+        self.token_layouts: list[dict] = []  # one per generated request, in request order of arrival
+        self.timing_prompts: list[tuple[str, list]] = []  # (prompt, images) of the first requests
+        return self.variant
+
+    def variant_context(self):
+        """The context in which the model computes the current variant (nothing for the baseline)."""
+        if self.variant.op == "none":
+            return contextlib.nullcontext()
+        return ablate(self._model, self.variant.op, layers=self.variant.layers, newline_tokens=self.newline_tokens)
+
+    def _prompt(self, context: str, n_images: int) -> str:
+        """The chat-formatted prompt; the image token(s) go first, as LLaVA was trained."""
+        if IMAGE_TOKEN in context:
+            n_images = 0
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True)
+        return f"USER: {(IMAGE_TOKEN + chr(10)) * n_images}{context} ASSISTANT:"
+
+    def _images(self, doc_to_visual, doc) -> list:
+        from .twins.blind import blank_image  # light; imported here to keep this module's import lean
+
+        images = [v for v in (doc_to_visual(doc) or []) if v is not None]
+        images = [im.convert("RGB") for im in images]
+        return [blank_image(im) for im in images] if self.variant.blind else images
+
+    def encode(self, prompts: list[str], images: list[list]) -> dict:
+        """A left-padded model batch: ``input_ids``/``attention_mask`` (B, T), ``pixel_values`` (+ ``image_sizes``)."""
+        flat = [im for sample in images for im in sample]
+        batch = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True)
+        batch = batch.to(self._device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self._model.dtype)
+        return batch
+
+    def _record_layouts(self, batch) -> None:
+        """Per sample, what its FLOPs depend on: ``mask`` ("v"/"t" per attended position: vision or not, as
+        the op sees it), ``crop_shapes`` (patch grid of every crop), and token counts."""
+        layout = compute_layout(batch["input_ids"], self._model.config, batch["attention_mask"],
+                                batch.get("image_sizes"))
+        vision = layout.vision_mask(self.newline_tokens).cpu()
+        valid = layout.valid_mask.cpu()
+        for b, sample in enumerate(layout.samples):
+            mask = "".join("v" if v else "t" for v in vision[b][valid[b]].tolist())
+            self.token_layouts.append({
+                "mask": mask, "crop_shapes": tuple(c.shape for image in sample.images for c in image.crops),
+                "vision": int(sample.vision.numel()), "newline": int(sample.newline.numel()),
+                "text": int(sample.text.numel()),
+            })
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        """Greedy answers for every request, in request order; batched by equal generation settings."""
+        args = [r.args for r in requests]
+        collator = Collator(args, lambda a: (-len(a[0]), a[0]), grouping=True)  # grouped by gen_kwargs
+        answers = []
+        bar = tqdm(total=len(args), desc=f"eval {self.variant}", disable=not self.progress or self.rank != 0,
+                   leave=False, dynamic_ncols=True)
+        for chunk in collator.get_batched(n=self.batch_size_per_gpu):
+            contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            images = [self._images(fn, self.task_dict[t][s][i])
+                      for fn, i, t, s in zip(doc_to_visual, doc_ids, tasks, splits)]
+            prompts = [self._prompt(c, len(ims)) for c, ims in zip(contexts, images)]
+            if len(self.timing_prompts) < 16:
+                self.timing_prompts += list(zip(prompts, images))[:16 - len(self.timing_prompts)]
+            answers += self._generate(prompts, images, dict(gen_kwargs[0]))
+            bar.update(len(chunk))
+        bar.close()
+        return collator.get_original(answers)
+
+    def _generate(self, prompts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        batch = self.encode(prompts, images)
+        self._record_layouts(batch)
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        tokenizer = self.processor.tokenizer
+        settings = dict(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+            do_sample=temperature > 0, num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        if temperature > 0:
+            settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
+        with self.variant_context():
+            out = self._model.generate(**batch, **settings)  # (B, T + new)
+        texts = self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in until:
+            texts = [t.split(stop)[0] if stop else t for t in texts]
+        return texts
+
+    @torch.no_grad()
+    def prefill_latency_ms(self, n: int = 8, repeats: int = 3) -> float | None:
+        """Median wall time (ms) of one prefill forward, batch 1, over the first ``n`` evaluated prompts
+        (``repeats`` times each, after one warm-up), under the current variant. None if nothing was evaluated."""
+        prompts = self.timing_prompts[:n]
+        if not prompts:
+            return None
+        times = []
+        with self.variant_context():
+            for i, (prompt, images) in enumerate(prompts):
+                batch = self.encode([prompt], [images])
+                for r in range(repeats + (i == 0)):
+                    self._sync()
+                    start = time.perf_counter()
+                    self._model(**batch, use_cache=False, logits_to_keep=1)
+                    self._sync()
+                    if not (i == 0 and r == 0):  # the very first forward warms up kernels and caches
+                        times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("llava_ablate supports generation tasks (generate_until) only")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("llava_ablate supports single-round generation only")
