@@ -1,0 +1,183 @@
+"""``apply_proxyv``: convert a HF LLaVA model to ProxyV, permanently and per instance.
+
+What it attaches (nothing else changes, no transformers class is patched):
+
+* ``core.proxyv`` -- a registered :class:`~analysis.proxyv.runtime.ProxyV` submodule holding every
+  trainable ProxyV parameter, so ``state_dict`` / ``save_pretrained`` include them
+  (keys ``model.proxyv.layers.<i>.*`` and ``model.proxyv.initializer.*``);
+* ``config.proxyv`` -- the settings (a dict), so :func:`analysis.proxyv.load_proxyv` can rebuild;
+* a forward pre-hook and a forward hook on the core (plan the chunk / drop the proxies), and
+  ``core.get_image_features`` on the instance (records ``image_sizes`` during ``generate()``);
+* ``layer.forward`` on the instances of decoder layers >= start layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..attention import check_backend
+from ..layout import compute_layout
+from ..models import decoder_layers, llava_core, text_config_of
+from .plan import build_plan
+from .runtime import ImageSizeRecorder, ProxyV, proxyv_layer_forward
+
+INITS = ("spatial", "learned")
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ProxyVSettings:
+    """ProxyV settings as stored in ``config.proxyv``."""
+
+    start_layer: int
+    reduce_factor: int = 4
+    init: str = "spatial"
+    light_width: int = 0  # light-MLP (and learned-query) width I; 0 -> hidden // 4 when applied
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "format": FORMAT}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProxyVSettings:
+        data = dict(data)
+        if data.pop("format", FORMAT) != FORMAT:
+            raise ValueError(f"config.proxyv has an unknown format; this code reads format {FORMAT}")
+        return cls(**data)
+
+
+def _crop_side(core) -> int:
+    vision = core.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+def _window(attn) -> int | None:
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def _check(core, layers, settings: ProxyVSettings) -> None:
+    n = len(layers)
+    L, f = settings.start_layer, settings.reduce_factor
+    for name, value in (("start_layer", L), ("reduce_factor", f), ("light_width", settings.light_width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= L < n:
+        raise ValueError(f"start_layer={L} is out of range: the model has {n} decoder layers (valid 0..{n - 1})")
+    if settings.init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {settings.init!r}")
+    side = _crop_side(core)
+    if f < 1:
+        raise ValueError(f"reduce_factor must be >= 1, got {f}")
+    if settings.init == "spatial" and side % f:
+        divisors = [d for d in range(1, side + 1) if side % d == 0]
+        raise ValueError(f"reduce_factor={f} does not divide the {side}x{side} crop grid, which spatial proxies "
+                         f"need; use one of {divisors}, or init='learned'")
+    if settings.init == "learned" and side * side < f * f:
+        raise ValueError(f"reduce_factor={f} leaves no proxy for a {side}x{side} crop grid")
+    if settings.light_width < 1:
+        raise ValueError(f"light_width must be >= 1, got {settings.light_width}")
+    check_backend(text_config_of(core)._attn_implementation, "ProxyV")
+    windowed = [i for i in range(L, n) if _window(layers[i].self_attn) is not None]
+    if windowed:
+        raise NotImplementedError(f"ProxyV does not support sliding-window attention (layers {windowed}); "
+                                  "load the model with sliding_window=None")
+    if core.config.model_type == "llava_next" and core.config.vision_feature_select_strategy != "default":
+        raise NotImplementedError("ProxyV on LLaVA-NeXT supports vision_feature_select_strategy='default' only")
+    if hasattr(core, "proxyv"):
+        raise ValueError("this model already has ProxyV; apply_proxyv() converts a model once")
+    patched = [i for i in range(L, n) if "forward" in vars(layers[i])]
+    if patched:
+        raise RuntimeError(f"decoder layers {patched} already have a per-instance forward (inside ablate()?); "
+                           "apply ProxyV outside any ablate() block")
+
+
+def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "spatial",
+                 light_width: int | None = None, seed: int | None = None):
+    """Convert ``model`` to ProxyV in place and return it.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` (or its
+            ``.model``) with a Llama / Qwen2 / Mistral backbone, ``attn_implementation`` eager or sdpa.
+        start_layer: first decoder layer L that runs ProxyV (0 <= L < number of layers).
+        reduce_factor: f; each crop's side x side grid gets (side/f)^2 spatial proxies (side^2 // f^2
+            learned ones). Official default 4 (24x24 -> 6x6).
+        init: ``"spatial"`` (bilinear downsampling, parameter-free) or ``"learned"`` (learned queries).
+        light_width: width I of the light MLP and of the learned queries; default hidden // 4. (The
+            official code uses hidden // 4 from width 1024 on and hidden // 2 below.)
+        seed: if given, the new parameters are initialised from ``torch.manual_seed(seed)`` without
+            touching the global RNG state; otherwise from the global RNG.
+    Returns:
+        ``model``, with the new parameters trainable (``requires_grad``), see :func:`proxyv_parameters`.
+    """
+    core = llava_core(model)
+    layers = decoder_layers(core)
+    text = text_config_of(core)
+    settings = ProxyVSettings(start_layer, reduce_factor, init, light_width or text.hidden_size // 4)
+    _check(core, layers, settings)
+    reference = layers[start_layer].post_attention_layernorm
+    norm_factory = functools.partial(type(reference), text.hidden_size, eps=text.rms_norm_eps)
+    weight = next(layers[start_layer].parameters())
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        proxyv = ProxyV(settings, len(layers), text.hidden_size, _crop_side(core), norm_factory)
+    core.proxyv = proxyv.to(device=weight.device, dtype=weight.dtype)
+    core.register_forward_pre_hook(proxyv.pre_hook, with_kwargs=True)
+    core.register_forward_hook(proxyv.post_hook)
+    core.get_image_features = ImageSizeRecorder(core, proxyv)
+    rotary = core.language_model.rotary_emb
+    for i in range(start_layer, len(layers)):
+        layers[i].forward = functools.partial(proxyv_layer_forward, layers[i], proxyv, rotary)
+    for config in {id(c): c for c in (core.config, getattr(model, "config", core.config))}.values():
+        config.proxyv = settings.to_dict()
+    return model
+
+
+def proxyv_parameters(model) -> list[torch.nn.Parameter]:
+    """The trainable ProxyV parameters of ``model`` (light MLPs, and learned queries + key projection)."""
+    core = llava_core(model)
+    if not hasattr(core, "proxyv"):
+        raise ValueError("the model has no ProxyV; call apply_proxyv() first")
+    return list(core.proxyv.parameters())
+
+
+@dataclass(frozen=True)
+class ProxyVShapes:
+    """What ProxyV executes for one prefill batch, for a FLOPs count (see docs/proxyv.md)."""
+
+    batch: int  # B
+    rows: int  # T, padding included
+    proxies: int  # P: proxy slots per sample (the batch's largest count); attention/FFN rows are B*(P + Nt)
+    vision_rows: int  # Nv: full-vision slots per sample (largest count); light-MLP rows are B*Nv
+    text_rows: int  # Nt: other slots per sample (largest count), newline tokens and padding included
+    crops: int  # C: crops with vision cells in the batch
+    cells_per_crop: int  # S = side^2
+    proxies_per_crop: int  # n (spatial: (side/f)^2; learned: side^2 // f^2)
+    light_width: int  # I
+    counts: tuple  # per sample, per image, per crop: proxies that exist
+
+
+def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, settings: dict | None = None):
+    """The ProxyV shapes of a batch (``None`` without vision tokens), from a config with ``config.proxyv``.
+
+    ``settings`` overrides ``config.proxyv`` (a dict as :meth:`ProxyVSettings.to_dict` writes it).
+    """
+    data = settings if settings is not None else getattr(config, "proxyv", None)
+    if data is None:
+        raise ValueError("config has no proxyv settings; pass settings= or use a ProxyV model's config")
+    s = ProxyVSettings.from_dict(data)
+    layout = compute_layout(input_ids, config, attention_mask, image_sizes)
+    plan = build_plan(layout, s.reduce_factor, s.init == "learned")
+    if plan is None:
+        return None
+    width = s.light_width or config.text_config.hidden_size // 4
+    return ProxyVShapes(
+        batch=plan.vision.shape[0], rows=plan.vision.shape[1], proxies=plan.n_proxies,
+        vision_rows=plan.vision_rows.shape[1], text_rows=plan.text_rows.shape[1], crops=plan.cell_src.shape[0],
+        cells_per_crop=plan.cell_src.shape[1], proxies_per_crop=plan.crop_proxy.shape[1], light_width=width,
+        counts=plan.counts,
+    )

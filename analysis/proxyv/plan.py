@@ -1,0 +1,170 @@
+"""Where the proxies of a batch are: one plan per prefill chunk, from the token layout.
+
+Vocabulary (shapes): B samples, T rows in the chunk, C crops with vision cells in the batch,
+S = side^2 cells per crop, n proxies per crop (``(side/f)^2`` spatial, ``side^2 // f^2`` learned),
+P = the largest proxy count of a sample, Nv / Nt = the largest count of full-vision / other rows.
+
+* Full vision tokens are the cells of the crop grids of :mod:`analysis.layout` (base crop and
+  high-res crops). Everything else -- text, LLaVA-NeXT ``image_newline`` tokens, a CLS token under
+  ``vision_feature_select_strategy="full"``, padding -- is computed in full, as text (the official
+  code treats newline tokens as text too).
+* AnyRes crops: LLaVA-NeXT's unpadding removes whole rows or columns of the merged high-res grid,
+  so the cells a crop keeps form a rectangle. Spatial proxies downsample the crop's full grid with
+  removed cells filled by their nearest kept cell (edge replication); a proxy exists only where
+  its f x f block holds at least one kept cell. Complete crops get exactly the official proxies.
+  Learned proxies attend over kept cells only; every crop with a kept cell gets n proxies.
+* Proxies of a sample are ordered image by image, crop by crop, row-major; proxy k of an image has
+  rotary position ``position(image's first token) + k``, as in the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rows import select_rows
+
+
+@dataclass
+class ProxyPlan:
+    """Index tensors of one chunk (all on the chunk's device)."""
+
+    vision: torch.Tensor  # (B, T) bool: full vision tokens
+    vision_rows: torch.Tensor  # (B, Nv) long, with vision_valid (B, Nv) bool (see rows.select_rows)
+    vision_valid: torch.Tensor
+    text_rows: torch.Tensor  # (B, Nt) long: every other row (text, newline, padding)
+    text_valid: torch.Tensor
+    cell_src: torch.Tensor  # (C, S) long: flat b*T + t of each cell (removed cells: nearest kept cell)
+    cell_valid: torch.Tensor  # (C, S) bool: False where unpadding removed the cell
+    crop_proxy: torch.Tensor  # (C, n) long: flat proxy slot b*P + k, -1 where the proxy does not exist
+    proxy_valid: torch.Tensor  # (B, P) bool
+    proxy_start: torch.Tensor  # (B, P) long: chunk row of the first token of the proxy's image
+    proxy_rank: torch.Tensor  # (B, P) long: index of the proxy within its image
+    row_context: torch.Tensor  # (B, Nv) long: spatial: flat proxy slot; learned: flat cell c*S + s
+    side: int
+    factor: int
+    learned: bool
+    counts: tuple  # per sample, per image, per crop: number of proxies (for FLOPs)
+
+    @property
+    def n_proxies(self) -> int:
+        return self.proxy_valid.shape[1]
+
+    def allowed(self, past: int, key_valid: torch.Tensor, key_vision: torch.Tensor) -> torch.Tensor:
+        """(B, P + Nt, K + P) bool: which (query, key) pairs the ProxyV attention uses.
+
+        Queries are [proxies, text rows]; keys are the K = past + T cache positions, then the P
+        proxies. key_valid / key_vision: (B, K) attention mask / full-vision mask of every position.
+
+        * text rows: causal over all valid positions (full vision tokens included), never proxies;
+          the diagonal always (padding rows stay defined).
+        * proxies: valid non-vision positions before their image's first token (the prompt so
+          far, earlier images' newline tokens), and the proxies up to themselves (causal in proxy
+          order, across the images of the sample); never full vision tokens. This is the official
+          mask (``pos_q >= pos_k`` with the official positions, proxy rows cut from full keys).
+        """
+        B, K = key_valid.shape
+        device = key_valid.device
+        key = torch.arange(K, device=device)
+        query = past + self.text_rows  # (B, Nt) cache position of each text row
+        text_keys = ((key <= query[..., None]) & key_valid[:, None, :]) | (key == query[..., None])  # (B, Nt, K)
+        P = self.n_proxies
+        text = torch.cat([text_keys, text_keys.new_zeros(B, query.shape[1], P)], dim=-1)
+
+        readable = key_valid & ~key_vision  # (B, K)
+        before = key < (past + self.proxy_start)[..., None]  # (B, P, K)
+        proxy_keys = readable[:, None, :] & before & self.proxy_valid[..., None]
+        order = torch.arange(P, device=device)
+        proxy_proxy = (order[None, :] <= order[:, None]) & self.proxy_valid[:, None, :] & self.proxy_valid[..., None]
+        proxy_proxy |= torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
+        proxy = torch.cat([proxy_keys, proxy_proxy], dim=-1)
+        return torch.cat([proxy, text], dim=1)
+
+
+def _kept_rectangle(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column source indices (side,) that fill a crop's removed cells from the nearest kept one."""
+    rows, cols = kept.any(1), kept.any(0)
+    if not torch.equal(kept, rows[:, None] & cols[None, :]):
+        raise RuntimeError("the kept cells of a crop do not form a rectangle; unexpected LLaVA-NeXT unpadding")
+    r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
+    side = kept.shape[0]
+    return torch.arange(side).clamp(int(r[0]), int(r[-1])), torch.arange(side).clamp(int(c[0]), int(c[-1]))
+
+
+def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
+    """The plan of a chunk from its :class:`analysis.layout.BatchLayout`; ``None`` without vision cells."""
+    B, T = layout.image_mask.shape
+    device = layout.image_mask.device
+    vision = torch.zeros(B, T, dtype=torch.bool)
+    context = torch.zeros(B, T, dtype=torch.long)  # per position: local proxy slot (spatial) / flat cell (learned)
+    cell_src, cell_valid, crop_local, crop_sample, counts = [], [], [], [], []
+    starts, ranks = [[] for _ in range(B)], [[] for _ in range(B)]
+    side = None
+    for b, sample in enumerate(layout.samples):
+        sample_counts = []
+        for image in sample.images:
+            image_counts, rank = [], 0
+            for crop in image.crops:
+                positions = crop.positions.cpu()  # (side, side), -1 where removed
+                side = positions.shape[0]
+                small = side // factor
+                n = side * side // factor**2 if learned else small * small
+                kept = positions >= 0
+                if not kept.any():
+                    image_counts.append(0)
+                    continue
+                src_r, src_c = _kept_rectangle(kept)
+                cell_src.append(b * T + positions[src_r][:, src_c].flatten())
+                cell_valid.append(kept.flatten())
+                if learned:
+                    exists = torch.ones(n, dtype=torch.bool)
+                else:
+                    exists = kept.view(small, factor, small, factor).any(3).any(1).flatten()  # (n,)
+                m = int(exists.sum())
+                first = len(starts[b])
+                local = torch.full((n,), -1, dtype=torch.long)
+                local[exists] = torch.arange(first, first + m)
+                crop_local.append(local)
+                crop_sample.append(b)
+                starts[b] += [image.start] * m
+                ranks[b] += range(rank, rank + m)
+                rank += m
+                image_counts.append(m)
+                # Which proxy (spatial) or cell (learned) gives each kept cell its context.
+                r, c = kept.nonzero().unbind(1)
+                if learned:
+                    context[b, positions[r, c]] = (len(cell_src) - 1) * side * side + r * side + c
+                else:
+                    context[b, positions[r, c]] = local[(r // factor) * small + c // factor]
+                vision[b, positions[r, c]] = True
+            sample_counts.append(tuple(image_counts))
+        counts.append(tuple(sample_counts))
+    if not cell_src:
+        return None
+    P = max(len(s) for s in starts)
+    proxy_valid = torch.zeros(B, P, dtype=torch.bool)
+    proxy_start = torch.zeros(B, P, dtype=torch.long)
+    proxy_rank = torch.zeros(B, P, dtype=torch.long)
+    for b in range(B):
+        m = len(starts[b])
+        proxy_valid[b, :m] = True
+        proxy_start[b, :m] = torch.tensor(starts[b], dtype=torch.long)
+        proxy_rank[b, :m] = torch.tensor(list(ranks[b]), dtype=torch.long)
+    local = torch.stack(crop_local)  # (C, n)
+    sample_of_crop = torch.tensor(crop_sample)[:, None]
+    crop_proxy = torch.where(local >= 0, sample_of_crop * P + local, -1)
+    vision_rows, vision_valid = select_rows(vision)
+    text_rows, text_valid = select_rows(~vision)
+    row_context = context.gather(1, vision_rows)  # (B, Nv)
+    if not learned:
+        row_context = row_context + torch.arange(B)[:, None] * P  # local slot -> flat slot
+    to = dict(device=device)
+    return ProxyPlan(
+        vision=vision.to(**to), vision_rows=vision_rows.to(**to), vision_valid=vision_valid.to(**to),
+        text_rows=text_rows.to(**to), text_valid=text_valid.to(**to),
+        cell_src=torch.stack(cell_src).to(**to), cell_valid=torch.stack(cell_valid).to(**to),
+        crop_proxy=crop_proxy.to(**to), proxy_valid=proxy_valid.to(**to), proxy_start=proxy_start.to(**to),
+        proxy_rank=proxy_rank.to(**to), row_context=row_context.to(**to),
+        side=side, factor=factor, learned=learned, counts=tuple(counts),
+    )

@@ -1,0 +1,212 @@
+"""What runs: the ProxyV container module, its per-forward state, and the ProxyV decoder-layer forward.
+
+Per ProxyV layer (index >= start layer), in a forward whose chunk holds vision cells (prefill)::
+
+    x, xp  = input_layernorm(h), input_layernorm(p)         # h (B, T, D) sequence, p (B, P, D) proxies
+    out    = attention(queries=[xp, x[text]], keys=[x (cached), xp (not cached)], mask=plan.allowed)
+    p, h[text] += out                                        # (B, P + Nt, D)
+    p, h[text] += mlp(post_attention_layernorm([p, h[text]]))
+    h[vision]  = GuidedUpdate(h[vision], context_proj(p) at each cell's proxy)
+
+Full vision rows are never queries and never enter the FFN; their keys and values are computed
+(text reads them, and they are cached). Chunks without vision cells (decode steps, text-only
+input) and layers below the start layer run HF's own forward untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import project_kv, split_attention
+from ..layout import compute_layout, image_token_id
+from ..rows import gather_rows, scatter_add_rows
+from .modules import GuidedUpdate, LearnedProxies, spatial_proxies
+from .plan import ProxyPlan, build_plan
+
+
+def set_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` (B, T, D) with row ``rows[b, i]`` replaced by ``values[b, i]`` wherever ``valid``."""
+    B, T, D = x.shape
+    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T)[valid]
+    return x.reshape(B * T, D).index_copy(0, flat, values[valid]).view(B, T, D)
+
+
+@dataclass
+class ForwardState:
+    """The proxies of the forward in flight, carried from layer to layer."""
+
+    plan: ProxyPlan
+    allowed: torch.Tensor  # (B, P + Nt, K + P) bool
+    proxies: torch.Tensor | None = None  # (B, P, D)
+    splat: torch.Tensor | None = None  # (C, S, n), learned only
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # proxies' (cos, sin), each (B, P, hd)
+
+    def start(self, hidden: torch.Tensor, position_ids: torch.Tensor, rotary, initializer) -> None:
+        """Initialise the proxies from the start layer's input ``hidden`` (B, T, D)."""
+        plan = self.plan
+        B, T, D = hidden.shape
+        cells = hidden.reshape(B * T, D)[plan.cell_src]  # (C, S, D)
+        C = cells.shape[0]
+        if plan.learned:
+            per_crop, self.splat = initializer(cells, plan.cell_valid)  # (C, n, D), (C, S, n)
+        else:
+            per_crop = spatial_proxies(cells.view(C, plan.side, plan.side, D), plan.factor)  # (C, n, D)
+        slots = plan.crop_proxy.flatten()  # (C*n,)
+        exists = slots >= 0
+        P = plan.n_proxies
+        flat = hidden.new_zeros(B * P, D).index_copy(0, slots[exists], per_crop.reshape(-1, D)[exists])
+        self.proxies = flat.view(B, P, D)
+        positions = position_ids.expand(B, T).gather(1, plan.proxy_start) + plan.proxy_rank  # (B, P)
+        self.rope = rotary(hidden, positions)
+
+    def context(self, projected: torch.Tensor) -> torch.Tensor:
+        """Each full vision row's proxy context (B, Nv, I), from ``context_proj(proxies)`` (B, P, I)."""
+        plan = self.plan
+        B, P, I = projected.shape
+        flat = projected.reshape(B * P, I)
+        if not plan.learned:
+            return flat[plan.row_context]  # (B, Nv, I): the proxy of each cell's f x f block
+        per_cell = self.splat @ flat[plan.crop_proxy]  # (C, S, n) @ (C, n, I) -> (C, S, I)
+        return per_cell.reshape(-1, I)[plan.row_context]
+
+
+class ProxyV(nn.Module):
+    """All ProxyV parameters of a model (registered as ``<llava core>.proxyv``) and its runtime.
+
+    ``layers[str(i)]`` is the :class:`GuidedUpdate` of decoder layer i >= start layer;
+    ``initializer`` the :class:`LearnedProxies` (learned variant only).
+    """
+
+    def __init__(self, settings, n_layers: int, hidden: int, side: int, norm_factory):
+        super().__init__()
+        self.settings = settings
+        width = settings.light_width
+        self.layers = nn.ModuleDict(
+            {str(i): GuidedUpdate(hidden, width, norm_factory()) for i in range(settings.start_layer, n_layers)}
+        )
+        if settings.init == "learned":
+            self.initializer = LearnedProxies(hidden, width, side * side // settings.reduce_factor**2)
+        else:
+            self.initializer = None
+        self.state: ForwardState | None = None
+        self._key_vision: torch.Tensor | None = None  # (B, K) full-vision mask of every cache position
+        self._encoded_image_sizes = None
+        self._warned_embeds = False
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.to_dict().items())
+
+    # -- hooks on the LLaVA core -----------------------------------------------------------------
+    def pre_hook(self, core, args, kwargs):
+        """Before the core's forward: build the plan of this chunk (or none), track vision positions."""
+        self.state = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        pixels = kwargs.get("pixel_values") is not None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if input_ids is None:
+            if (pixels or encoded) and not self._warned_embeds:
+                warnings.warn("ProxyV locates vision tokens from input_ids; called with inputs_embeds, the "
+                              "model runs without ProxyV", stacklevel=2)
+                self._warned_embeds = True
+            self._key_vision = None
+            return
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("ProxyV supports 2-D (batch, seq) attention masks only")
+        plan = None
+        # Image-token ids are vision tokens only in a call that carries image features.
+        if (pixels or encoded) and bool((input_ids == image_token_id(core.config)).any()):
+            image_sizes = kwargs.get("image_sizes")
+            if image_sizes is None and not pixels:
+                image_sizes, self._encoded_image_sizes = self._encoded_image_sizes, None
+            chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
+            layout = compute_layout(input_ids, core.config, chunk_mask, image_sizes)
+            plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned")
+        vision = plan.vision if plan is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if past == 0:
+            self._key_vision = vision
+        elif self._key_vision is not None and self._key_vision.shape[1] == past:
+            self._key_vision = torch.cat([self._key_vision, vision], dim=1)
+        elif plan is not None:
+            raise RuntimeError("ProxyV: the KV cache holds tokens this model's forward did not see; "
+                               "build the cache with this model")
+        else:
+            self._key_vision = None
+        if plan is not None:
+            valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(self._key_vision)
+            self.state = ForwardState(plan, plan.allowed(past, valid, self._key_vision))
+
+    def post_hook(self, core, args, output):
+        self.state = None  # free the proxies (and their graph) once the forward is done
+
+    def record_image_sizes(self, image_sizes) -> None:
+        self._encoded_image_sizes = image_sizes
+
+
+class ImageSizeRecorder:
+    """``core.get_image_features`` of a ProxyV model: records ``image_sizes`` and calls the class's method.
+
+    generate() encodes images before the first forward and passes the features without
+    ``image_sizes``; LLaVA-NeXT's layout needs them. (A callable object rather than a closure, so
+    that ``copy.deepcopy`` of the model points the copy at the copy.)
+    """
+
+    def __init__(self, core, proxyv: ProxyV):
+        self.core, self.proxyv = core, proxyv
+
+    @property
+    def __signature__(self):  # generate() picks the encoder's arguments by its signature
+        return inspect.signature(functools.partial(type(self.core).get_image_features, self.core))
+
+    def __call__(self, *args, **kwargs):
+        self.proxyv.record_image_sizes(kwargs.get("image_sizes"))  # HF passes it by keyword
+        return type(self.core).get_image_features(self.core, *args, **kwargs)
+
+
+def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention_mask=None, position_ids=None,
+                         past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """A decoder layer's forward under ProxyV (bound per instance with ``functools.partial``)."""
+    state = proxyv.state
+    if state is None:
+        return type(layer).forward(
+            layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    index = layer.self_attn.layer_idx
+    if index == proxyv.settings.start_layer:
+        state.start(hidden_states, position_ids, rotary, proxyv.initializer)
+    elif state.proxies is None:
+        raise RuntimeError(f"ProxyV layer {index} ran before the start layer {proxyv.settings.start_layer}")
+    plan, h, p = state.plan, hidden_states, state.proxies
+    B, P = p.shape[:2]
+    rows, valid = plan.text_rows, plan.text_valid  # (B, Nt)
+    attn = layer.self_attn
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, hd)
+
+    x, xp = layer.input_layernorm(h), layer.input_layernorm(p)
+    queries = torch.cat([xp, gather_rows(x, rows)], dim=1)  # (B, P + Nt, D)
+    q_rope = tuple(torch.cat([pr, gather_rows(t, rows)], dim=1) for pr, t in zip(state.rope, (cos, sin)))
+    extra_kv = project_kv(attn, xp, *state.rope)  # proxies' keys/values: attended, never cached
+    out = split_attention(attn, queries, q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
+    p = p + out[:, :P]
+    h = scatter_add_rows(h, rows, valid, out[:, P:])
+
+    ffn = layer.mlp(layer.post_attention_layernorm(torch.cat([p, gather_rows(h, rows)], dim=1)))  # (B, P+Nt, D)
+    p = p + ffn[:, :P]
+    h = scatter_add_rows(h, rows, valid, ffn[:, P:])
+
+    guide: GuidedUpdate = proxyv.layers[str(index)]
+    context = state.context(guide.context_proj(p))  # (B, Nv, I)
+    vision = gather_rows(h, plan.vision_rows)  # (B, Nv, D): this layer's input, untouched so far
+    h = set_rows(h, plan.vision_rows, plan.vision_valid, guide(vision, context))
+    state.proxies = p
+    return h

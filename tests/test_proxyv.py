@@ -1,0 +1,178 @@
+"""ProxyV: equals an independent reference, generate() == recomputation, batch == alone, save/load, errors."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from analysis import tiny
+from analysis.proxyv import apply_proxyv, load_proxyv, proxyv_parameters, proxyv_shapes
+from conftest import MODEL_SPECS, MULTI, PAIR, image, position_ids
+from proxyv_reference import proxyv_reference_logits
+
+# 8x8 patch grid per crop, so reduce factors 2 and 4 both divide it.
+GRID = dict(image_size=32, patch_size=4)
+STEPS = 4
+
+
+def build(spec: str, attn: str = "sdpa", **proxyv):
+    """A fresh tiny model of ``spec`` with ProxyV, its new parameters randomised so that every one matters."""
+    kind, backbone, extra = MODEL_SPECS[spec]
+    model = tiny.build_model(kind, backbone, attn_implementation=attn, seed=1, **GRID, **extra)
+    apply_proxyv(model, seed=0, **proxyv)
+    with torch.no_grad():
+        for name, p in model.model.proxyv.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.3)
+    return model
+
+
+@functools.cache
+def processor(kind: str):
+    proc = tiny.build_processor(kind, **GRID)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def batch_of(kind: str, samples=PAIR):
+    images = [image(*spec) for _, specs in samples for spec in specs]
+    return processor(kind)(images=images or None, text=[t for t, _ in samples], return_tensors="pt", padding=True)
+
+
+def assert_matches_reference(model, batch):
+    positions = position_ids(batch["attention_mask"])  # as generate() makes them for left padding
+    with torch.no_grad():
+        logits = model(**batch, position_ids=positions).logits
+    for b, want in enumerate(proxyv_reference_logits(model, batch, position_ids=positions)):
+        got = logits[b][batch["attention_mask"][b].bool()]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("start_layer,reduce_factor,attn", [(1, 2, "sdpa"), (3, 4, "eager")])
+def test_matches_reference(spec, init, attn, start_layer, reduce_factor):
+    model = build(spec, attn, start_layer=start_layer, reduce_factor=reduce_factor, init=init)
+    assert_matches_reference(model, batch_of(MODEL_SPECS[spec][0]))
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("kind_spec", ["llava-llama", "next-llama"])
+def test_several_images_and_a_text_only_sample(kind_spec, init):
+    model = build(kind_spec, start_layer=0, reduce_factor=2, init=init)
+    assert_matches_reference(model, batch_of(MODEL_SPECS[kind_spec][0], MULTI))
+
+
+def test_unpadded_crops_have_missing_and_partial_proxies():
+    """(64, 40) in AnyRes drops 3 of 8 columns of each high-res crop: f=2 loses a block column."""
+    model = build("next-llama", start_layer=1, reduce_factor=2)
+    batch = batch_of("llava_next", (PAIR[1],))
+    shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
+    assert shapes.counts == (((16, 12, 12, 12, 12),),)
+    assert shapes.proxies == 64 and shapes.vision_rows == 64 + 4 * 40
+    assert_matches_reference(model, batch)
+
+
+def full_recomputation(model, batch, steps=STEPS):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    step_logits = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                           **extra).logits[:, -1]
+        step_logits.append(logits)
+        next_ids = logits.masked_fill(torch.arange(logits.shape[-1]) == model.config.image_token_id, -torch.inf)
+        ids = torch.cat([ids, next_ids.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids, step_logits
+
+
+@pytest.mark.parametrize("attn,init", [("sdpa", "spatial"), ("eager", "learned")])
+def test_generate_with_cache_equals_full_recomputation(spec, attn, init):
+    model = build(spec, attn, start_layer=2, reduce_factor=2, init=init)
+    batch = batch_of(MODEL_SPECS[spec][0])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True,
+                             suppress_tokens=[model.config.image_token_id])
+    # Proxies never enter the cache: it holds exactly the sequence.
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    expected_ids, expected_logits = full_recomputation(model, batch)
+    assert torch.equal(out.sequences, expected_ids)
+    for got, want in zip(out.logits, expected_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+def test_batch_equals_each_sample_alone(spec, init):
+    kind = MODEL_SPECS[spec][0]
+    model = build(spec, start_layer=1, reduce_factor=4, init=init)
+    batch = batch_of(kind)
+    with torch.no_grad():
+        batched = model(**batch, position_ids=position_ids(batch["attention_mask"])).logits
+        for b, sample in enumerate(PAIR):
+            alone = model(**batch_of(kind, (sample,))).logits[0]
+            torch.testing.assert_close(batched[b][batch["attention_mask"][b].bool()], alone, atol=1e-5, rtol=0)
+
+
+def test_text_only_input_runs_the_vanilla_model():
+    kind, backbone, extra = MODEL_SPECS["next-llama"]
+    vanilla = tiny.build_model(kind, backbone, seed=1, **GRID, **extra)
+    model = build("next-llama", start_layer=1, reduce_factor=2)
+    batch = processor(kind)(text=["USER: only text here ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, vanilla(**batch).logits)
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+def test_proxyv_parameters_receive_gradients(init):
+    model = build("llava-llama", start_layer=1, reduce_factor=2, init=init)
+    batch = batch_of("llava")
+    model(**batch).logits.square().mean().backward()
+    params = dict(model.model.proxyv.named_parameters())
+    assert {id(p) for p in proxyv_parameters(model)} == {id(p) for p in params.values()}
+    for name, p in params.items():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("spec,init", [("llava-qwen2-gqa", "learned"), ("next-llama", "spatial")])
+def test_save_and_load_give_identical_logits(tmp_path, spec, init):
+    model = build(spec, start_layer=2, reduce_factor=4, init=init)
+    batch = batch_of(MODEL_SPECS[spec][0])
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the ProxyV keys are expected
+        loaded = load_proxyv(tmp_path, attn_implementation="sdpa")
+    assert loaded.config.proxyv == model.config.proxyv
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_loading_a_plain_checkpoint_is_an_error(tmp_path):
+    tiny.build_model("llava", **GRID).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a ProxyV checkpoint"):
+        load_proxyv(tmp_path)
+
+
+def test_bad_input_gives_one_clear_error():
+    fresh = functools.partial(tiny.build_model, "llava", "llama", **GRID)  # 4 layers, 8x8 crops
+    with pytest.raises(ValueError, match=r"start_layer=4 is out of range.*valid 0\.\.3"):
+        apply_proxyv(fresh(), start_layer=4)
+    with pytest.raises(ValueError, match=r"reduce_factor=3 does not divide the 8x8 crop grid.*\[1, 2, 4, 8\]"):
+        apply_proxyv(fresh(), start_layer=1, reduce_factor=3)
+    apply_proxyv(fresh(), start_layer=1, reduce_factor=3, init="learned")  # any factor: 64 // 9 = 7 proxies
+    with pytest.raises(ValueError, match="init must be one of"):
+        apply_proxyv(fresh(), start_layer=1, init="bilinear")
+    with pytest.raises(TypeError, match="unsupported model class LlamaForCausalLM; supported: Llava"):
+        from transformers import LlamaForCausalLM
+        apply_proxyv(LlamaForCausalLM(tiny.text_config(vocab_size=32)), start_layer=1)
+    flash = fresh()
+    flash.config.text_config._attn_implementation = "flash_attention_2"  # as loading with it sets
+    with pytest.raises(NotImplementedError, match="supported backends: eager, sdpa"):
+        apply_proxyv(flash, start_layer=1)
+    model = apply_proxyv(fresh(), start_layer=1)
+    with pytest.raises(ValueError, match="already has ProxyV"):
+        apply_proxyv(model, start_layer=2)
