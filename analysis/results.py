@@ -1,0 +1,294 @@
+"""Result records: the files a run leaves behind, and everything that reads them.
+
+Each run directory holds two files, written atomically (temporary file + ``os.replace``), samples
+first, so a ``result.json`` that exists is complete and its samples are there:
+
+``result.json`` -- one record (schema version :data:`SCHEMA_VERSION`):
+
+    ==================  ==========================================================================
+    status              "ok" or "failed"; ``error`` (one line) and ``traceback`` when failed
+    config_hash         hash of the resolved config that determines the result (:func:`config_hash`)
+    sweep               sweep name (the directory under ``runs/`` and ``reports/``)
+    model               model config name (e.g. "tiny"); ``model_path`` the checkpoint loaded
+    op                  operator name ("none" for the baseline)
+    layers              ablated decoder-layer indices; ``start_layer`` / ``end_layer`` (exclusive)
+    num_layers          decoder depth of the model
+    eval                eval config name; ``tasks`` the lmms-eval tasks; ``limit``; ``blind``
+    scores              task -> score in 0..1 (mean of the task metric over its samples)
+    score               mean of ``scores``
+    relative_score      score / baseline score of the same model and eval (null if that is 0)
+    baseline            {"score", "scores", "latency_ms", "config_hash", "path"} of that baseline
+    flops               {"total", "baseline", "reduction", "theoretical", "theoretical_baseline",
+                        "theoretical_reduction", "lm_head", "vision", "per"}: language-model decoder
+                        prefill FLOPs, mean per evaluated sample (``per`` says so); see analysis.flops
+    latency_ms          median prefill wall time of one sample (batch 1) under the variant
+    agreement           fraction of answers identical to the baseline's (same task and doc)
+    n_samples           evaluated samples, all tasks together
+    seed, git_commit, git_dirty, versions (package -> version), device, hostname
+    started_at, finished_at (ISO 8601, UTC), wall_time_s
+    config              the resolved run config
+    ==================  ==========================================================================
+
+``samples.jsonl`` -- one line per evaluated sample: ``task``, ``doc_id``, ``prediction``,
+``target``, ``score`` (the task metric of that sample).
+
+This module imports no torch: the report and the notebook read records through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+SAMPLES_FILE = "samples.jsonl"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VERSIONED_PACKAGES = ("torch", "transformers", "lmms_eval", "hydra-core", "vision-redundancy", "numpy", "datasets")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(value):
+    """JSON-safe copy: numpy scalars -> Python numbers, NaN/inf -> None, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_record(run_dir: str | Path, record: dict, samples: Iterable[dict] | None = None) -> Path:
+    """Write ``samples.jsonl`` (if given) then ``result.json`` into ``run_dir``; returns the record's path."""
+    run_dir = Path(run_dir)
+    if samples is not None:
+        lines = "".join(json.dumps(_jsonable(s), ensure_ascii=False) + "\n" for s in samples)
+        atomic_write_text(run_dir / SAMPLES_FILE, lines)
+    record = {"schema": SCHEMA_VERSION, **record}
+    return atomic_write_text(run_dir / RESULT_FILE, json.dumps(_jsonable(record), indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_record(path: str | Path) -> dict | None:
+    """The record in ``path`` (a result.json or its directory), with ``path`` added; None if unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    record["path"] = str(path)
+    return record
+
+
+def read_samples(run_dir: str | Path) -> list[dict]:
+    """The per-sample rows beside a record (``[]`` if there are none)."""
+    path = Path(run_dir)
+    path = path / SAMPLES_FILE if path.is_dir() else path.with_name(SAMPLES_FILE)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def iter_records(root: str | Path) -> Iterator[dict]:
+    """Every readable record under ``root`` (recursively), in path order."""
+    root = Path(root)
+    if not root.exists():
+        return
+    for path in sorted(root.rglob(RESULT_FILE)):
+        record = read_record(path)
+        if record is not None:
+            yield record
+
+
+def find_finished(root: str | Path, key: str) -> dict | None:
+    """The ``ok`` record under ``root`` whose ``config_hash`` is ``key``, if any (failed runs are redone)."""
+    for record in iter_records(root):
+        if record.get("config_hash") == key and record.get("status") == "ok":
+            return record
+    return None
+
+
+def load_records(*roots: str | Path, include_baselines: bool = True, dedupe: bool = True) -> list[dict]:
+    """Records under ``roots``; one per ``config_hash`` (the latest finished), failed ones included.
+
+    With ``include_baselines``, the baseline records the variants point to are added (as op "none")
+    when no baseline of the same hash is among them, so a report always has its reference row.
+    """
+    records = [r for root in roots for r in iter_records(root)]
+    if include_baselines:
+        have = {r.get("config_hash") for r in records}
+        for r in list(records):
+            base = (r.get("baseline") or {})
+            if base.get("config_hash") and base["config_hash"] not in have and base.get("path"):
+                found = read_record(_resolve(base["path"], r["path"]))
+                if found is not None:
+                    records.append(found)
+                    have.add(base["config_hash"])
+    if not dedupe:
+        return records
+    best: dict[str, dict] = {}
+    for r in records:
+        key = r.get("config_hash") or r["path"]
+        old = best.get(key)
+        # an ok record beats a failed one; among equals the later one wins
+        rank = (r.get("status") == "ok", r.get("finished_at") or "")
+        if old is None or rank >= (old.get("status") == "ok", old.get("finished_at") or ""):
+            best[key] = r
+    return sorted(best.values(), key=sort_key)
+
+
+def _resolve(path: str, relative_to: str) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(relative_to).parent / p
+
+
+def sort_key(record: dict):
+    """Baseline first, then by op name, start layer, blind flag."""
+    layers = record.get("layers") or []
+    return (record.get("model") or "", record.get("eval") or "", record.get("op") != "none", record.get("op") or "",
+            layers[0] if layers else -1, len(layers), bool(record.get("blind")))
+
+
+# ----------------------------------------------------------------------------- identity and skipping
+
+def canonical_json(value) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(identity: dict, length: int = 16) -> str:
+    """Hex digest of a config's canonical JSON: equal configs, equal hashes, whatever the key order."""
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:length]
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """A cheap identity of a checkpoint directory: its config.json and the names and sizes of its files
+    (retraining changes sizes or config; moving or touching the directory does not)."""
+    path = Path(path)
+    if not path.is_dir():
+        return str(path)
+    parts = []
+    config = path / "config.json"
+    if config.exists():
+        parts.append(config.read_text())
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.iterdir())
+              if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive advisory lock on ``path`` (created if missing), released on exit or when the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_state(repo: str | Path = REPO_ROOT) -> tuple[str | None, bool | None]:
+    """(commit hash, whether the tracked tree has local changes); (None, None) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions (``importlib.metadata``, nothing is imported), plus Python's."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# ----------------------------------------------------------------------------- tables
+
+TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "status", "score", "relative_score",
+                 "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples")
+
+
+def records_table(records: list[dict]):
+    """A pandas DataFrame, one row per record: :data:`TABLE_COLUMNS`, then one ``score:<task>`` column per task."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        layers = r.get("layers") or []
+        flops = r.get("flops") or {}
+        row = {
+            "model": r.get("model"), "eval": r.get("eval"), "op": r.get("op"),
+            "start_layer": layers[0] if layers else None, "end_layer": layers[-1] + 1 if layers else None,
+            "blind": bool(r.get("blind")), "status": r.get("status"), "score": r.get("score"),
+            "relative_score": r.get("relative_score"), "flops_reduction": flops.get("reduction"),
+            "theoretical_reduction": flops.get("theoretical_reduction"), "latency_ms": r.get("latency_ms"),
+            "agreement": r.get("agreement"), "n_samples": r.get("n_samples"),
+            "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
+            "path": r.get("path"),
+        }
+        for task, value in sorted((r.get("scores") or {}).items()):
+            row[f"score:{task}"] = value
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in ("start_layer", "end_layer", "num_layers", "n_samples"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
