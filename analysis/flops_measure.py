@@ -153,3 +153,52 @@ def measure_fvcore(model, batch: Mapping, op: str = "none", layers: Iterable[int
         counts = dict(analysis.by_module())
         total = analysis.total()
     return _split(counts, _module_names(model, "model."), total, "multiply-adds")
+
+
+def side_by_side(model, batch: Mapping, op: str = "none", layers: Iterable[int] | None = None,
+                 newline_tokens: str = "vision") -> dict[str, dict[str, int]]:
+    """Analytic, torch-counted and fvcore-counted FLOPs of ``model(**batch)`` under ``op``, by part.
+
+    fvcore's multiply-adds are shown as counted and doubled; the decoder and LM head rows agree
+    exactly across all three, the vision row differs in fvcore by its LayerNorm handles.
+    """
+    from .flops import TokenLayout, count_flops
+
+    report = count_flops(model.config, TokenLayout.from_batch(batch, model.config, newline_tokens), op, layers)
+    torch_counts = measure_torch(model, batch, op, layers, newline_tokens)
+    fvcore_counts = measure_fvcore(model, batch, op, layers, newline_tokens)
+    parts = {"decoder": (report.total, torch_counts.decoder, fvcore_counts.decoder),
+             "lm_head": (report.lm_head, torch_counts.lm_head, fvcore_counts.lm_head),
+             "vision": (report.vision or 0, torch_counts.vision, fvcore_counts.vision)}
+    return {part: {"analytic": a, "torch": t, "fvcore_macs": f, "fvcore_x2": 2 * f} for part, (a, t, f) in parts.items()}
+
+
+def _demo(argv=None) -> None:
+    """Print :func:`side_by_side` for every op on a tiny random-weight LLaVA (offline, a few seconds)."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from . import tiny
+    from .ops import OPERATORS
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.flops_measure", description=_demo.__doc__)
+    parser.add_argument("--backbone", default="qwen2", choices=sorted(tiny.TEXT_CONFIGS))
+    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"))
+    parser.add_argument("--start-layer", type=int, default=1)
+    args = parser.parse_args(argv)
+    model = tiny.build_model("llava", args.backbone, attn_implementation=args.attn, num_kv_heads=2)
+    processor = tiny.build_processor("llava")
+    images = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(2)]
+    batch = processor(images=images, text=["USER: <image>\nWhat is written here? ASSISTANT:", "USER: <image>\nHi ASSISTANT:"],
+                      return_tensors="pt", padding=True)
+    print(f"tiny LLaVA ({args.backbone}, {args.attn}), batch of 2, op at layers {args.start_layer}..end")
+    print(f"{'op':>14} {'part':>8} {'analytic':>10} {'torch':>10} {'fvcore x2':>10}")
+    for op in sorted(OPERATORS):
+        for part, row in side_by_side(model, batch, op, range(args.start_layer, 4)).items():
+            print(f"{op:>14} {part:>8} {row['analytic']:>10} {row['torch']:>10} {row['fvcore_x2']:>10}")
+
+
+if __name__ == "__main__":
+    _demo()
