@@ -163,7 +163,7 @@ def tokens_per_crop(config) -> int | None:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Which positions of a (padded) prefill batch are vision tokens; all the FLOPs depend on.
+    """Which positions of a (padded) prefill batch are vision tokens and which are padding.
 
     ``vision`` and ``valid`` are (B, T) bool; vision positions are the ones an op treats as vision
     (LLaVA-NeXT newline tokens included or not, per the ``newline_tokens`` choice it was built with).
@@ -177,6 +177,8 @@ class TokenLayout:
     _pairs: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "vision", self.vision.bool().cpu())
+        object.__setattr__(self, "valid", self.valid.bool().cpu())
         if self.vision.shape != self.valid.shape or self.vision.dim() != 2:
             raise ValueError(f"vision {tuple(self.vision.shape)} and valid {tuple(self.valid.shape)} "
                              "must both be (batch, seq)")

@@ -83,6 +83,23 @@ def test_several_images_and_a_text_only_sample(attn):
             assert report.total == report.baseline
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sliding_window_backbone(attn):
+    # the window masks scores but the kernels still compute the rectangle; only the theoretical figure shrinks
+    model = model_for("next-mistral-window", attn)
+    batch = make_batch("llava_next")
+    window = model.config.text_config.sliding_window
+    assert batch["input_ids"].shape[1] > 2 * window
+    for op in ("none", "skip_attn"):
+        report = analytic(model, batch, op, [1, 2])
+        assert_exact(report, measure_torch(model, batch, op, [1, 2]))
+    layout = TokenLayout.from_batch(batch, model.config)
+    windowed = sum(layout.allowed_pairs(None, window, False).values())
+    assert windowed < sum(layout.allowed_pairs(None, None, False).values())
+    dims = TextDims.from_config(model.config)
+    assert sum(report.per_layer[0].theoretical["attn_scores"].values()) == 2 * dims.heads * dims.head_dim * windowed
+
+
 def test_sdpa_attention_is_counted_as_on_eager():
     batch = make_batch("llava", PAIR)
     eager = measure_torch(model_for("llava-qwen2-gqa", "eager"), batch, "skip_attn", [1, 2])
@@ -101,6 +118,7 @@ def test_sdpa_attention_is_counted_as_on_eager():
 
 # ----------------------------------------------------------------------------- fvcore
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("spec, attn", [("llava-llama", "eager"), ("llava-qwen2-gqa", "sdpa")])
 def test_fvcore_counts_half_on_the_decoder_and_lm_head(spec, attn):
     model = model_for(spec, attn)
