@@ -88,10 +88,14 @@ def _plt():
     return plt
 
 
+# One colour per op in every figure (the report does not import the op registry: it reads files only).
+KNOWN_OPS = ("none", "mask_v2v", "skip_attn", "skip_ffn", "skip_attn_ffn", "drop_v2t", "proxyv")
+
+
 def _op_colors(ops) -> dict:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    return {op: cmap(i % 10) for i, op in enumerate(sorted(ops))}
+    cmap = _plt().get_cmap("tab10")
+    order = [*KNOWN_OPS, *sorted(set(ops) - set(KNOWN_OPS))]
+    return {op: cmap(order.index(op) % 10) for op in ops}
 
 
 def plot_pareto(table, path: Path, title: str = "") -> Path | None:
