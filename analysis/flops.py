@@ -634,22 +634,20 @@ def _format_table(report: FlopsReport, title: str) -> str:
     def tf(x: int) -> str:
         return f"{x / 1e12:9.4f}"
 
-    lines = [title, f"{'layer':>5} {'ablated':>7} {'TFLOPs':>9} {'baseline':>9} {'saved':>6} "
-                    f"{'theory':>9} {'th. base':>9}"]
+    header = f"{'layer':>5} {'ablated':>7} {'TFLOPs':>9} {'baseline':>9} {'saved':>6} {'theory':>9} {'th. base':>9}"
+    lines = [title, header]
     for layer, base in zip(report.per_layer, report.baseline_per_layer):
         saved = 1 - layer.total / base.total
         lines.append(f"{layer.layer:>5} {'yes' if layer.ablated else '':>7} {tf(layer.total)} {tf(base.total)} "
                      f"{saved:6.1%} {tf(layer.theoretical_total)} {tf(base.theoretical_total)}")
-    lines += [
-        f"{'all':>5} {'':>7} {tf(report.total)} {tf(report.baseline)} {report.reduction:6.1%} "
-        f"{tf(report.theoretical)} {tf(report.theoretical_baseline)}",
-        "",
-        f"decoder executed     {report.total / 1e12:.4f} TFLOPs  (baseline {report.baseline / 1e12:.4f}, "
-        f"reduction {report.reduction:.2%})",
-        f"decoder theoretical  {report.theoretical / 1e12:.4f} TFLOPs  (baseline "
-        f"{report.theoretical_baseline / 1e12:.4f}, reduction {report.theoretical_reduction:.2%})",
-        f"LM head              {report.lm_head / 1e12:.4f} TFLOPs",
-    ]
+    lines.append(f"{'all':>5} {'':>7} {tf(report.total)} {tf(report.baseline)} {report.reduction:6.1%} "
+                 f"{tf(report.theoretical)} {tf(report.theoretical_baseline)}")
+    lines.append("")
+    lines.append(f"decoder executed     {report.total / 1e12:.4f} TFLOPs  (baseline {report.baseline / 1e12:.4f}, "
+                 f"reduction {report.reduction:.2%})")
+    lines.append(f"decoder theoretical  {report.theoretical / 1e12:.4f} TFLOPs  (baseline "
+                 f"{report.theoretical_baseline / 1e12:.4f}, reduction {report.theoretical_reduction:.2%})")
+    lines.append(f"LM head              {report.lm_head / 1e12:.4f} TFLOPs")
     if report.vision is not None:
         lines.append(f"vision tower + proj. {report.vision / 1e12:.4f} TFLOPs")
     components = report.components()

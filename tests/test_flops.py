@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MULTI, PAIR, make_batch, model_for
+from reference import op_mask
 from torch.utils.flop_counter import FlopCounterMode
 
-from analysis import OPERATORS, ablate
+from analysis import OPERATORS
 from analysis.flops import (
     COMPONENTS,
     TextDims,
@@ -23,13 +25,11 @@ from analysis.flops import (
     shipped_configs,
 )
 from analysis.flops_measure import measure_fvcore, measure_torch
-from conftest import MODEL_SPECS, MULTI, PAIR, make_batch, model_for
-from reference import op_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = (("USER: <image>\nWhat is written here? ASSISTANT:", [(0, 32, 48)]),)
 BATCHES = {1: ONE, 2: PAIR}  # PAIR: different prompt lengths -> padding and unequal non-vision counts
-LAYER_RANGES = (range(0, 4), [1, 2], [3])
+LAYER_RANGES = (range(4), [1, 2], [3])
 
 
 def analytic(model, batch, op, layers, newline_tokens="vision"):
