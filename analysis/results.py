@@ -263,7 +263,7 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
 # ----------------------------------------------------------------------------- tables
 
 TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "status", "score", "relative_score",
-                 "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples")
+                 "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples")
 
 
 def records_table(records: list[dict]):
@@ -278,7 +278,9 @@ def records_table(records: list[dict]):
             "model": r.get("model"), "eval": r.get("eval"), "op": r.get("op"),
             "start_layer": layers[0] if layers else None, "end_layer": layers[-1] + 1 if layers else None,
             "blind": bool(r.get("blind")), "status": r.get("status"), "score": r.get("score"),
-            "relative_score": r.get("relative_score"), "flops_reduction": flops.get("reduction"),
+            "relative_score": r.get("relative_score"),
+            "gflops": flops["total"] / 1e9 if flops.get("total") is not None else None,
+            "flops_reduction": flops.get("reduction"),
             "theoretical_reduction": flops.get("theoretical_reduction"), "latency_ms": r.get("latency_ms"),
             "agreement": r.get("agreement"), "n_samples": r.get("n_samples"),
             "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
