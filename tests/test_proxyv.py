@@ -176,3 +176,21 @@ def test_bad_input_gives_one_clear_error():
     model = apply_proxyv(fresh(), start_layer=1)
     with pytest.raises(ValueError, match="already has ProxyV"):
         apply_proxyv(model, start_layer=2)
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+def test_flops_formula_equals_torch_counter(init):
+    """analysis.proxyv.cost describes exactly the matrix products a ProxyV layer executes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from analysis.proxyv.cost import proxyv_layer_flops
+
+    model = build("next-mistral-gqa", "eager", start_layer=2, reduce_factor=2, init=init)
+    batch = batch_of("llava_next")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    counts = counter.get_flop_counts()
+    shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
+    for i in (2, 3):
+        measured = sum(counts[f"{type(model).__name__}.model.language_model.layers.{i}"].values())
+        assert measured == sum(proxyv_layer_flops(model.config, shapes, first=i == 2).values())

@@ -158,7 +158,13 @@ class ProxyVShapes:
     cells_per_crop: int  # S = side^2
     proxies_per_crop: int  # n (spatial: (side/f)^2; learned: side^2 // f^2)
     light_width: int  # I
+    learned: bool
     counts: tuple  # per sample, per image, per crop: proxies that exist
+    # Per sample, padding and filler slots excluded (the "theoretical" figures):
+    sample_proxies: tuple  # P_b
+    sample_vision: tuple  # Nv_b full vision tokens
+    sample_text: tuple  # Nt_b attended non-vision tokens (text, newline)
+    sample_pairs: tuple  # allowed (query, key) pairs of the ProxyV attention, queries = proxies + text
 
 
 def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, settings: dict | None = None):
@@ -175,9 +181,17 @@ def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, sett
     if plan is None:
         return None
     width = s.light_width or config.text_config.hidden_size // 4
+    valid = layout.valid_mask
+    allowed = plan.allowed(0, valid, plan.vision)  # (B, P + Nt, T + P)
+    text_valid = plan.text_valid & torch.gather(valid, 1, plan.text_rows)  # padding rows are no queries
+    queries = torch.cat([plan.proxy_valid, text_valid], dim=1)  # (B, P + Nt)
+    keys = torch.cat([valid, plan.proxy_valid], dim=1)  # (B, T + P)
+    pairs = (allowed & queries[..., None] & keys[:, None, :]).sum((1, 2))
     return ProxyVShapes(
         batch=plan.vision.shape[0], rows=plan.vision.shape[1], proxies=plan.n_proxies,
         vision_rows=plan.vision_rows.shape[1], text_rows=plan.text_rows.shape[1], crops=plan.cell_src.shape[0],
         cells_per_crop=plan.cell_src.shape[1], proxies_per_crop=plan.crop_proxy.shape[1], light_width=width,
-        counts=plan.counts,
+        learned=plan.learned, counts=plan.counts,
+        sample_proxies=tuple(plan.proxy_valid.sum(1).tolist()), sample_vision=tuple(plan.vision.sum(1).tolist()),
+        sample_text=tuple(text_valid.sum(1).tolist()), sample_pairs=tuple(pairs.tolist()),
     )

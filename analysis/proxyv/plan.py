@@ -42,6 +42,10 @@ class ProxyPlan:
     proxy_start: torch.Tensor  # (B, P) long: chunk row of the first token of the proxy's image
     proxy_rank: torch.Tensor  # (B, P) long: index of the proxy within its image
     row_context: torch.Tensor  # (B, Nv) long: spatial: flat proxy slot; learned: flat cell c*S + s
+    text_flat: torch.Tensor  # (B*Nt,) long: flat row b*T + t of each text slot (for index_select)
+    vision_flat: torch.Tensor  # (B*Nv,) long
+    text_put: tuple  # (slots, rows): valid text slots (or None: all) and their flat rows, for index_put_
+    vision_put: tuple
     side: int
     factor: int
     learned: bool
@@ -159,6 +163,7 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
     row_context = context.gather(1, vision_rows)  # (B, Nv)
     if not learned:
         row_context = row_context + torch.arange(B)[:, None] * P  # local slot -> flat slot
+    text_flat, vision_flat = _flat(text_rows, T), _flat(vision_rows, T)
     to = dict(device=device)
     return ProxyPlan(
         vision=vision.to(**to), vision_rows=vision_rows.to(**to), vision_valid=vision_valid.to(**to),
@@ -166,5 +171,19 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
         cell_src=torch.stack(cell_src).to(**to), cell_valid=torch.stack(cell_valid).to(**to),
         crop_proxy=crop_proxy.to(**to), proxy_valid=proxy_valid.to(**to), proxy_start=proxy_start.to(**to),
         proxy_rank=proxy_rank.to(**to), row_context=row_context.to(**to),
+        text_flat=text_flat.to(**to), vision_flat=vision_flat.to(**to),
+        text_put=_put(text_flat, text_valid, device), vision_put=_put(vision_flat, vision_valid, device),
         side=side, factor=factor, learned=learned, counts=tuple(counts),
     )
+
+
+def _flat(rows: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, N) row indices -> (B*N,) indices into the flattened (B*T, ...) rows."""
+    return (rows + torch.arange(rows.shape[0])[:, None] * T).flatten()
+
+
+def _put(flat: torch.Tensor, valid: torch.Tensor, device) -> tuple:
+    """(slots, rows) writing the valid slots back: slots None when every slot is valid (no copy needed)."""
+    keep = valid.flatten()
+    slots = None if bool(keep.all()) else keep.nonzero().flatten().to(device)
+    return slots, flat[keep].to(device)

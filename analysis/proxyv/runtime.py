@@ -25,16 +25,20 @@ from torch import nn
 
 from ..attention import project_kv, split_attention
 from ..layout import compute_layout, image_token_id
-from ..rows import gather_rows, scatter_add_rows
 from .modules import GuidedUpdate, LearnedProxies, spatial_proxies
 from .plan import ProxyPlan, build_plan
 
 
-def set_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` (B, T, D) with row ``rows[b, i]`` replaced by ``values[b, i]`` wherever ``valid``."""
-    B, T, D = x.shape
-    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T)[valid]
-    return x.reshape(B * T, D).index_copy(0, flat, values[valid]).view(B, T, D)
+def take(x: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``flat`` (B*n,) of ``x`` (B, T, *F) flattened over (B, T): returns (B, n, *F)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, flat).view(x.shape[0], n, *x.shape[2:])
+
+
+def put(out: torch.Tensor, put_index: tuple, values: torch.Tensor) -> None:
+    """Write the valid slots of ``values`` (B, N, D) into ``out`` (B*T, D) in place (see ProxyPlan.text_put)."""
+    slots, rows = put_index
+    values = values.reshape(-1, values.shape[-1])
+    out.index_put_((rows,), values if slots is None else values.index_select(0, slots))
 
 
 @dataclass
@@ -51,8 +55,8 @@ class ForwardState:
         """Initialise the proxies from the start layer's input ``hidden`` (B, T, D)."""
         plan = self.plan
         B, T, D = hidden.shape
-        cells = hidden.reshape(B * T, D)[plan.cell_src]  # (C, S, D)
-        C = cells.shape[0]
+        C, S = plan.cell_src.shape
+        cells = hidden.reshape(B * T, D).index_select(0, plan.cell_src.flatten()).view(C, S, D)
         if plan.learned:
             per_crop, self.splat = initializer(cells, plan.cell_valid)  # (C, n, D), (C, S, n)
         else:
@@ -71,9 +75,12 @@ class ForwardState:
         B, P, I = projected.shape
         flat = projected.reshape(B * P, I)
         if not plan.learned:
-            return flat[plan.row_context]  # (B, Nv, I): the proxy of each cell's f x f block
-        per_cell = self.splat @ flat[plan.crop_proxy]  # (C, S, n) @ (C, n, I) -> (C, S, I)
-        return per_cell.reshape(-1, I)[plan.row_context]
+            per_cell = flat  # the proxy of each cell's f x f block
+        else:
+            C, n = plan.crop_proxy.shape
+            per_crop = flat.index_select(0, plan.crop_proxy.flatten()).view(C, n, I)
+            per_cell = (self.splat @ per_crop).reshape(-1, I)  # (C, S, n) @ (C, n, I) -> (C*S, I)
+        return per_cell.index_select(0, plan.row_context.flatten()).view(B, -1, I)  # (B, Nv, I)
 
 
 class ProxyV(nn.Module):
@@ -187,26 +194,29 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
     elif state.proxies is None:
         raise RuntimeError(f"ProxyV layer {index} ran before the start layer {proxyv.settings.start_layer}")
     plan, h, p = state.plan, hidden_states, state.proxies
-    B, P = p.shape[:2]
-    rows, valid = plan.text_rows, plan.text_valid  # (B, Nt)
+    B, T, D = h.shape
+    P, Nt, Nv = p.shape[1], plan.text_rows.shape[1], plan.vision_rows.shape[1]
     attn = layer.self_attn
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, hd)
 
-    x, xp = layer.input_layernorm(h), layer.input_layernorm(p)
-    queries = torch.cat([xp, gather_rows(x, rows)], dim=1)  # (B, P + Nt, D)
-    q_rope = tuple(torch.cat([pr, gather_rows(t, rows)], dim=1) for pr, t in zip(state.rope, (cos, sin)))
+    x, xp = layer.input_layernorm(h), layer.input_layernorm(p)  # every row: all of them are keys
+    queries = torch.cat([xp, take(x, plan.text_flat, Nt)], dim=1)  # (B, P + Nt, D)
+    q_rope = tuple(torch.cat([pr, take(t, plan.text_flat, Nt)], dim=1) for pr, t in zip(state.rope, (cos, sin)))
     extra_kv = project_kv(attn, xp, *state.rope)  # proxies' keys/values: attended, never cached
     out = split_attention(attn, queries, q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
     p = p + out[:, :P]
-    h = scatter_add_rows(h, rows, valid, out[:, P:])
+    text = take(h, plan.text_flat, Nt) + out[:, P:]  # (B, Nt, D)
 
-    ffn = layer.mlp(layer.post_attention_layernorm(torch.cat([p, gather_rows(h, rows)], dim=1)))  # (B, P+Nt, D)
+    ffn = layer.mlp(layer.post_attention_layernorm(torch.cat([p, text], dim=1)))  # (B, P + Nt, D)
     p = p + ffn[:, :P]
-    h = scatter_add_rows(h, rows, valid, ffn[:, P:])
+    text = text + ffn[:, P:]
 
     guide: GuidedUpdate = proxyv.layers[str(index)]
     context = state.context(guide.context_proj(p))  # (B, Nv, I)
-    vision = gather_rows(h, plan.vision_rows)  # (B, Nv, D): this layer's input, untouched so far
-    h = set_rows(h, plan.vision_rows, plan.vision_valid, guide(vision, context))
+    vision = guide(take(h, plan.vision_flat, Nv), context)  # (B, Nv, D)
+    # Every row is a text row or a vision row: write both into a fresh tensor.
+    new = torch.empty_like(h).view(B * T, D)
+    put(new, plan.text_put, text)
+    put(new, plan.vision_put, vision)
     state.proxies = p
-    return h
+    return new.view(B, T, D)
