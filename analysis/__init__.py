@@ -1,13 +1,29 @@
 """Computation redundancy of vision tokens in LLaVA-style models, and ProxyV.
 
-Public API:
+Public API (imported lazily, so that torch-free modules such as ``analysis.report`` stay light):
     ablate(model, op, layers=...)  -- scoped, exact removal of computations on vision tokens
     OPERATORS, get_operator        -- the operator registry
     compute_layout                 -- where the vision tokens of a batch are
 """
 
-from .ablate import ablate
-from .layout import BatchLayout, compute_layout
-from .ops import OPERATORS, Operator, get_operator, register_operator
+from __future__ import annotations
 
-__all__ = ["ablate", "compute_layout", "BatchLayout", "OPERATORS", "Operator", "get_operator", "register_operator"]
+import importlib
+
+_EXPORTS = {
+    "ablate": "analysis.ablation",
+    "resolve_layers": "analysis.layers",
+    "compute_layout": "analysis.layout",
+    "BatchLayout": "analysis.layout",
+    "OPERATORS": "analysis.ops",
+    "Operator": "analysis.ops",
+    "get_operator": "analysis.ops",
+    "register_operator": "analysis.ops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import check_backend, split_attention
+from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
 from .models import decoder_layers, llava_core, text_config_of
 from .ops import Operator, get_operator
@@ -187,32 +188,6 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
-def _resolve_layers(n_layers: int, layers, start_layer, end_layer) -> list[int]:
-    if layers is not None and (start_layer is not None or end_layer is not None):
-        raise ValueError("pass either layers= or start_layer=/end_layer=, not both")
-    if layers is None:
-        start = 0 if start_layer is None else start_layer
-        end = n_layers if end_layer is None else end_layer
-        for name, value in (("start_layer", start), ("end_layer", end)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if not 0 <= start < n_layers:
-            raise ValueError(f"start_layer={start} is out of range: the model has {n_layers} decoder layers "
-                             f"(valid 0..{n_layers - 1})")
-        if not start < end <= n_layers:
-            raise ValueError(f"end_layer={end} must be in {start + 1}..{n_layers} (exclusive end) "
-                             f"for start_layer={start}")
-        layers = range(start, end)
-    resolved = sorted({int(i) for i in layers})
-    if not resolved:
-        raise ValueError("the layer range is empty; give at least one decoder layer index")
-    bad = [i for i in resolved if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range: the model has {n_layers} decoder layers "
-                         f"(valid 0..{n_layers - 1})")
-    return resolved
-
-
 @contextlib.contextmanager
 def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, start_layer: int | None = None,
            end_layer: int | None = None, newline_tokens: str = "vision"):
@@ -232,7 +207,7 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
     operator = get_operator(op)
     core = llava_core(model)
     layer_modules = decoder_layers(core)
-    chosen = _resolve_layers(len(layer_modules), layers, start_layer, end_layer)
+    chosen = resolve_layers(len(layer_modules), layers, start_layer, end_layer)
     if newline_tokens not in ("vision", "text"):
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
     if operator.changes_attention:
@@ -254,3 +229,4 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
         for layer in patched:
             del layer.forward
         tracker.chunk = tracker.key_vision = None
+

@@ -28,7 +28,7 @@ Conventions
 * **Executed** figure: what the kernels execute for the whole padded (B, T) batch. Attention is the
   full rectangle (every query row against all T keys; causal and padding masks are applied to a
   computed score matrix, not skipped). HF's own layers run on all B·T rows, padding included.
-  Where an op skips attention or the FFN for vision tokens, :func:`analysis.ablate.ablate` gathers
+  Where an op skips attention or the FFN for vision tokens, :func:`analysis.ablation.ablate` gathers
   each sample's non-vision rows (text and padding) into a (B, N) block, N the largest such count in
   the batch (:func:`analysis.rows.select_rows`): R_attn (or R_ffn) = B·N, which includes filler slots
   of samples with fewer non-vision rows. Mask-only ops (``mask_v2v``, ``drop_v2t``) execute exactly
@@ -66,7 +66,7 @@ from typing import Protocol
 
 import torch
 
-from .ablate import _resolve_layers  # the same layer selection (and errors) as ablate()
+from .layers import resolve_layers  # the same layer selection (and errors) as ablate()
 from .layout import compute_layout
 from .ops import OPERATORS, Operator, get_operator
 
@@ -255,7 +255,7 @@ class TokenLayout:
     @classmethod
     def from_batch(cls, batch: Mapping, config, newline_tokens: str = "vision") -> TokenLayout:
         """The layout of a processor batch (``input_ids``, ``attention_mask``, ``pixel_values``,
-        ``image_sizes``) for the LLaVA model of ``config``, exactly as :func:`analysis.ablate.ablate`
+        ``image_sizes``) for the LLaVA model of ``config``, exactly as :func:`analysis.ablation.ablate`
         sees it in the prefill: image tokens are vision tokens only when the batch carries pixels.
         """
         input_ids = batch["input_ids"]
@@ -387,7 +387,7 @@ class Variant(Protocol):
 @dataclass(frozen=True)
 class OperatorVariant:
     """An operator of :mod:`analysis.ops` applied at ``layers``, counted from its declaration,
-    exactly as :func:`analysis.ablate.ablate` executes it."""
+    exactly as :func:`analysis.ablation.ablate` executes it."""
 
     op: Operator
     layers: tuple[int, ...]
@@ -554,13 +554,13 @@ def count_flops(config, layout: TokenLayout, op: str | Operator | Variant = "non
         config: a LLaVA config (``text_config``, ``vision_config``) or a bare text-backbone config.
         layout: the token layout, e.g. :meth:`TokenLayout.from_batch` or :meth:`TokenLayout.from_counts`.
         op: an operator name or instance, a registered variant name, or a :class:`Variant`.
-        layers / start_layer / end_layer: as for :func:`analysis.ablate.ablate` (end exclusive).
+        layers / start_layer / end_layer: as for :func:`analysis.ablation.ablate` (end exclusive).
         lm_head: ``"all"`` (logits at every position, as ``model(**batch)``) or ``"last"`` (one per
             sample, as ``generate()``'s prefill with ``logits_to_keep=1``).
         options: variant options (e.g. ProxyV's reduce factor).
     """
     dims = TextDims.from_config(config)
-    chosen = _resolve_layers(dims.layers, layers, start_layer, end_layer)
+    chosen = resolve_layers(dims.layers, layers, start_layer, end_layer)
     variant = make_variant(op, chosen, **options)
     baseline = OperatorVariant(get_operator("none"), ())
     if lm_head not in ("all", "last"):

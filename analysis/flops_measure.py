@@ -13,7 +13,7 @@
   its vision figure is therefore a little above half of torch's; the decoder (RMSNorm is elementwise
   code, not an op) and the LM head are exactly half.
 
-Both run the model under :func:`analysis.ablate.ablate` and split the count by module: decoder
+Both run the model under :func:`analysis.ablation.ablate` and split the count by module: decoder
 (``language_model``; per layer and per component, the attention kernel being what a layer counts
 beyond its linear layers), LM head, vision tower + projector.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .ablate import ablate
+from .ablation import ablate
 from .models import decoder_layers, llava_core
 
 LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",

@@ -34,7 +34,8 @@ from lmms_eval.utils import Collator
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-from .ablate import _resolve_layers, ablate
+from .ablation import ablate
+from .layers import resolve_layers as _resolve_layers
 from .layout import compute_layout
 from .ops import get_operator
 

@@ -1,7 +1,7 @@
 """The ablation operators: which computations on vision tokens a decoder layer stops doing.
 
 Each operator is one small class registered by name in :data:`OPERATORS`. An operator says
-declaratively what it removes; :mod:`analysis.ablate` executes that, and :mod:`analysis.flops`
+declaratively what it removes; :mod:`analysis.ablation` executes that, and :mod:`analysis.flops`
 counts it, from the same declaration:
 
 * ``skip_attention`` -- vision rows are not attention queries: their residual stream passes the
