@@ -1,16 +1,18 @@
 """The lmms-eval registration of our model class, read through the ``lmms_eval.models`` entry point.
 
-lmms-eval imports this module while ``lmms_eval.models`` is still loading, so it must stay light:
-no torch, no transformers, nothing from ``analysis`` beyond this file (the class itself is imported
-lazily, by its dotted path, only when ``--model llava_ablate`` is asked for).
+lmms-eval loads the entry point while ``lmms_eval.models`` is still initialising, so this module
+stays light and imports nothing at module level: the entry point is the function :func:`manifests`,
+which lmms-eval calls once its registry exists (importing ``ModelManifest`` at the top would make
+``import analysis.lmms_manifest`` -> ``lmms_eval.models`` -> this module a circular import). The model
+class itself is imported lazily, by its dotted path, only when ``--model llava_ablate`` is asked for.
 """
 
-from lmms_eval.models.registry_v2 import ModelManifest
-
 MODEL_NAME = "llava_ablate"
+CLASS_PATH = "analysis.lmms_model.LlavaAblate"
 
-MANIFEST = ModelManifest(
-    model_id=MODEL_NAME,
-    simple_class_path="analysis.lmms_model.LlavaAblate",
-    aliases=("vision_redundancy",),
-)
+
+def manifests() -> list:
+    """The ModelManifest(s) lmms-eval registers: ``llava_ablate`` (alias ``vision_redundancy``)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH, aliases=("vision_redundancy",))]

@@ -1,0 +1,150 @@
+"""Our lmms-eval model class (``--model llava_ablate``): registration through the entry point, the
+CLI on a synthetic twin (one process, and data-parallel under torchrun), batched generation equal
+to one-by-one, the variant applied and removed, clean() keeping the model, device placement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import tiny, twins
+from analysis.lmms_model import LlavaAblate, Variant, pick_device
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _tiny(num_layers: int = 4):
+    model = tiny.build_model("llava", "llama", image_size=64, patch_size=8, num_layers=num_layers, hidden_size=32,
+                             num_heads=2, intermediate_size=64)
+    return model, tiny.build_processor("llava", image_size=64, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt")
+    for part in _tiny(num_layers=16):
+        part.save_pretrained(path)
+    return path
+
+
+class Request:  # what lmms-eval hands a simple model: an object with .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def _requests(lm, n: int = 5):
+    docs = twins.generate("synth_docvqa", "eval", n, seed=0)
+    lm.task_dict = {"synth_docvqa": {"eval": docs}}
+    gen = {"max_new_tokens": 6, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    # prompts of different lengths, so a batch is left-padded
+    return [Request(d["question"] + " please" * (i % 3), dict(gen), lambda doc: [doc["image"]], i, "synth_docvqa",
+                    "eval") for i, d in enumerate(docs)]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, processor = _tiny()
+    return LlavaAblate(model=model, processor=processor, batch_size=3, progress=False)
+
+
+def test_entry_point_registers_the_class():
+    (ep,) = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "llava_ablate"]
+    (manifest,) = ep.load()()
+    assert manifest.model_id == "llava_ablate" and manifest.simple_class_path == "analysis.lmms_model.LlavaAblate"
+    from lmms_eval.models import get_model
+
+    assert get_model("llava_ablate") is LlavaAblate
+
+
+def test_batched_equals_one_by_one_and_variant_is_scoped(lm):
+    answers = {}
+    for op, start in (("none", None), ("skip_ffn", 1)):
+        lm.set_variant(op, start_layer=start)
+        lm.batch_size_per_gpu = 3
+        answers[op] = lm.generate_until(_requests(lm))
+        layouts = list(lm.token_layouts)
+        lm.batch_size_per_gpu = 1
+        assert lm.generate_until(_requests(lm)) == answers[op], op
+        assert len(layouts) == 5 and all(lay["mask"].count("v") == 64 and lay["vision"] == 64 for lay in layouts)
+    lm.batch_size_per_gpu = 3
+    lm.set_variant("skip_attn_ffn", start_layer=0)
+    assert lm.generate_until(_requests(lm)) != answers["none"]  # the op changes a random model's answers ...
+    assert not any("forward" in vars(layer) for layer in lm.model.model.language_model.layers)  # ... only inside
+    lm.set_variant("none")
+    assert lm.generate_until(_requests(lm)) == answers["none"]
+
+
+def test_clean_keeps_the_model_and_latency(lm):
+    lm.set_variant("skip_ffn", start_layer=2)
+    lm.generate_until(_requests(lm, 2))
+    lm.clean()  # lmms-eval calls this after every evaluation; the default would delete the model
+    assert isinstance(lm.model, torch.nn.Module) and lm.generate_until(_requests(lm, 1))
+    assert lm.prefill_latency_ms(n=1, repeats=1) > 0
+
+
+def test_variant_validation_and_blind(lm):
+    with pytest.raises(ValueError, match="unknown op 'skip'; known ops: drop_v2t, mask_v2v, none"):
+        lm.set_variant("skip")
+    with pytest.raises(ValueError, match="start_layer=4 is out of range: the model has 4 decoder layers"):
+        lm.set_variant("skip_ffn", start_layer=4)
+    assert Variant.make(4, "skip_ffn", layers="1 3") == Variant("skip_ffn", (1, 3))
+    assert Variant.make(4, "none", start_layer=3) == Variant("none", ())
+    lm.set_variant("none", blind=True)
+    doc = twins.generate("synth_ocrbench", "eval", 1, seed=0)[0]
+    (image,) = lm._images(lambda d: [d["image"]], doc)
+    pixels = np.asarray(image)
+    assert image.size == doc["image"].size and (pixels == pixels[0, 0]).all()  # one colour: nothing to read
+    lm.set_variant("none")
+
+
+def test_device_per_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda:1") and pick_device(None) == torch.device("cuda:1")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+def _results(out: Path) -> tuple[dict, list[dict]]:
+    (result,) = out.rglob("*_results.json")
+    (samples,) = out.rglob("*_samples_synth_ocrbench.jsonl")
+    return json.loads(result.read_text()), [json.loads(line) for line in samples.read_text().splitlines()]
+
+
+CLI_ARGS = ["--tasks", "synth_ocrbench", "--include_path", str(twins.TASKS_DIR), "--batch_size", "2", "--log_samples"]
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_on_a_twin(checkpoint, tmp_path):
+    cli = Path(sys.executable).with_name("lmms-eval")
+    args = f"pretrained={checkpoint},op=skip_ffn,start_layer=12"
+    out = subprocess.run([str(cli), "--model", "llava_ablate", "--model_args", args, *CLI_ARGS,
+                          "--limit", "4", "--output_path", str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result, samples = _results(tmp_path / "out")
+    assert result["config"]["model_args"] == args and "ocrbench_accuracy,none" in result["results"]["synth_ocrbench"]
+    assert len(samples) == 4
+
+
+@pytest.mark.slow
+def test_data_parallel_under_torchrun(checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval",
+                          "--model", "llava_ablate", "--model_args", f"pretrained={checkpoint},op=drop_v2t,start_layer=4",
+                          *CLI_ARGS, "--limit", "5", "--output_path", str(tmp_path / "out")], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result, samples = _results(tmp_path / "out")
+    assert result["n-samples"]["synth_ocrbench"]["effective"] == 5
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3, 4]  # both ranks' docs gathered on rank 0
