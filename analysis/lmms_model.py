@@ -8,7 +8,7 @@ Registered through our package's ``lmms_eval.models`` entry point (``analysis/lm
 Plays the role of lmms-eval's ``llava_hf`` except:
 
 * generation is batched (left padding, requests sorted by prompt length);
-* the variant -- an operator on chosen decoder layers (:func:`analysis.ablate`), and optionally a
+* the variant -- an operator on chosen decoder layers (:func:`analysis.ablation.ablate`), and optionally a
   blind control that blanks every image -- is applied around each batch, so the loaded model is
   never modified; :meth:`LlavaAblate.set_variant` switches variants between evaluations;
 * the device is chosen per process (``cuda:LOCAL_RANK`` under torchrun / accelerate), so
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from .ablation import ablate
-from .layers import resolve_layers as _resolve_layers
+from .layers import resolve_layers
 from .layout import compute_layout
 from .ops import get_operator
 
@@ -99,7 +99,7 @@ class Variant:
             return cls("none", (), bool(blind))
         if isinstance(layers, str):
             layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
-        chosen = _resolve_layers(num_layers, layers, start_layer, end_layer)
+        chosen = resolve_layers(num_layers, layers, start_layer, end_layer)
         return cls(operator.name, tuple(chosen), bool(blind))
 
     def __str__(self) -> str:
@@ -112,7 +112,7 @@ class LlavaAblate(lmms):
 
     Args (all reachable from ``--model_args``):
         pretrained: checkpoint directory or hub id (resolved offline from the HF cache).
-        op, start_layer, end_layer, layers: the variant (see :func:`analysis.ablate`); ``layers`` is a
+        op, start_layer, end_layer, layers: the variant (see :func:`analysis.ablation.ablate`); ``layers`` is a
             space- or ``;``-separated list of indices when given as a string.
         blind: replace every image with a blank one (the blind control).
         newline_tokens: LLaVA-NeXT newline tokens treated as ``"vision"`` (default) or ``"text"``.

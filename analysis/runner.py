@@ -165,12 +165,14 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     except (OSError, ValueError, AttributeError) as error:
         raise ConfigError(f"model {cfg['model']['name']}: cannot read {path}/config.json as a LLaVA config "
                           f"({str(error).splitlines()[0]})") from None
-    from .lmms_model import Variant
+    from .layers import resolve_layers
 
-    try:
-        variant = Variant.make(num_layers, op, start, end, blind=cfg["eval"].get("blind", False))
+    blind = bool(cfg["eval"].get("blind", False))
+    try:  # the same selection as LlavaAblate.set_variant, without importing lmms-eval for an early error
+        layers = () if OPERATORS[op]().is_identity else tuple(resolve_layers(num_layers, None, start, end))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{error} (model {cfg['model']['name']}; set start_layer / end_layer)") from None
+    op = op if layers else "none"
     ev = cfg["eval"]
     tasks = ev["tasks"]
     if not isinstance(tasks, dict) or not tasks:
@@ -183,8 +185,8 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
         include = str(REPO_ROOT / include)
     runs_dir = Path(run["runs_dir"]).expanduser()
     return RunSpec(
-        cfg=cfg, model_name=cfg["model"]["name"], model_path=path, num_layers=num_layers, op=variant.op,
-        layers=variant.layers, tasks=dict(tasks), eval_name=ev["name"], limit=limit, blind=variant.blind,
+        cfg=cfg, model_name=cfg["model"]["name"], model_path=path, num_layers=num_layers, op=op,
+        layers=layers, tasks=dict(tasks), eval_name=ev["name"], limit=limit, blind=blind,
         seed=int(cfg.get("seed", 0)), sweep_root=runs_dir / run["sweep_name"],
         baselines_dir=Path(run["baselines_dir"]).expanduser(), fingerprint=results.weights_fingerprint(path),
         include_path=include, include_defaults=bool(ev.get("include_defaults", False)), settings=run,

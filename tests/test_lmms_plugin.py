@@ -51,6 +51,15 @@ def _requests(lm, n: int = 5):
                     "eval") for i, d in enumerate(docs)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module's generation (2 threads on a shared 2-core box thrash); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lm():
     model, processor = _tiny()
