@@ -42,3 +42,22 @@ def evaluate(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, blind:
         scores[name] = twins.score(name, answer(model, processor, samples, blind=blind, **kwargs), samples)
     scores["mean"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def load_checkpoint(path, dtype=torch.float32):
+    """(model, processor) of a saved LLaVA checkpoint, offline, in eval mode, in ``dtype``.
+
+    Raises FileNotFoundError naming the missing path and how to make it.
+    """
+    from pathlib import Path
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path} (config.json missing); the tiny default ships in the repository under "
+            "checkpoints/tiny-llava, and `python experiments/train_tiny.py --out PATH` re-trains it"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoProcessor.from_pretrained(path)

@@ -1,0 +1,43 @@
+"""Score a LLaVA checkpoint on the twins' eval splits directly (greedy), optionally blind.
+
+    .venv/bin/python experiments/eval_tiny.py checkpoints/tiny-llava [--n 200] [--blind] [--record]
+
+``--blind`` replaces every image with a blank one (same questions); ``--record`` stores the scores
+in the checkpoint's ``training.json`` under ``eval_n<N>`` / ``blind_n<N>`` (the test suite checks
+the shipped checkpoint against ``eval_n24``). The runner scores through lmms-eval (``eval.blind=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.training.evaluate import evaluate, load_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default="checkpoints/tiny-llava")
+    p.add_argument("--n", type=int, default=200, help="eval samples per twin")
+    p.add_argument("--blind", action="store_true")
+    p.add_argument("--record", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, processor = load_checkpoint(args.checkpoint)
+    scores = evaluate(model, processor, n=args.n, blind=args.blind)
+    print(json.dumps(scores, indent=2))
+    if args.record:
+        path = Path(args.checkpoint) / "training.json"
+        record = json.loads(path.read_text())
+        record[f"{'blind' if args.blind else 'eval'}_n{args.n}"] = scores
+        path.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
