@@ -67,16 +67,20 @@ def pick_dtype(dtype, device: torch.device, config=None) -> torch.dtype:
 
 def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation: str = "sdpa"):
     """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint (a directory or a hub id already in
-    the HF cache), in eval mode on ``device``, the processor padding on the left."""
+    the HF cache; a ProxyV checkpoint loads with its ProxyV modules), in eval mode on ``device``, the
+    processor padding on the left."""
     device = pick_device(device)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in MODEL_CLASSES:
         raise TypeError(f"{path}: model_type {config.model_type!r} is not supported; "
                         f"supported: {', '.join(MODEL_CLASSES)}")
-    # TODO(proxyv): a checkpoint saved with ProxyV modules loads through analysis.proxyv.load_proxyv.
-    model = MODEL_CLASSES[config.model_type].from_pretrained(
-        path, dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation,
-    )
+    kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
+    if getattr(config, "proxyv", None):  # saved by a ProxyV model: the HF class + ProxyV modules + their weights
+        from .proxyv import load_proxyv
+
+        model = load_proxyv(path, **kwargs)
+    else:
+        model = MODEL_CLASSES[config.model_type].from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor

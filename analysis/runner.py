@@ -46,13 +46,34 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- the run spec
 
+MODEL_IDENTITY_KEYS = ("name", "dtype", "attn_implementation", "newline_tokens")
+
+
+@dataclass
+class ModelRef:
+    """A model config resolved to its weights: ``identity`` is what of it determines results."""
+
+    name: str
+    path: str
+    cfg: dict
+
+    @property
+    def identity(self) -> dict:
+        # The weights' fingerprint, not their path: moving a checkpoint keeps its results, retraining does not.
+        return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, "weights": results.weights_fingerprint(self.path)}
+
+
 @dataclass
 class RunSpec:
-    """Everything a run needs, validated: what is computed (hashed) and how (not hashed)."""
+    """Everything a run needs, validated: what is computed (hashed) and how (not hashed).
+
+    ``model`` is what the variant runs on; ``base`` is the model of the baseline: the same, except for
+    ProxyV, whose trained checkpoint is compared with the model it was made from.
+    """
 
     cfg: dict
-    model_name: str
-    model_path: str
+    model: ModelRef
+    base: ModelRef
     num_layers: int
     op: str
     layers: tuple[int, ...]
@@ -63,20 +84,27 @@ class RunSpec:
     seed: int
     sweep_root: Path
     baselines_dir: Path
-    fingerprint: str
+    proxyv: dict | None = None  # ProxyV settings of the variant's checkpoint
     include_path: str | None = None
     include_defaults: bool = False
     settings: dict = field(default_factory=dict)  # the `run` group: batch size, device, progress...
 
+    @property
+    def model_name(self) -> str:
+        return self.cfg["model"]["name"]
+
+    @property
+    def model_path(self) -> str:
+        return self.model.path
+
     def identity(self, baseline: bool = False) -> dict:
-        """What determines the result: the hashed part of the config (``run.*`` and hydra excluded)."""
-        cfg = {k: v for k, v in self.cfg.items() if k not in ("run", "hydra", "start_layer", "end_layer", "op")}
-        return {
-            **cfg,
-            "model": {**self.cfg["model"], "batch_size": None, "weights": self.fingerprint},
-            "op": {"name": "none"} if baseline else dict(self.cfg["op"]),
-            "layers": [] if baseline else list(self.layers),
-        }
+        """What determines the result: eval, seed, model identity, op and layers (``run.*``, hydra and the
+        spelling of the layers excluded)."""
+        cfg = {k: v for k, v in self.cfg.items() if k not in ("run", "hydra", "start_layer", "end_layer", "op", "model")}
+        if baseline:
+            return {**cfg, "model": self.base.identity, "op": {"name": "none"}, "layers": []}
+        return {**cfg, "model": self.model.identity, "op": dict(self.cfg["op"]), "layers": list(self.layers),
+                **({"proxyv": self.proxyv} if self.proxyv else {})}
 
     @property
     def key(self) -> str:
@@ -98,7 +126,7 @@ class RunSpec:
 
     @property
     def baseline_dir(self) -> Path:
-        return self.baselines_dir / f"{self.model_name}-{self.eval_name}{'-blind' if self.blind else ''}_" \
+        return self.baselines_dir / f"{self.base.name}-{self.eval_name}{'-blind' if self.blind else ''}_" \
                                     f"{self.baseline_key[:10]}"
 
 
@@ -156,20 +184,23 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     if op not in OPERATORS and op not in EXTRA_OPS:
         raise ConfigError(f"unknown op {op!r}; known ops: {', '.join(sorted([*OPERATORS, *EXTRA_OPS]))}")
     start, end = _int_or_none("start_layer", cfg.get("start_layer")), _int_or_none("end_layer", cfg.get("end_layer"))
-    path = resolve_weights(cfg["model"])
-
-    from transformers import AutoConfig
-
-    try:
-        num_layers = AutoConfig.from_pretrained(path).text_config.num_hidden_layers
-    except (OSError, ValueError, AttributeError) as error:
-        raise ConfigError(f"model {cfg['model']['name']}: cannot read {path}/config.json as a LLaVA config "
-                          f"({str(error).splitlines()[0]})") from None
+    model = ModelRef(cfg["model"]["name"], resolve_weights(cfg["model"]), cfg["model"])
+    base, hf_config = model, _hf_config(model)
+    num_layers = hf_config.text_config.num_hidden_layers
+    proxyv = getattr(hf_config, "proxyv", None)
+    if proxyv:  # the model is itself a ProxyV checkpoint: compare it with the model it was made from
+        if op not in ("none", "proxyv"):
+            raise ConfigError(f"model {model.name} is a ProxyV checkpoint; run it with op=none (or op=proxyv), not {op}")
+        base = _base_model(cfg["model"])
+        op, start, end = "proxyv", proxyv["start_layer"], None
+    elif op == "proxyv":  # op=proxyv start_layer=L: the model's trained ProxyV checkpoint for L
+        model, proxyv = _proxyv_checkpoint(cfg["model"], start, end, num_layers)
     from .layers import resolve_layers
 
     blind = bool(cfg["eval"].get("blind", False))
     try:  # the same selection as LlavaAblate.set_variant, without importing lmms-eval for an early error
-        layers = () if OPERATORS[op]().is_identity else tuple(resolve_layers(num_layers, None, start, end))
+        identity_op = op != "proxyv" and OPERATORS[op]().is_identity
+        layers = () if identity_op else tuple(resolve_layers(num_layers, None, start, end))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{error} (model {cfg['model']['name']}; set start_layer / end_layer)") from None
     op = op if layers else "none"
@@ -185,16 +216,61 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
         include = str(REPO_ROOT / include)
     runs_dir = Path(run["runs_dir"]).expanduser()
     return RunSpec(
-        cfg=cfg, model_name=cfg["model"]["name"], model_path=path, num_layers=num_layers, op=op,
-        layers=layers, tasks=dict(tasks), eval_name=ev["name"], limit=limit, blind=blind,
-        seed=int(cfg.get("seed", 0)), sweep_root=runs_dir / run["sweep_name"],
-        baselines_dir=Path(run["baselines_dir"]).expanduser(), fingerprint=results.weights_fingerprint(path),
-        include_path=include, include_defaults=bool(ev.get("include_defaults", False)), settings=run,
+        cfg=cfg, model=model, base=base, num_layers=num_layers, op=op, layers=layers, tasks=dict(tasks),
+        eval_name=ev["name"], limit=limit, blind=blind, seed=int(cfg.get("seed", 0)),
+        sweep_root=runs_dir / run["sweep_name"], baselines_dir=Path(run["baselines_dir"]).expanduser(),
+        proxyv=dict(proxyv) if proxyv else None, include_path=include,
+        include_defaults=bool(ev.get("include_defaults", False)), settings=run,
     )
 
 
-# Variants that are not ablation operators (ProxyV registers here when it lands).
-EXTRA_OPS: tuple[str, ...] = ()
+# Variants that are not ablation operators: ProxyV runs a trained checkpoint (conf/op/proxyv.yaml).
+EXTRA_OPS: tuple[str, ...] = ("proxyv",)
+
+
+def _hf_config(model: ModelRef):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model.path)
+        config.text_config.num_hidden_layers  # noqa: B018 -- a LLaVA config has a text config
+        return config
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"model {model.name}: cannot read {model.path}/config.json as a LLaVA config "
+                          f"({str(error).splitlines()[0]})") from None
+
+
+def _base_model(model_cfg: dict) -> ModelRef:
+    """The model a ProxyV checkpoint was made from (``model.baseline_model``, a conf/model/ name)."""
+    name = model_cfg.get("baseline_model")
+    if not name:
+        raise ConfigError(f"model {model_cfg['name']} is a ProxyV checkpoint: set model.baseline_model to the "
+                          "conf/model/ name of the model it was made from (its baseline), e.g. tiny")
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"model.baseline_model={name!r} is not a model config; known: "
+                          f"{', '.join(group_choices('model'))}")
+    base_cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return ModelRef(base_cfg["name"], resolve_weights(base_cfg), base_cfg)
+
+
+def _proxyv_checkpoint(model_cfg: dict, start: int | None, end: int | None, num_layers: int):
+    """(ModelRef, settings) of the trained ProxyV checkpoint listed for ``start`` in ``model.proxyv``."""
+    available = {int(k): v for k, v in (model_cfg.get("proxyv") or {}).items()}
+    if end is not None and end != num_layers:
+        raise ConfigError(f"op=proxyv runs from start_layer through the last layer; drop end_layer={end}")
+    if start not in available:
+        listed = ", ".join(map(str, sorted(available))) or "none"
+        raise ConfigError(f"model {model_cfg['name']} has no trained ProxyV checkpoint for start_layer={start} "
+                          f"(listed in model.proxyv: {listed}); train one with experiments/train_tiny.py's "
+                          "ProxyV variant and add it to conf/model/{model_cfg['name']}.yaml")
+    ref = ModelRef(model_cfg["name"], resolve_weights({**model_cfg, "pretrained": available[start], "hub_id": None}),
+                   model_cfg)
+    settings = getattr(_hf_config(ref), "proxyv", None)
+    if not settings or settings.get("start_layer") != start:
+        raise ConfigError(f"{ref.path} is not a ProxyV checkpoint starting at layer {start} "
+                          f"(its config.json has proxyv={settings})")
+    return ref, settings
 
 
 def set_offline(offline: bool) -> None:
@@ -218,10 +294,12 @@ class Session:
     task_manager: object
 
 
-def session_for(spec: RunSpec) -> Session:
+def session_for(spec: RunSpec, model: ModelRef) -> Session:
+    """The session of ``model`` (the variant's or the baseline's), loading it on first use. Two are kept:
+    a ProxyV sweep alternates between the base model (baseline) and ProxyV checkpoints."""
     settings = spec.settings
-    model = spec.cfg["model"]
-    key = (spec.model_path, settings.get("device"), model.get("dtype"), model.get("attn_implementation"),
+    batch_size = int(settings.get("batch_size") or model.cfg.get("batch_size", 8))
+    key = (model.path, settings.get("device"), model.cfg.get("dtype"), model.cfg.get("attn_implementation"),
            spec.include_path, spec.include_defaults)
     if key not in _SESSIONS:
         import torch
@@ -233,18 +311,20 @@ def session_for(spec: RunSpec) -> Session:
         from .lmms_model import LlavaAblate
 
         t0 = time.perf_counter()
-        lm = LlavaAblate(spec.model_path, batch_size=settings.get("batch_size") or model.get("batch_size", 8),
-                         device=settings.get("device"), dtype=model.get("dtype", "auto"),
-                         attn_implementation=model.get("attn_implementation", "sdpa"),
-                         newline_tokens=model.get("newline_tokens", "vision"), progress=settings.get("progress", True))
+        lm = LlavaAblate(model.path, batch_size=batch_size, device=settings.get("device"),
+                         dtype=model.cfg.get("dtype", "auto"), attn_implementation=model.cfg.get("attn_implementation",
+                                                                                                 "sdpa"),
+                         newline_tokens=model.cfg.get("newline_tokens", "vision"),
+                         progress=settings.get("progress", True))
         manager = TaskManager(verbosity="WARNING", include_path=spec.include_path,
                               include_defaults=spec.include_defaults)
-        log.info("loaded %s (%d layers) on %s in %.1f s", spec.model_name, spec.num_layers, lm.device,
-                 time.perf_counter() - t0)
-        _SESSIONS.clear()  # one model per process at a time
+        log.info("loaded %s (%s) on %s in %.1f s", model.name, model.path, lm.device, time.perf_counter() - t0)
+        while len(_SESSIONS) >= 2:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
         _SESSIONS[key] = Session(lm, manager)
-    session = _SESSIONS[key]
-    session.lm.batch_size_per_gpu = int(settings.get("batch_size") or model.get("batch_size", 8))
+    session = _SESSIONS.pop(key)
+    _SESSIONS[key] = session  # most recently used last
+    session.lm.batch_size_per_gpu = batch_size
     return session
 
 
@@ -289,8 +369,8 @@ def evaluate(spec: RunSpec, session: Session, baseline: bool = False) -> Evaluat
     from lmms_eval.evaluator import simple_evaluate
 
     lm = session.lm
-    lm.set_variant("none" if baseline else spec.op, layers=None if baseline else list(spec.layers) or None,
-                   blind=spec.blind)
+    ablated = not baseline and spec.op not in EXTRA_OPS  # a ProxyV checkpoint is its own variant
+    lm.set_variant(spec.op if ablated else "none", layers=list(spec.layers) if ablated else None, blind=spec.blind)
     ensure_twin_data(spec.tasks)
     out = simple_evaluate(
         model=lm, tasks=list(spec.tasks), limit=spec.limit, task_manager=session.task_manager, bootstrap_iters=0,
@@ -324,22 +404,31 @@ def agreement(samples: list[dict], reference: list[dict]) -> float | None:
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
-def mean_flops(model_config, layouts: list[dict], op: str, layers) -> dict:
+def mean_flops(model_config, layouts: list[dict], op: str, layers, proxyv: dict | None = None) -> dict:
     """Decoder prefill FLOPs of ``op`` on ``layers`` and of the baseline, mean per evaluated sample.
 
     Each sample counts as its own unpadded batch-1 prefill (``lm_head="last"``, as ``generate()``), so
     the figures do not depend on the evaluation batch size. See :mod:`analysis.flops` for conventions.
+    ``proxyv``: the settings of a ProxyV checkpoint (``op="proxyv"``), passed to its FLOPs variant.
     """
-    from .flops import TokenLayout, count_flops
     import torch
+
+    from .flops import TokenLayout, count_flops, known_variants
 
     if not layouts:
         return {}
+    options = {}
+    if op == "proxyv":
+        if "proxyv" not in known_variants():
+            # TODO(proxyv): analysis.flops has no "proxyv" variant yet; record no FLOPs rather than wrong ones.
+            log.warning("FLOPs of ProxyV are not countable yet (analysis.flops has no 'proxyv' variant)")
+            return {}
+        options = {k: v for k, v in (proxyv or {}).items() if k not in ("start_layer", "format")}
     totals: Counter = Counter()
     for (mask, crops), n in Counter((lay["mask"], lay["crop_shapes"]) for lay in layouts).items():
         vision = torch.tensor([[c == "v" for c in mask]])
         layout = TokenLayout(vision, torch.ones_like(vision), (crops,))
-        report = count_flops(model_config, layout, op, list(layers) or None, lm_head="last")
+        report = count_flops(model_config, layout, op, list(layers) or None, lm_head="last", **options)
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,
                        "lm_head": n * report.lm_head, "vision": n * (report.vision or 0)})
@@ -366,7 +455,7 @@ def _record(spec: RunSpec, **fields) -> dict:
         "start_layer": spec.layers[0] if spec.layers else None,
         "end_layer": spec.layers[-1] + 1 if spec.layers else None, "num_layers": spec.num_layers,
         "eval": spec.eval_name, "tasks": list(spec.tasks), "limit": spec.limit, "blind": spec.blind,
-        **fields, **_provenance(spec), "config": spec.cfg,
+        "proxyv": spec.proxyv, **fields, **_provenance(spec), "config": spec.cfg,
     }
 
 
@@ -377,9 +466,9 @@ def _baseline(spec: RunSpec, session_factory) -> tuple[dict, list[dict]]:
         record = results.read_record(directory)
         if record is not None and record.get("status") == "ok":
             return record, results.read_samples(directory)
-        log.info("computing the baseline of %s on %s", spec.model_name, spec.eval_name)
+        log.info("computing the baseline of %s on %s", spec.base.name, spec.eval_name)
         started, t0 = results.now_iso(), time.perf_counter()
-        session = session_factory(spec)
+        session = session_factory(spec, spec.base)
         result = evaluate(spec, session, baseline=True)
         flops = mean_flops(session.lm.model.config, result.layouts, "none", [])
         record = _record(spec, scores=result.scores, score=result.score, relative_score=1.0, agreement=1.0,
@@ -387,7 +476,8 @@ def _baseline(spec: RunSpec, session_factory) -> tuple[dict, list[dict]]:
                          lmms_scores=result.lmms_scores, started_at=started, finished_at=results.now_iso(),
                          wall_time_s=time.perf_counter() - t0)
         record.update(op="none", layers=[], start_layer=None, end_layer=None, config_hash=spec.baseline_key,
-                      sweep="baselines", baseline=None, config={**spec.cfg, "op": {"name": "none"}})
+                      model=spec.base.name, model_path=spec.base.path, proxyv=None, sweep="baselines", baseline=None,
+                      config={**spec.cfg, "model": spec.base.cfg, "op": {"name": "none"}})
         results.write_record(directory, record, result.samples)
         return results.read_record(directory), result.samples
 
@@ -414,12 +504,12 @@ def run_one(cfg: DictConfig | dict, session_factory=session_for) -> dict:
             record.update(relative_score=1.0, agreement=1.0)
             samples = base_samples
         else:
-            session = session_factory(spec)
+            session = session_factory(spec, spec.model)
             result = evaluate(spec, session)
             relative = result.score / base["score"] if base.get("score") else None
             record = dict(scores=result.scores, score=result.score, relative_score=relative,
                           agreement=agreement(result.samples, base_samples), latency_ms=result.latency_ms,
-                          flops=mean_flops(session.lm.model.config, result.layouts, spec.op, spec.layers),
+                          flops=mean_flops(session.lm.model.config, result.layouts, spec.op, spec.layers, spec.proxyv),
                           n_samples=len(result.samples), lmms_scores=result.lmms_scores)
             samples = result.samples
         record = _record(spec, **record, baseline=_baseline_ref(base), started_at=started,

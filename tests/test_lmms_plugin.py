@@ -116,6 +116,19 @@ def test_variant_validation_and_blind(lm):
     lm.set_variant("none")
 
 
+def test_proxyv_checkpoint_loads_with_its_modules(tmp_path):
+    from analysis.proxyv import apply_proxyv
+
+    model, processor = _tiny()
+    apply_proxyv(model, start_layer=2, reduce_factor=2, init="spatial", seed=0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    in_memory = LlavaAblate(model=model, processor=processor, batch_size=3, progress=False)
+    loaded = LlavaAblate(str(tmp_path), batch_size=3, progress=False, device="cpu")
+    assert hasattr(loaded.model.model, "proxyv")
+    assert loaded.generate_until(_requests(loaded)) == in_memory.generate_until(_requests(in_memory))
+
+
 def test_device_per_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")

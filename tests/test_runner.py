@@ -137,11 +137,11 @@ class Stub:
 def stubbed(monkeypatch, config_only):
     stub = Stub()
     monkeypatch.setattr(runner, "evaluate", stub)
-    monkeypatch.setattr(runner, "mean_flops", lambda config, layouts, op, layers: {
+    monkeypatch.setattr(runner, "mean_flops", lambda config, layouts, op, layers, proxyv=None: {
         "total": 100 - len(layers), "baseline": 100, "reduction": len(layers) / 100, "theoretical": 90})
     config = tiny.build_config("llava", "llama", image_size=64, patch_size=8, num_layers=32)
     session = type("S", (), {"lm": FakeLM(config)})()
-    return stub, (lambda spec: session)
+    return stub, (lambda spec, model: session)
 
 
 def test_run_one_records_skips_retries_and_reuses_the_baseline(tmp_path, config_only, stubbed):
@@ -180,6 +180,35 @@ def test_run_one_records_skips_retries_and_reuses_the_baseline(tmp_path, config_
 
     table = results.records_table(results.load_records(tmp_path / "runs" / "tiny-synthetic"))
     assert sorted(table["op"]) == ["drop_v2t", "none", "skip_ffn"] and set(table["status"]) == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def proxyv_config_only(tmp_path_factory) -> Path:
+    """A config.json as a ProxyV checkpoint from layer 16 saves it (prepare() reads only the config)."""
+    path = tmp_path_factory.mktemp("proxyv16")
+    config = tiny.build_config("llava", "llama", image_size=64, patch_size=8, num_layers=32)
+    config.proxyv = {"start_layer": 16, "reduce_factor": 4, "init": "spatial", "light_width": 16, "format": 1}
+    config.save_pretrained(path)
+    return path
+
+
+def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, stubbed):
+    stub, factory = stubbed
+    listed = f"model.proxyv={{16:{proxyv_config_only}}}"
+    spec = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed))
+    assert spec.op == "proxyv" and spec.layers == tuple(range(16, 32)) and spec.model.path == str(proxyv_config_only)
+    assert spec.base.path == str(config_only) and spec.proxyv["reduce_factor"] == 4
+    ablation = runner.prepare(_cfg(tmp_path, config_only, "op=skip_ffn", "start_layer=16", listed))
+    assert spec.baseline_key == ablation.baseline_key and spec.key != ablation.key  # one baseline for both
+    record = runner.run_one(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed), session_factory=factory)
+    assert record["status"] == "ok" and record["op"] == "proxyv" and record["proxyv"]["start_layer"] == 16
+    assert record["model_path"] == str(proxyv_config_only) and record["baseline"]["score"] == 1.0
+    with pytest.raises(ConfigError, match=r"no trained ProxyV checkpoint for start_layer=8 \(listed in model.proxyv: 16\)"):
+        runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=8", listed))
+    with pytest.raises(ConfigError, match="is a ProxyV checkpoint: set model.baseline_model"):
+        runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=none"))
+    with pytest.raises(ConfigError, match="run it with op=none"):
+        runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=skip_ffn", "+model.baseline_model=tiny"))
 
 
 def test_agreement():
