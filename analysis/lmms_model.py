@@ -75,6 +75,8 @@ def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation:
         raise TypeError(f"{path}: model_type {config.model_type!r} is not supported; "
                         f"supported: {', '.join(MODEL_CLASSES)}")
     kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
+    if device.type == "cuda":  # load the weights straight onto this process's GPU, not through CPU memory
+        kwargs["device_map"] = {"": device}
     if getattr(config, "proxyv", None):  # saved by a ProxyV model: the HF class + ProxyV modules + their weights
         from .proxyv import load_proxyv
 
