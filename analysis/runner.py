@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import results
 
 log = logging.getLogger("analysis.runner")
+logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every import
 REPO_ROOT = results.REPO_ROOT
 CONF_DIR = REPO_ROOT / "conf"
 
