@@ -250,6 +250,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, title: str
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else Path("reports") / root.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [p for pattern in ("pareto*.png", "heatmap*.png", "mask_ratio*.png") for p in out_dir.glob(pattern)]:
+        stale.unlink()  # figures of an earlier build that this one may not redraw
     records = results.load_records(root)
     title = title or f"Sweep `{root.name}`"
     parts = [f"# {title}", "", f"{len(records)} runs from `{root}`, generated {results.now_iso()} by "
