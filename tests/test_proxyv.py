@@ -194,3 +194,15 @@ def test_flops_formula_equals_torch_counter(init):
     for i in (2, 3):
         measured = sum(counts[f"{type(model).__name__}.model.language_model.layers.{i}"].values())
         assert measured == sum(proxyv_layer_flops(model.config, shapes, first=i == 2).values())
+
+
+def test_ablate_on_a_proxyv_model_is_a_clear_error():
+    from analysis import ablate
+
+    model = build("llava-llama", start_layer=1, reduce_factor=2)
+    batch = batch_of("llava")
+    with pytest.raises(RuntimeError, match="ablate\\(\\) and ProxyV do not combine"):
+        with torch.no_grad(), ablate(model, "skip_ffn", layers=[2]):
+            model(**batch)
+    with pytest.raises(RuntimeError, match="no longer runs ProxyV"):  # ablate() removed the layer's forward
+        model(**batch)

@@ -132,6 +132,7 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
     rotary = core.language_model.rotary_emb
     for i in range(start_layer, len(layers)):
         layers[i].forward = functools.partial(proxyv_layer_forward, layers[i], proxyv, rotary)
+        proxyv.bound.append((layers[i], layers[i].forward))
     for config in {id(c): c for c in (core.config, getattr(model, "config", core.config))}.values():
         config.proxyv = settings.to_dict()
     return model

@@ -71,3 +71,11 @@ def proxyv_layer_flops(config, shapes, first: bool, theoretical: bool = False) -
         part = _layer(d, 1, Nv + Nt, P, Nv, Nt, None, pairs, **{**crop, "C": crop["C"] if b == 0 else 0})
         total = {k: total.get(k, 0) + v for k, v in part.items()}
     return total
+
+
+def baseline_layer_flops(config, tokens: int) -> int:
+    """Theoretical FLOPs of one plain decoder layer on ``tokens`` tokens (causal attention, one sample)."""
+    d = text_dims(config)
+    D, H, Hkv, hd, F = d["D"], d["H"], d["Hkv"], d["hd"], d["F"]
+    projections = 2 * tokens * D * (2 * H * hd + 2 * Hkv * hd) + 3 * 2 * tokens * D * F
+    return projections + 2 * 2 * H * hd * tokens * (tokens + 1) // 2

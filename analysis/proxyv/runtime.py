@@ -50,9 +50,11 @@ class ForwardState:
     proxies: torch.Tensor | None = None  # (B, P, D)
     splat: torch.Tensor | None = None  # (C, S, n), learned only
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # proxies' (cos, sin), each (B, P, hd)
+    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' [proxies, text] (cos, sin), (B, P + Nt, hd)
 
-    def start(self, hidden: torch.Tensor, position_ids: torch.Tensor, rotary, initializer) -> None:
-        """Initialise the proxies from the start layer's input ``hidden`` (B, T, D)."""
+    def start(self, hidden: torch.Tensor, position_ids: torch.Tensor, position_embeddings, rotary,
+              initializer) -> None:
+        """Initialise the proxies from the start layer's input ``hidden`` (B, T, D), and their rotary."""
         plan = self.plan
         B, T, D = hidden.shape
         C, S = plan.cell_src.shape
@@ -68,6 +70,9 @@ class ForwardState:
         self.proxies = flat.view(B, P, D)
         positions = position_ids.expand(B, T).gather(1, plan.proxy_start) + plan.proxy_rank  # (B, P)
         self.rope = rotary(hidden, positions)
+        Nt = plan.text_rows.shape[1]
+        self.q_rope = tuple(torch.cat([proxy, take(t.expand(B, -1, -1), plan.text_flat, Nt)], dim=1)
+                            for proxy, t in zip(self.rope, position_embeddings))
 
     def context(self, projected: torch.Tensor) -> torch.Tensor:
         """Each full vision row's proxy context (B, Nv, I), from ``context_proj(proxies)`` (B, P, I)."""
@@ -102,6 +107,7 @@ class ProxyV(nn.Module):
         else:
             self.initializer = None
         self.state: ForwardState | None = None
+        self.bound: list = []  # (layer, forward) pairs that apply_proxyv attached
         self._key_vision: torch.Tensor | None = None  # (B, K) full-vision mask of every cache position
         self._encoded_image_sizes = None
         self._warned_embeds = False
@@ -113,6 +119,10 @@ class ProxyV(nn.Module):
     def pre_hook(self, core, args, kwargs):
         """Before the core's forward: build the plan of this chunk (or none), track vision positions."""
         self.state = None
+        for layer, forward in self.bound:
+            if vars(layer).get("forward") is not forward:
+                raise RuntimeError(f"decoder layer {layer.self_attn.layer_idx} no longer runs ProxyV (its forward was "
+                                   "replaced, e.g. by ablate()); ablate() and ProxyV do not combine")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
@@ -190,7 +200,7 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
         )
     index = layer.self_attn.layer_idx
     if index == proxyv.settings.start_layer:
-        state.start(hidden_states, position_ids, rotary, proxyv.initializer)
+        state.start(hidden_states, position_ids, position_embeddings, rotary, proxyv.initializer)
     elif state.proxies is None:
         raise RuntimeError(f"ProxyV layer {index} ran before the start layer {proxyv.settings.start_layer}")
     plan, h, p = state.plan, hidden_states, state.proxies
@@ -201,9 +211,8 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
 
     x, xp = layer.input_layernorm(h), layer.input_layernorm(p)  # every row: all of them are keys
     queries = torch.cat([xp, take(x, plan.text_flat, Nt)], dim=1)  # (B, P + Nt, D)
-    q_rope = tuple(torch.cat([pr, take(t, plan.text_flat, Nt)], dim=1) for pr, t in zip(state.rope, (cos, sin)))
     extra_kv = project_kv(attn, xp, *state.rope)  # proxies' keys/values: attended, never cached
-    out = split_attention(attn, queries, q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
+    out = split_attention(attn, queries, state.q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
     p = p + out[:, :P]
     text = take(h, plan.text_flat, Nt) + out[:, P:]  # (B, Nt, D)
 
