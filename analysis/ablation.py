@@ -69,8 +69,16 @@ class VisionTracker:
             self.encoded_image_sizes = kwargs.get("image_sizes")
             return original(*args, **kwargs)
 
+        previous = vars(core).get("get_image_features")  # e.g. ProxyV's own recorder: put it back on exit
         core.get_image_features = get_image_features
-        return lambda: delattr(core, "get_image_features")
+
+        def undo():
+            if previous is None:
+                del core.get_image_features
+            else:
+                core.get_image_features = previous
+
+        return undo
 
     def pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

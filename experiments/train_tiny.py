@@ -2,6 +2,9 @@
 
 Reproduces the shipped checkpoint:
     .venv/bin/python experiments/train_tiny.py --out checkpoints/tiny-llava
+ProxyV variants, fine-tuned from it (see README, "ProxyV on the tiny model"):
+    .venv/bin/python experiments/train_tiny.py --proxyv-start 12 --init-from checkpoints/tiny-llava \
+        --out checkpoints/tiny-llava-proxyv-L12 --work runs/train_proxyv_L12 --steps 400 --lr 3e-4
 Re-running the same command resumes from --work after an interruption.
 """
 
@@ -38,16 +41,29 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=40, help="eval samples per twin during training")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", help="start from this checkpoint (skips stage A; stage B fine-tunes it)")
+    p.add_argument("--proxyv-start", type=int, help="train a ProxyV model from this decoder layer on")
+    p.add_argument("--proxyv-init", default="spatial", choices=["spatial", "learned"])
+    p.add_argument("--proxyv-reduce", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     started = time.time()
 
-    config, processor = default_config(), default_processor()
-    tower = train_tower(config, processor, work / "tower", args.tower_steps, args.tower_batch, args.tower_lr, args.seed)
-    torch.manual_seed(args.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
+    if args.init_from:
+        model, processor = ev.load_checkpoint(args.init_from)
+    else:
+        config, processor = default_config(), default_processor()
+        tower = train_tower(config, processor, work / "tower", args.tower_steps, args.tower_batch, args.tower_lr,
+                            args.seed)
+        torch.manual_seed(args.seed)
+        model = LlavaForConditionalGeneration(config)
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+    if args.proxyv_start is not None:
+        from analysis.proxyv import apply_proxyv
+
+        apply_proxyv(model, start_layer=args.proxyv_start, reduce_factor=args.proxyv_reduce, init=args.proxyv_init,
+                     seed=args.seed)
     model = train_llava(model, processor, work / "llava", args.steps, args.batch, args.lr, args.seed,
                         evaluate=lambda m: ev.evaluate(m, processor, n=args.eval_n), eval_every=args.eval_every)
 
@@ -56,7 +72,8 @@ def main() -> None:
     model.half().save_pretrained(out)
     model.float()
     processor.save_pretrained(out)
-    shutil.copy(work / "tower" / "log.jsonl", out / "training_log_tower.jsonl")
+    if (work / "tower" / "log.jsonl").exists():
+        shutil.copy(work / "tower" / "log.jsonl", out / "training_log_tower.jsonl")
     shutil.copy(work / "llava" / "log.jsonl", out / "training_log.jsonl")
     record = {"command": " ".join(sys.argv), "args": vars(args), "seed": args.seed, "wall_s": time.time() - started,
               "torch": torch.__version__, "python": platform.python_version(), **final}
