@@ -107,3 +107,15 @@ def test_model_is_restored_after_an_exception():
         raise KeyError("boom")
     assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
     assert not model.model._forward_pre_hooks
+
+
+def test_restores_an_existing_image_encoder_wrapper():
+    """A model that already wraps get_image_features on its instance (ProxyV does) keeps its wrapper."""
+    from analysis import tiny
+
+    model = tiny.build_model("llava", "llama")
+    sentinel = model.model.get_image_features
+    model.model.get_image_features = sentinel  # an instance attribute, as ProxyV's recorder is
+    with ablate(model, "skip_ffn"):
+        assert model.model.get_image_features is not sentinel
+    assert vars(model.model)["get_image_features"] is sentinel
