@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
+from reference import language_model_inputs, linear, rms_norm, rotary
 
 from analysis.layout import compute_layout
-from reference import language_model_inputs, linear, rms_norm, rotary
 
 
 def attention(layer, config, x_q, pos_q, x_kv, pos_kv, allowed):
@@ -42,7 +42,7 @@ def ffn(layer, x):
 def bilinear_taps(i: int, factor: int, size: int):
     """(index, weight) pairs of output cell i when ``size`` cells shrink by ``factor`` (align_corners=False)."""
     src = max((i + 0.5) * factor - 0.5, 0.0)
-    i0 = int(math.floor(src))
+    i0 = math.floor(src)
     i1 = min(i0 + 1, size - 1)
     return [(i0, 1.0 - (src - i0)), (i1, src - i0)]
 
@@ -52,8 +52,8 @@ def spatial_crop_proxies(h, grid, factor):
     side = grid.shape[0]
     kept_rows = [r for r in range(side) if (grid[r] >= 0).any()]
     kept_cols = [c for c in range(side) if (grid[:, c] >= 0).any()]
-    fill_r = lambda r: min(max(r, kept_rows[0]), kept_rows[-1])  # noqa: E731 nearest kept row
-    fill_c = lambda c: min(max(c, kept_cols[0]), kept_cols[-1])  # noqa: E731
+    fill_r = lambda r: min(max(r, kept_rows[0]), kept_rows[-1])
+    fill_c = lambda c: min(max(c, kept_cols[0]), kept_cols[-1])
     out = []
     for i in range(side // factor):
         for j in range(side // factor):
@@ -126,7 +126,7 @@ def reference_sample(model, embeds, positions, images):
     vision = sorted(owner) if not learned else sorted(splats)
     is_vision = set(vision)
     text = [i for i in range(n) if i not in is_vision]
-    nv, npx, nt = len(vision), len(proxies), len(text)
+    nv, npx = len(vision), len(proxies)
     # Packed sequence [vision, proxies, text]; queries are [proxies, text].
     packed = torch.cat([h[vision], torch.stack(proxies), h[text]])
     pos = torch.cat([positions[vision], torch.tensor(proxy_pos), positions[text]])
@@ -169,7 +169,7 @@ def proxyv_reference_logits(model, batch, **forward_kwargs):
     with torch.no_grad():
         for b, sample in enumerate(layout.samples):
             index = valid[b].long().cumsum(0) - 1  # padded position -> unpadded index
-            remap = lambda p: torch.where(p >= 0, index[p.clamp(min=0)], -1)  # noqa: E731
-            images = [(int(index[img.start]), [remap(c.positions) for c in img.crops]) for img in sample.images]
+            images = [(int(index[img.start]), [torch.where(c.positions >= 0, index[c.positions.clamp(min=0)], -1)
+                                               for c in img.crops]) for img in sample.images]
             out.append(reference_sample(model, embeds[b][valid[b]], positions[b][valid[b]], images))
     return out

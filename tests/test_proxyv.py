@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
-
-from analysis import tiny
-from analysis.proxyv import apply_proxyv, load_proxyv, proxyv_parameters, proxyv_shapes
 from conftest import MODEL_SPECS, MULTI, PAIR, image, position_ids
 from proxyv_reference import proxyv_reference_logits
 
+from analysis import tiny
+from analysis.proxyv import apply_proxyv, load_proxyv, proxyv_parameters, proxyv_shapes
+
 # 8x8 patch grid per crop, so reduce factors 2 and 4 both divide it.
-GRID = dict(image_size=32, patch_size=4)
+GRID = {"image_size": 32, "patch_size": 4}
 STEPS = 4
 
 
@@ -201,8 +201,8 @@ def test_ablate_on_a_proxyv_model_is_a_clear_error():
 
     model = build("llava-llama", start_layer=1, reduce_factor=2)
     batch = batch_of("llava")
-    with pytest.raises(RuntimeError, match="ablate\\(\\) and ProxyV do not combine"):
-        with torch.no_grad(), ablate(model, "skip_ffn", layers=[2]):
-            model(**batch)
+    with pytest.raises(RuntimeError, match="ablate\\(\\) and ProxyV do not combine"), torch.no_grad(), \
+            ablate(model, "skip_ffn", layers=[2]):
+        model(**batch)
     with pytest.raises(RuntimeError, match="no longer runs ProxyV"):  # ablate() removed the layer's forward
         model(**batch)

@@ -15,7 +15,13 @@ ICML 2025 (arXiv 2505.15816); reference code github.com/penghao-wu/ProxyV. Desig
 differences from the reference code and measured speed: docs/proxyv.md.
 """
 
-from .apply import ProxyVSettings, ProxyVShapes, apply_proxyv, proxyv_parameters, proxyv_shapes
+from .apply import (
+    ProxyVSettings,
+    ProxyVShapes,
+    apply_proxyv,
+    proxyv_parameters,
+    proxyv_shapes,
+)
 from .io import load_proxyv
 
-__all__ = ["apply_proxyv", "load_proxyv", "proxyv_parameters", "proxyv_shapes", "ProxyVSettings", "ProxyVShapes"]
+__all__ = ["ProxyVSettings", "ProxyVShapes", "apply_proxyv", "load_proxyv", "proxyv_parameters", "proxyv_shapes"]

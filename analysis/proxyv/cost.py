@@ -9,10 +9,10 @@ One ProxyV layer executes, on the padded batch (``executed``)::
 
     q_proj, o_proj        B·(P+Nt) rows        2·rows·D·H·hd each      queries = [proxies, text]
     k_proj, v_proj        B·(T+P) rows         2·rows·D·Hkv·hd each    keys = [sequence (cached), proxies]
-    attn_scores, values   B·H·(P+Nt)·(T+P)     2·hd per (row, key)     full rectangle; eager repeats K/V to H heads
+    attn_scores, values   B·H·(P+Nt)·(T+P)     2·hd per (row, key)     full rectangle; K/V repeated to H heads
     gate, up, down_proj   B·(P+Nt) rows        2·rows·D·F each
     light input_proj      B·Nv rows            2·rows·D·I              GuidedUpdate on full vision tokens
-    light context_proj    B·P rows             2·rows·D·I              on proxies, before the (gather / splat) to cells
+    light context_proj    B·P rows             2·rows·D·I              on proxies, before gather / splat to cells
     light fuse            B·Nv rows            2·rows·2I·I
     light out_proj        B·Nv rows            2·rows·I·D
     splat (learned)       C·S·n·I              2 per multiply-add      (C, S, n) @ (C, n, I)
@@ -32,8 +32,8 @@ from __future__ import annotations
 def text_dims(config) -> dict:
     text = getattr(config, "text_config", None) or config
     heads = text.num_attention_heads
-    return dict(D=text.hidden_size, H=heads, Hkv=getattr(text, "num_key_value_heads", None) or heads,
-                hd=getattr(text, "head_dim", None) or text.hidden_size // heads, F=text.intermediate_size)
+    return {"D": text.hidden_size, "H": heads, "Hkv": getattr(text, "num_key_value_heads", None) or heads,
+            "hd": getattr(text, "head_dim", None) or text.hidden_size // heads, "F": text.intermediate_size}
 
 
 def _layer(d: dict, B: int, T: int, P: int, Nv: int, Nt: int, keys_per_row: int | None, pairs: int | None,
@@ -61,8 +61,8 @@ def proxyv_layer_flops(config, shapes, first: bool, theoretical: bool = False) -
     ``config``: the LLaVA config; ``shapes``: :class:`analysis.proxyv.ProxyVShapes` of the batch.
     """
     d, s = text_dims(config), shapes
-    crop = dict(I=s.light_width, C=s.crops, S=s.cells_per_crop, n=s.proxies_per_crop, learned=s.learned,
-                first=first)
+    crop = {"I": s.light_width, "C": s.crops, "S": s.cells_per_crop, "n": s.proxies_per_crop,
+            "learned": s.learned, "first": first}
     if not theoretical:
         return _layer(d, s.batch, s.rows, s.proxies, s.vision_rows, s.text_rows, s.rows + s.proxies, None, **crop)
     total: dict[str, int] = {}

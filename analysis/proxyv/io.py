@@ -16,7 +16,11 @@ import logging
 import warnings
 
 from safetensors import safe_open
-from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 from transformers.utils import cached_file
 
 from ..models import llava_core
@@ -83,7 +87,7 @@ def load_proxyv(path, **from_pretrained_kwargs):
     state = {}
     for file in _checkpoint_files(path, hub_kwargs):
         with safe_open(file, framework="pt") as f:
-            state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+            state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})  # noqa: SIM118
     llava_core(model).proxyv.load_state_dict(state, strict=True)  # missing or extra ProxyV keys: an error
     info = {**info, "unexpected_keys": {k for k in info["unexpected_keys"] if not k.startswith(prefix)}}
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}

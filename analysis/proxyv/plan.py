@@ -164,7 +164,7 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
     if not learned:
         row_context = row_context + torch.arange(B)[:, None] * P  # local slot -> flat slot
     text_flat, vision_flat = _flat(text_rows, T), _flat(vision_rows, T)
-    to = dict(device=device)
+    to = {"device": device}
     return ProxyPlan(
         vision=vision.to(**to), vision_rows=vision_rows.to(**to), vision_valid=vision_valid.to(**to),
         text_rows=text_rows.to(**to), text_valid=text_valid.to(**to),
