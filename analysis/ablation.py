@@ -214,6 +214,9 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
     """
     operator = get_operator(op)
     core = llava_core(model)
+    if getattr(core, "proxyv", None) is not None:
+        raise TypeError("ablate() on a ProxyV model is not supported: ProxyV already replaces the vision-token "
+                        "computation of its layers; ablate the base model, or compare ProxyV as its own variant")
     layer_modules = decoder_layers(core)
     chosen = resolve_layers(len(layer_modules), layers, start_layer, end_layer)
     if newline_tokens not in ("vision", "text"):

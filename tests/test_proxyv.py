@@ -203,12 +203,8 @@ def test_ablate_on_a_proxyv_model_is_a_clear_error():
     batch = batch_of("llava")
     with torch.no_grad():
         before = model(**batch).logits
-    with pytest.raises(RuntimeError, match="ablate\\(\\) and ProxyV do not combine"), torch.no_grad(), \
+    with pytest.raises(TypeError, match=r"ablate\(\) on a ProxyV model is not supported"), \
             ablate(model, "skip_ffn", layers=[2]):
-        model(**batch)
-    # Afterwards: ProxyV again if ablate() put the layers' forward back, else the same clear error.
-    try:
-        with torch.no_grad():
-            assert torch.equal(model(**batch).logits, before)
-    except RuntimeError as error:
-        assert "no longer runs ProxyV" in str(error)
+        pass
+    with torch.no_grad():  # refused before touching anything: still ProxyV
+        assert torch.equal(model(**batch).logits, before)
