@@ -67,7 +67,9 @@ def main() -> None:
     model = train_llava(model, processor, work / "llava", args.steps, args.batch, args.lr, args.seed,
                         evaluate=lambda m: ev.evaluate(m, processor, n=args.eval_n), eval_every=args.eval_every)
 
-    final = {"scores": ev.evaluate(model, processor), "blind": ev.evaluate(model, processor, blind=True)}
+    final = {"scores": ev.evaluate(model, processor)}
+    if args.proxyv_start is None:  # the blind check is about the base model reading the image at all
+        final["blind"] = ev.evaluate(model, processor, blind=True)
     # fp16 on disk keeps the checkpoint small; config.dtype stays float32, so it loads as fp32.
     model.half().save_pretrained(out)
     model.float()
