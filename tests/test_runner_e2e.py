@@ -141,7 +141,7 @@ def test_sweep_through_submitit_local(workdir, tmp_path):
 def test_bad_overrides_fail_with_one_line(workdir, tmp_path):
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}
     cases = {
-        "op": (["op=skip_fn"], "error: unknown op 'skip_fn'; known: drop_v2t, mask_v2v, none, skip_attn"),
+        "op": (["op=skip_fn"], "error: unknown op 'skip_fn'; known: drop_v2t, mask_v2v, none, proxyv, skip_attn"),
         "depth": (["op=skip_ffn", "start_layer=40"],
                   "error: start_layer=40 is out of range: the model has 32 decoder layers (valid 0..31)"),
         "weights": (["model=llava-1.5-13b"], "error: model llava-1.5-13b: weights not found (no directory "
