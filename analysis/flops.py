@@ -50,12 +50,15 @@ Variants: every operator of :mod:`analysis.ops` is counted from its own declarat
 (``skip_attention``, ``skip_ffn``, ``allowed``), so a new operator is counted without a change here.
 A variant that is not an operator (ProxyV) implements :class:`Variant` -- ``layer_flops(layer,
 dims, layout) -> LayerFlops`` -- and registers a factory in :data:`VARIANTS`; the CLI dispatches
-``--op NAME`` on that registry.
+``--op NAME`` on that registry. ProxyV (:mod:`analysis.proxyv.flops_variant`; ``--op proxyv
+--proxy-reduce F [--proxy-init learned]``) registers itself when first used (:data:`DEFERRED_VARIANTS`),
+so importing this module does not import transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -422,6 +425,9 @@ class OperatorVariant:
 
 # Variants that are not operators (ProxyV): name -> factory(layers, **options) -> Variant
 VARIANTS: dict[str, Callable[..., Variant]] = {}
+# Variants registered by a module of their own, imported on first use (it pulls in transformers):
+# name -> the module whose import calls register_variant(name, ...).
+DEFERRED_VARIANTS: dict[str, str] = {"proxyv": "analysis.proxyv.flops_variant"}
 
 
 def register_variant(name: str, factory: Callable[..., Variant]) -> None:
@@ -432,7 +438,7 @@ def register_variant(name: str, factory: Callable[..., Variant]) -> None:
 
 
 def known_variants() -> list[str]:
-    return sorted({*OPERATORS, *VARIANTS})
+    return sorted({*OPERATORS, *VARIANTS, *DEFERRED_VARIANTS})
 
 
 def make_variant(name: str | Operator | Variant, layers: Iterable[int], **options) -> Variant:
@@ -445,6 +451,8 @@ def make_variant(name: str | Operator | Variant, layers: Iterable[int], **option
         if options:
             raise ValueError(f"op {name!r} takes no options, got {sorted(options)}")
         return OperatorVariant(get_operator(name), tuple(layers))
+    if name not in VARIANTS and name in DEFERRED_VARIANTS:
+        importlib.import_module(DEFERRED_VARIANTS[name])  # registers it
     if name in VARIANTS:
         return VARIANTS[name](tuple(layers), **options)
     raise ValueError(f"unknown op {name!r}; known ops: {', '.join(known_variants())}")
@@ -619,10 +627,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-tokens", type=int, required=True, help="text tokens of the prompt")
     parser.add_argument("--text-before-image", type=int, default=0,
                         help="how many of the text tokens precede the image (e.g. a system prompt); default 0")
-    parser.add_argument("--newline-as", choices=("vision", "text"), default="vision",
-                        help="whether ops treat newline tokens as vision tokens (ablate()'s default) or text")
+    parser.add_argument("--newline-as", choices=("vision", "text"), default=None,
+                        help="whether ops treat newline tokens as vision tokens (ablate()'s default) or text "
+                             "(always text for --op proxyv)")
     parser.add_argument("--op", default="none", help=f"one of: {', '.join(known_variants())}")
     parser.add_argument("--start-layer", type=int, default=0)
+    parser.add_argument("--proxy-reduce", type=int, default=None, metavar="F",
+                        help="--op proxyv: reduce factor, (side/F)^2 proxies per crop (spatial; default 4)")
+    parser.add_argument("--proxy-init", choices=("spatial", "learned"), default=None,
+                        help="--op proxyv: proxy initialiser (default spatial)")
     parser.add_argument("--end-layer", type=int, default=None, help="exclusive; default the number of layers")
     parser.add_argument("--lm-head", choices=("all", "last"), default="all",
                         help="logits at every position (a forward) or at the last (generate's prefill)")
@@ -659,6 +672,7 @@ def _format_table(report: FlopsReport, title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        options = _variant_options(args)
         config = load_config(args.config)
         # a bare text backbone has no crop size: its vision tokens are one block unless told otherwise
         per_crop = args.tokens_per_crop or tokens_per_crop(config) or max(args.vision_tokens or 0, 1)
@@ -666,20 +680,44 @@ def main(argv: list[str] | None = None) -> int:
         layout = TokenLayout.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
                                          args.text_before_image, args.newline_as)
         report = count_flops(config, layout, args.op, start_layer=args.start_layer, end_layer=args.end_layer,
-                             lm_head=args.lm_head)
+                             lm_head=args.lm_head, **options)
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
         out = {"config": str(args.config), "vision_tokens": vision_tokens, "tokens_per_crop": per_crop,
                "newline_tokens": args.newline_tokens, "text_tokens": args.text_tokens,
-               "text_before_image": args.text_before_image, **report.to_dict()}
+               "text_before_image": args.text_before_image,
+               **_proxy_flags(options), **report.to_dict()}
         print(json.dumps(out))
     else:
-        print(_format_table(report, f"{args.config}: op {report.variant} at layers {_span(report.layers)}, "
+        detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in _proxy_flags(options).items())
+        print(_format_table(report, f"{args.config}: op {report.variant}{detail} at layers {_span(report.layers)}, "
                                     f"{layout.seq_len} tokens ({vision_tokens} vision, {args.newline_tokens} newline, "
                                     f"{args.text_tokens} text)"))
     return 0
+
+
+def _variant_options(args) -> dict:
+    """The variant options of the command line (ProxyV's), checked against ``--op``; sets ``args.newline_as``."""
+    if args.op != "proxyv":
+        given = [flag for flag, value in (("--proxy-reduce", args.proxy_reduce), ("--proxy-init", args.proxy_init))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op proxyv "
+                             f"only, not --op {args.op}")
+        args.newline_as = args.newline_as or "vision"
+        return {}
+    if args.newline_as == "vision":
+        raise ValueError("ProxyV computes newline tokens as text; drop --newline-as vision")
+    args.newline_as = "text"
+    return {"reduce_factor": 4 if args.proxy_reduce is None else args.proxy_reduce,
+            "init": args.proxy_init or "spatial"}
+
+
+def _proxy_flags(options: dict) -> dict:
+    """ProxyV's options under their command-line names (for the JSON and the table title)."""
+    return {"proxy_reduce": options["reduce_factor"], "proxy_init": options["init"]} if options else {}
 
 
 def _span(layers: tuple[int, ...]) -> str:
@@ -689,4 +727,7 @@ def _span(layers: tuple[int, ...]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main: variants register with ``analysis.flops`` (e.g. ProxyV), not ``__main__``.
+    from analysis.flops import main as _main
+
+    sys.exit(_main())
