@@ -1,0 +1,224 @@
+"""FLOPs of ProxyV (analysis.proxyv.flops_variant): analytic == torch's counter on the real forward, and the CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_SPECS, MULTI, PAIR, image
+
+from analysis import tiny
+from analysis.flops import TokenLayout, count_flops, known_variants, load_config, main
+from analysis.flops_measure import _module_names, _split, torch_flop_counter
+from analysis.proxyv import apply_proxyv, proxyv_shapes
+from analysis.proxyv.flops_variant import derive_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {"image_size": 32, "patch_size": 4}  # 8x8 cells per crop
+ONE = (PAIR[0],)
+BATCHES = {1: ONE, 2: PAIR}  # PAIR: padded, unequal prompts and (LLaVA-NeXT) unequal, unpadded crops
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LIGHT = {"light_input_proj": "input_proj", "light_context_proj": "context_proj", "light_fuse": "fuse",
+         "light_out_proj": "out_proj"}
+
+
+def build(spec: str, attn: str, **proxyv):
+    kind, backbone, extra = MODEL_SPECS[spec]
+    model = tiny.build_model(kind, backbone, attn_implementation=attn, seed=1, **GRID, **extra)
+    return apply_proxyv(model, seed=0, **proxyv)
+
+
+@functools.cache
+def processor(kind: str):
+    proc = tiny.build_processor(kind, **GRID)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def batch_of(kind: str, samples):
+    images = [image(*spec) for _, specs in samples for spec in specs]
+    return processor(kind)(images=images or None, text=[t for t, _ in samples], return_tensors="pt", padding=True)
+
+
+def settings(model) -> dict:
+    return dict(model.config.proxyv)
+
+
+def analytic(model, batch, exact: bool = True):
+    """``count_flops`` of a ProxyV model's batch: with ``shapes=`` of the batch, or derived from the layout."""
+    s = settings(model)
+    layout = TokenLayout.from_batch(batch, model.config, newline_tokens="text")
+    options = {"reduce_factor": s["reduce_factor"], "init": s["init"], "light_width": s["light_width"]}
+    if exact:
+        options["shapes"] = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"],
+                                          batch.get("image_sizes"))
+    return count_flops(model.config, layout, "proxyv", start_layer=s["start_layer"], **options)
+
+
+def measured(model, batch):
+    """FlopCounterMode on ``model(**batch)`` (counting the CPU SDPA kernel): per-module counts and the split."""
+    counter = torch_flop_counter()
+    with torch.no_grad(), counter:
+        model(**batch)
+    counts = {name: sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()}
+    return counts, _split(counts, _module_names(model, f"{type(model).__name__}."), counter.get_total_flops(), "flops")
+
+
+def assert_exact(model, batch, report):
+    counts, split = measured(model, batch)
+    assert split.decoder_outside_layers == 0
+    assert [layer.total for layer in report.per_layer] == list(split.per_layer)
+    assert report.total == split.decoder and report.lm_head == split.lm_head and report.vision == split.vision
+    prefix = f"{type(model).__name__}.model.proxyv"
+    start = settings(model)["start_layer"]
+    for layer, linear in zip(report.per_layer, split.components):
+        got = {name: sum(groups.values()) for name, groups in layer.executed.items()}
+        assert {name: got[name] for name in LINEARS} == {name: linear[name] for name in LINEARS}, layer.layer
+        if not layer.ablated:  # below the start layer, or no vision cells in the batch: HF's own layer
+            assert set(got) == {*LINEARS, "attn_scores", "attn_values"}
+            continue
+        assert layer.layer >= start
+        rest = linear["attention"]  # everything in the layer beyond its own linear layers
+        for name, module in LIGHT.items():
+            assert got[name] == counts[f"{prefix}.layers.{layer.layer}.{module}"], (layer.layer, name)
+            rest -= got[name]
+        if layer.layer == start and "init_key_proj" in got:
+            init = counts[f"{prefix}.initializer"]
+            assert got["init_key_proj"] == counts[f"{prefix}.initializer.key_proj"]
+            assert got["init_logits"] + got["init_pooling"] == init - got["init_key_proj"]
+            rest -= init
+        # what is left: the attention kernel (and the learned splat)
+        assert got["attn_scores"] + got["attn_values"] + got.get("splat", 0) == rest, layer.layer
+
+
+# ----------------------------------------------------------------------------- analytic == torch counter
+
+@pytest.mark.parametrize("start_layer, factors", [(1, {"spatial": 2, "learned": 3}), (3, {"spatial": 4, "learned": 4})])
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("spec", ["llava-qwen2-gqa", "next-mistral-gqa"])  # LLaVA-1.5 / LLaVA-NeXT, GQA, q/k/v bias
+def test_analytic_equals_torch_counter(spec, attn, init, start_layer, factors):
+    model = build(spec, attn, start_layer=start_layer, reduce_factor=factors[init], init=init)
+    for size, samples in BATCHES.items():
+        batch = batch_of(MODEL_SPECS[spec][0], samples)
+        report = analytic(model, batch)
+        assert report.variant == "proxyv" and report.layers == tuple(range(start_layer, 4))
+        assert [layer.ablated for layer in report.per_layer] == [i >= start_layer for i in range(4)]
+        assert_exact(model, batch, report)
+        assert report.total < report.baseline and report.theoretical < report.theoretical_baseline, size
+        if size == 2:
+            assert report.groups()["padding"] > 0  # left padding and filler slots are executed
+
+
+def test_several_images_and_a_text_only_sample():
+    model = build("next-llama", "sdpa", start_layer=1, reduce_factor=2, init="spatial")
+    batch = batch_of("llava_next", MULTI)
+    assert_exact(model, batch, analytic(model, batch))
+    text_only = batch_of("llava_next", (MULTI[1],))
+    report = analytic(model, text_only)  # no vision cells: ProxyV runs HF's own layers
+    assert report.total == report.baseline and not any(layer.ablated for layer in report.per_layer)
+    assert_exact(model, text_only, report)
+
+
+@pytest.mark.parametrize("init, factor", [("spatial", 2), ("learned", 3)])
+def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
+    """From a layout alone (what the runner records): exact for LLaVA-1.5 single-image samples."""
+    model = build("llava-llama", "eager", start_layer=2, reduce_factor=factor, init=init)
+    for samples in BATCHES.values():
+        batch = batch_of("llava", samples)
+        layout = TokenLayout.from_batch(batch, model.config)  # LLaVA-1.5: vision tokens are the cells
+        width = settings(model)["light_width"]
+        assert derive_shapes(layout, factor, init == "learned", width) == proxyv_shapes(
+            model.config, batch["input_ids"], batch["attention_mask"])
+        report = analytic(model, batch, exact=False)
+        assert report.to_dict() == analytic(model, batch).to_dict()
+        assert_exact(model, batch, report)
+    # several images in a sample: the executed figure is still exact; the theoretical one needs shapes=
+    batch = batch_of("llava", MULTI)
+    derived, exact = analytic(model, batch, exact=False), analytic(model, batch)
+    assert derived.total == exact.total and derived.theoretical <= exact.theoretical
+
+
+def test_groups_and_theoretical_pairs():
+    config = load_config("llava-1.5-7b")
+    k, t = 5, 40  # text before and after one 24x24 crop; 36 proxies
+    layout = TokenLayout.from_counts(576, k + t, 576, text_before_image=k)
+    report = count_flops(config, layout, "proxyv", start_layer=16, reduce_factor=4)
+    layer = report.per_layer[16]
+    per_pair = 2 * 32 * 128
+    text_pairs = sum(range(1, k + 1)) + sum(range(k + 576 + 1, k + 576 + t + 1))
+    proxy_pairs = 36 * k + 36 * 37 // 2  # the text before the image, and the proxies up to themselves
+    assert layer.theoretical["attn_scores"] == {"vision": per_pair * proxy_pairs, "text": per_pair * text_pairs}
+    assert layer.executed["attn_scores"] == {"vision": per_pair * 36 * (621 + 36), "text": per_pair * 45 * (621 + 36),
+                                             "padding": 0}
+    assert layer.executed["q_proj"]["vision"] * 45 == layer.executed["q_proj"]["text"] * 36
+    assert set(report.components()) >= {"light_input_proj", "light_context_proj", "light_fuse", "light_out_proj"}
+    learned = count_flops(config, layout, "proxyv", start_layer=16, reduce_factor=4, init="learned")
+    assert {"splat", "init_key_proj", "init_logits", "init_pooling"} <= set(learned.per_layer[16].executed)
+    assert "init_key_proj" not in learned.per_layer[17].executed and "splat" in learned.per_layer[17].executed
+    assert sum(report.groups().values()) == report.total
+
+
+def test_bad_input_is_a_clear_error():
+    config = load_config("llava-1.5-7b")
+    layout = TokenLayout.from_counts(576, 64, 576)
+    with pytest.raises(ValueError, match=r"through the last layer \(31\)"):
+        count_flops(config, layout, "proxyv", start_layer=16, end_layer=20)
+    with pytest.raises(ValueError, match="init must be one of"):
+        count_flops(config, layout, "proxyv", start_layer=16, init="random")
+    with pytest.raises(ValueError, match="newline tokens as text"):  # newline tokens counted as vision
+        count_flops(load_config("llava-v1.6-vicuna-7b"), TokenLayout.from_counts(2880, 64, 576, 48), "proxyv",
+                    start_layer=16)
+    model = build("next-llama", "sdpa", start_layer=1, reduce_factor=2)
+    batch = batch_of("llava_next", ONE)
+    shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
+    with pytest.raises(ValueError, match="newline_tokens='text'"):
+        count_flops(model.config, TokenLayout.from_batch(batch, model.config), "proxyv", start_layer=1, shapes=shapes)
+    with pytest.raises(ValueError, match="reduce_factor=4 gives 4 proxies"):
+        count_flops(model.config, TokenLayout.from_batch(batch, model.config, "text"), "proxyv", start_layer=1,
+                    shapes=shapes, reduce_factor=4)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_json_llava15_7b():
+    assert "proxyv" in known_variants()
+    cmd = [sys.executable, "-m", "analysis.flops", "--config", "llava-1.5-7b", "--vision-tokens", "576",
+           "--text-tokens", "64", "--op", "proxyv", "--proxy-reduce", "4", "--start-layer", "16", "--json"]
+    result = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert result["op"] == "proxyv" and result["proxy_reduce"] == 4 and result["proxy_init"] == "spatial"
+    saved = result["baseline_flops"] - result["total_flops"]
+    assert result["reduction"] == pytest.approx(saved / result["baseline_flops"])
+    assert sum(layer["flops"] for layer in result["per_layer"]) == result["total_flops"]
+    assert [layer["ablated"] for layer in result["per_layer"]] == [i >= 16 for i in range(32)]
+    assert result["reduction"] > 0.3 and result["theoretical_reduction"] > 0.3  # ProxyV from the middle layer
+    assert all(layer["flops"] < 0.4 * layer["baseline_flops"] for layer in result["per_layer"][16:])
+    assert result["components"]["light_fuse"] > 0
+
+
+def test_cli_learned_and_next_table(capsys):
+    assert main(["--config", "llava-v1.6-vicuna-7b", "--vision-tokens", "2880", "--tokens-per-crop", "576",
+                 "--newline-tokens", "48", "--text-tokens", "64", "--op", "proxyv", "--proxy-init", "learned",
+                 "--start-layer", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "op proxyv, reduce 4, init learned at layers 16..31" in out and "init_key_proj" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--proxy-reduce", "5"], "reduce_factor=5 does not divide the 24x24 crop grid"),
+    (["--proxy-reduce", "4", "--end-layer", "20"], "through the last layer (31)"),
+    (["--newline-as", "vision"], "ProxyV computes newline tokens as text"),
+    (["--op", "skip_ffn", "--proxy-reduce", "4"], "--proxy-reduce applies to --op proxyv only"),
+])
+def test_cli_bad_input_is_one_line(capsys, args, message):
+    base = {"--config": "llava-1.5-7b", "--text-tokens": "64", "--op": "proxyv", "--start-layer": "16"}
+    for key, value in zip(args[::2], args[1::2]):
+        base[key] = value
+    assert main([item for pair in base.items() for item in pair]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
