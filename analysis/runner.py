@@ -264,7 +264,7 @@ def _proxyv_checkpoint(model_cfg: dict, start: int | None, end: int | None, num_
         listed = ", ".join(map(str, sorted(available))) or "none"
         raise ConfigError(f"model {model_cfg['name']} has no trained ProxyV checkpoint for start_layer={start} "
                           f"(listed in model.proxyv: {listed}); train one with experiments/train_tiny.py's "
-                          "ProxyV variant and add it to conf/model/{model_cfg['name']}.yaml")
+                          f"ProxyV variant and add it to conf/model/{model_cfg['name']}.yaml")
     ref = ModelRef(model_cfg["name"], resolve_weights({**model_cfg, "pretrained": available[start], "hub_id": None}),
                    model_cfg)
     settings = getattr(_hf_config(ref), "proxyv", None)
