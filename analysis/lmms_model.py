@@ -220,17 +220,30 @@ class LlavaAblate(lmms):
     def _record_layouts(self, batch) -> None:
         """Per sample, what its FLOPs depend on: ``mask`` ("v"/"t" per attended position: vision or not, as
         the op sees it), ``crop_shapes`` (patch grid of every crop), and token counts."""
-        layout = compute_layout(batch["input_ids"], self._model.config, batch["attention_mask"],
-                                batch.get("image_sizes"))
-        vision = layout.vision_mask(self.newline_tokens).cpu()
+        config = self._model.config
+        sizes = batch.get("image_sizes")
+        layout = compute_layout(batch["input_ids"], config, batch["attention_mask"], sizes)
+        proxyv = getattr(config, "proxyv", None)
+        # ProxyV computes newline tokens as text, and its FLOPs need its exact (unpadded AnyRes) shapes
+        vision = layout.vision_mask("text" if proxyv else self.newline_tokens).cpu()
         valid = layout.valid_mask.cpu()
+        first = 0  # images of the earlier samples in the batch
         for b, sample in enumerate(layout.samples):
             mask = "".join("v" if v else "t" for v in vision[b][valid[b]].tolist())
-            self.token_layouts.append({
+            record = {
                 "mask": mask, "crop_shapes": tuple(c.shape for image in sample.images for c in image.crops),
                 "vision": int(sample.vision.numel()), "newline": int(sample.newline.numel()),
                 "text": int(sample.text.numel()),
-            })
+            }
+            n_images = len(sample.images)
+            if proxyv:
+                from .proxyv import proxyv_shapes
+
+                ids = batch["input_ids"][b:b + 1, layout.valid_mask[b]]
+                record["proxyv_shapes"] = proxyv_shapes(
+                    config, ids, None, sizes[first:first + n_images] if sizes is not None else None)
+            first += n_images
+            self.token_layouts.append(record)
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()

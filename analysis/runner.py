@@ -414,22 +414,21 @@ def mean_flops(model_config, layouts: list[dict], op: str, layers, proxyv: dict 
     """
     import torch
 
-    from .flops import TokenLayout, count_flops, known_variants
+    from .flops import TokenLayout, count_flops
 
     if not layouts:
         return {}
     options = {}
     if op == "proxyv":
-        if "proxyv" not in known_variants():
-            # TODO(proxyv): analysis.flops has no "proxyv" variant yet; record no FLOPs rather than wrong ones.
-            log.warning("FLOPs of ProxyV are not countable yet (analysis.flops has no 'proxyv' variant)")
-            return {}
         options = {k: v for k, v in (proxyv or {}).items() if k not in ("start_layer", "format")}
     totals: Counter = Counter()
-    for (mask, crops), n in Counter((lay["mask"], lay["crop_shapes"]) for lay in layouts).items():
+    # ProxyVShapes is a frozen dataclass of tuples: hashable, so samples of one shape still count once
+    groups = Counter((lay["mask"], lay["crop_shapes"], lay.get("proxyv_shapes")) for lay in layouts)
+    for (mask, crops, shapes), n in groups.items():
         vision = torch.tensor([[c == "v" for c in mask]])
         layout = TokenLayout(vision, torch.ones_like(vision), (crops,))
-        report = count_flops(model_config, layout, op, list(layers) or None, lm_head="last", **options)
+        extra = {"shapes": shapes} if op == "proxyv" and shapes is not None else {}
+        report = count_flops(model_config, layout, op, list(layers) or None, lm_head="last", **options, **extra)
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,
                        "lm_head": n * report.lm_head, "vision": n * (report.vision or 0)})

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from analysis import tiny, twins
+from conftest import image
 from analysis.lmms_model import LlavaAblate, Variant, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,3 +171,54 @@ def test_data_parallel_under_torchrun(checkpoint, tmp_path):
     result, samples = _results(tmp_path / "out")
     assert result["n-samples"]["synth_ocrbench"]["effective"] == 5
     assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3, 4]  # both ranks' docs gathered on rank 0
+
+
+def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
+    """The runner's FLOPs path (layouts recorded per sample -> mean_flops) on LLaVA-NeXT ProxyV: newline
+    tokens are text to ProxyV and unpadded AnyRes crops are not square, so it needs the recorded shapes;
+    one sample's count equals torch's FlopCounterMode on the model's forward."""
+    from analysis.flops_measure import _module_names, _split, torch_flop_counter
+    from analysis.proxyv import apply_proxyv
+    from analysis.runner import mean_flops
+
+    grid = {"image_size": 32, "patch_size": 4}
+    model = tiny.build_model("llava_next", "llama", seed=1, num_layers=4, hidden_size=32, num_heads=2,
+                             intermediate_size=64, **grid)
+    apply_proxyv(model, start_layer=2, reduce_factor=2, init="spatial", seed=0)
+    model.save_pretrained(tmp_path)
+    tiny.build_processor("llava_next", **grid).save_pretrained(tmp_path)
+    lm = LlavaAblate(str(tmp_path), batch_size=3, progress=False, device="cpu")
+    config = lm.model.config
+    lm.set_variant("none")
+    # non-square images (unpadded AnyRes crops, fewer cells than square grids), two images in one sample
+    docs = [{"images": [image(0, 32, 48)]}, {"images": [image(2, 40, 40), image(3, 20, 70)]},
+            {"images": [image(1, 64, 40)]}]
+    lm.task_dict = {"t": {"eval": docs}}
+    gen = {"max_new_tokens": 2, "temperature": 0, "do_sample": False}
+    requests = [Request("Describe" + " it" * i, dict(gen), lambda doc: doc["images"], i, "t", "eval")
+                for i in range(3)]
+    lm.generate_until(requests)  # one left-padded batch
+    layouts = list(lm.token_layouts)
+    assert len(layouts) == 3 and all(lay["proxyv_shapes"] is not None for lay in layouts)
+    # unpadded AnyRes crops: fewer cells than the crops' square grids imply
+    assert any(lay["mask"].count("v") < sum(r * c for r, c in lay["crop_shapes"]) for lay in layouts)
+    assert all(lay["newline"] > 0 and lay["mask"].count("v") == lay["vision"] - lay["newline"]
+               == sum(lay["proxyv_shapes"].sample_vision) for lay in layouts)  # newline tokens are text
+    layers = range(2, 4)
+    flops = mean_flops(config, layouts, "proxyv", layers, dict(config.proxyv))
+    assert flops["reduction"] > 0 and flops["theoretical_reduction"] > 0
+
+    # one sample alone, unpadded: the recorded count is what torch counts on the forward
+    request = requests[1]
+    context, _, visual, doc_id, task, split = request.args
+    images = lm._images(visual, lm.task_dict[task][split][doc_id])
+    lm.token_layouts.clear()
+    batch = lm.encode([lm._prompt(context, len(images))], [images])
+    lm._record_layouts(batch)
+    one = mean_flops(config, list(lm.token_layouts), "proxyv", layers, dict(config.proxyv))
+    counter = torch_flop_counter()
+    with torch.no_grad(), counter:
+        lm.model(**batch, use_cache=False)
+    counts = {name: sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()}
+    split = _split(counts, _module_names(lm.model, f"{type(lm.model).__name__}."), counter.get_total_flops(), "flops")
+    assert one["total"] == split.decoder
