@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -74,3 +75,21 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=list(MODEL_SPECS))
 def spec(request):
     return request.param
+
+
+def greedy_recomputation(model, batch, steps: int, context=contextlib.nullcontext):
+    """Greedy decoding by re-running the whole sequence each step (no cache), each forward inside
+    ``context()``: the reference for generate() with a KV cache. Returns (ids, per-step last logits)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    step_logits = []
+    for _ in range(steps):
+        with torch.no_grad(), context():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                           **extra).logits[:, -1]
+        step_logits.append(logits)
+        # A generated <image> id would be a new, featureless image: suppressed here as in generate().
+        next_ids = logits.masked_fill(torch.arange(logits.shape[-1]) == model.config.image_token_id, -torch.inf)
+        ids = torch.cat([ids, next_ids.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids, step_logits

@@ -6,26 +6,14 @@ import pytest
 import torch
 
 from analysis import ablate
-from conftest import MODEL_SPECS, PAIR, make_batch, model_for, position_ids
+from conftest import MODEL_SPECS, PAIR, greedy_recomputation, make_batch, model_for, position_ids
 
 STEPS = 5
 
 
 def full_recomputation(model, batch, op, layers, steps=STEPS):
     """Greedy decoding by re-running the whole sequence each step (no cache), under the same op."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    step_logits = []
-    for _ in range(steps):
-        with torch.no_grad(), ablate(model, op, layers=layers):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                           **extra).logits[:, -1]
-        step_logits.append(logits)
-        # A generated <image> id would be a new, featureless image: suppressed here as in generate().
-        next_ids = logits.masked_fill(torch.arange(logits.shape[-1]) == model.config.image_token_id, -torch.inf)
-        ids = torch.cat([ids, next_ids.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids, step_logits
+    return greedy_recomputation(model, batch, steps, lambda: ablate(model, op, layers=layers))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

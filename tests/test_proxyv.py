@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MODEL_SPECS, MULTI, PAIR, image, position_ids
+from conftest import MODEL_SPECS, MULTI, PAIR, greedy_recomputation, image, position_ids
 from proxyv_reference import proxyv_reference_logits
 
 from analysis import tiny
@@ -74,21 +74,6 @@ def test_unpadded_crops_have_missing_and_partial_proxies():
     assert_matches_reference(model, batch)
 
 
-def full_recomputation(model, batch, steps=STEPS):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    step_logits = []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                           **extra).logits[:, -1]
-        step_logits.append(logits)
-        next_ids = logits.masked_fill(torch.arange(logits.shape[-1]) == model.config.image_token_id, -torch.inf)
-        ids = torch.cat([ids, next_ids.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids, step_logits
-
-
 @pytest.mark.parametrize("attn,init", [("sdpa", "spatial"), ("eager", "learned")])
 def test_generate_with_cache_equals_full_recomputation(spec, attn, init):
     model = build(spec, attn, start_layer=2, reduce_factor=2, init=init)
@@ -99,7 +84,7 @@ def test_generate_with_cache_equals_full_recomputation(spec, attn, init):
                              suppress_tokens=[model.config.image_token_id])
     # Proxies never enter the cache: it holds exactly the sequence.
     assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
-    expected_ids, expected_logits = full_recomputation(model, batch)
+    expected_ids, expected_logits = greedy_recomputation(model, batch, STEPS)
     assert torch.equal(out.sequences, expected_ids)
     for got, want in zip(out.logits, expected_logits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
