@@ -19,7 +19,6 @@ Conventions
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -214,11 +213,3 @@ def compute_layout(input_ids: torch.Tensor, config, attention_mask: torch.Tensor
         raise ValueError(f"image_sizes lists {len(sizes)} images but input_ids hold {image_index}")
     return BatchLayout(tuple(samples), image_mask, newline_mask, valid)
 
-
-def crop_token_count(config) -> int:
-    """Vision tokens of one square crop (``(image_size / patch_size)^2``)."""
-    return _grid_side(config) ** 2
-
-
-def is_square(n: int) -> bool:
-    return math.isqrt(n) ** 2 == n

@@ -88,6 +88,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write (PNG, 120 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # One colour per op in every figure (the report does not import the op registry: it reads files only).
 KNOWN_OPS = ("none", "mask_v2v", "skip_attn", "skip_ffn", "skip_attn_ffn", "drop_v2t", "proxyv")
 
@@ -119,10 +127,7 @@ def plot_pareto(table, path: Path, title: str = "") -> Path | None:
     ax.set_title(title or "accuracy vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_heatmap(table, path: Path, title: str = "") -> Path | None:
@@ -140,10 +145,7 @@ def plot_heatmap(table, path: Path, title: str = "") -> Path | None:
     ax.set_xlabel("start layer (ablated through the last layer)")
     ax.set_ylabel("op")
     ax.set_title(title or "relative score by op and start layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_mask_ratio(table, path: Path, title: str = "") -> Path | None:
@@ -167,10 +169,7 @@ def plot_mask_ratio(table, path: Path, title: str = "") -> Path | None:
     ax.set_title(title or "mask-ratio curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- markdown
