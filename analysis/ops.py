@@ -17,9 +17,10 @@ Operators from "Streamline Without Sacrifice" (Wu, Lu, Liu; ICML 2025, arXiv 250
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:  # tensors only flow through; importing this registry stays torch-free (the report reads it)
+    import torch
 
 OPERATORS: dict[str, type[Operator]] = {}
 

@@ -1,0 +1,83 @@
+"""The variant families, each registered once: methods, layer and parameter rules, execution, FLOPs, label.
+
+A new family (token reduction, a trained variant...) is one :func:`analysis.variant.register_family`
+call here, naming its execution and FLOPs by ``"module:attribute"``; its methods become options of
+the runner's ``op`` config group (:mod:`analysis.sweep` stores them), its variants get labels,
+records and report rows, and :func:`analysis.flops.count_flops` counts them. Nothing else changes.
+
+Imports no torch: execution and FLOPs are imported when first used.
+"""
+
+from __future__ import annotations
+
+from .layers import resolve_layers
+from .variant import Family, register_family
+
+
+# ----------------------------------------------------------------------------- ablation operators
+
+def _operator_methods() -> dict[str, dict]:
+    from .ops import OPERATORS
+
+    return {name: {} for name in OPERATORS}
+
+
+def _operator_layers(method, params, num_layers, start_layer, end_layer, layers):
+    from .ops import get_operator
+
+    if get_operator(method).is_identity:  # the baseline: no layers, whatever was asked
+        return (), {}
+    return tuple(resolve_layers(num_layers, layers, start_layer, end_layer)), {}
+
+
+ABLATION = register_family(Family(
+    name="ablation",
+    methods=_operator_methods,
+    resolve=_operator_layers,
+    execute="analysis.ablation:ablate_variant",
+    flops="analysis.flops.variants:operator_flops",
+))
+
+
+# ----------------------------------------------------------------------------- ProxyV
+
+PROXYV_INITS = ("spatial", "learned")
+
+
+def _proxyv_methods() -> dict[str, dict]:
+    # None: as the checkpoint says (the runner reads a trained checkpoint's settings from its config.json)
+    return {"proxyv": {"reduce_factor": None, "init": None, "light_width": None}}
+
+
+def _proxyv_layers(method, params, num_layers, start_layer, end_layer, layers):
+    if layers is not None:
+        chosen = sorted(set(layers))
+        if not chosen or chosen != list(range(chosen[0], chosen[-1] + 1)):
+            raise ValueError(f"ProxyV runs on consecutive layers from its start layer to the last one, got {chosen}")
+        start, end = chosen[0], chosen[-1] + 1
+    else:
+        start, end = start_layer, end_layer
+    if start is None:
+        raise ValueError("ProxyV needs start_layer (the first ProxyV layer)")
+    if end is not None and end != num_layers:
+        raise ValueError(f"ProxyV runs from start_layer through the last layer; drop end_layer={end} "
+                         f"(the model has {num_layers} layers)")
+    chosen = tuple(resolve_layers(num_layers, None, start, None))
+    reduce_factor, init, width = params.get("reduce_factor"), params.get("init"), params.get("light_width")
+    for name, value, low in (("reduce_factor", reduce_factor, 1), ("light_width", width, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"ProxyV {name} must be an integer >= {low}, got {value!r}")
+    if init is not None and init not in PROXYV_INITS:
+        raise ValueError(f"ProxyV init must be one of {', '.join(PROXYV_INITS)}, got {init!r}")
+    return chosen, {k: v for k, v in params.items() if v is not None}
+
+
+PROXYV = register_family(Family(
+    name="proxyv",
+    methods=_proxyv_methods,
+    resolve=_proxyv_layers,
+    execute="analysis.proxyv.apply:proxyv_context",
+    flops="analysis.flops.proxyv:proxyv_flops",
+    trained=True,
+    label_params=("init", "reduce_factor"),
+))
