@@ -241,3 +241,11 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
             del layer.forward
         tracker.chunk = tracker.key_vision = None
 
+
+
+def ablate_variant(model, variant, newline_tokens: str = "vision"):
+    """The execution of an ``ablation``-family :class:`~analysis.variant.Variant` (registered in
+    :mod:`analysis.families`): :func:`ablate` on its layers, or nothing for the baseline."""
+    if variant.is_baseline:
+        return contextlib.nullcontext(())
+    return ablate(model, variant.method, layers=variant.layers, newline_tokens=newline_tokens)

@@ -8,38 +8,36 @@ Registered through our package's ``lmms_eval.models`` entry point (``analysis/lm
 Plays the role of lmms-eval's ``llava_hf`` except:
 
 * generation is batched (left padding, requests sorted by prompt length);
-* the variant -- an operator on chosen decoder layers (:func:`analysis.ablation.ablate`), and optionally a
-  blind control that blanks every image -- is applied around each batch, so the loaded model is
-  never modified; :meth:`LlavaAblate.set_variant` switches variants between evaluations;
+* the variant -- one :class:`analysis.variant.Variant`: an operator on chosen decoder layers
+  (:func:`analysis.ablation.ablate`) or a trained ProxyV checkpoint, optionally blind (every image
+  blanked) -- is executed by its family around each batch, so the loaded model is never modified;
+  :meth:`LlavaAblate.set_variant` switches variants between evaluations;
+* a bad ``--model_args`` ends ``lmms-eval`` with one line and a non-zero exit;
 * the device is chosen per process (``cuda:LOCAL_RANK`` under torchrun / accelerate), so
   data-parallel runs place one replica per GPU;
 * :meth:`clean` keeps the model (lmms-eval's default deletes every module after each evaluation);
-* it records what the runner needs beside the scores: the token layout of every prompt (for
-  FLOPs) and a few prompts to time the prefill on (:meth:`prefill_latency_ms`).
+* it records what the runner needs beside the scores: the token shapes of every prompt (for
+  FLOPs: :func:`analysis.flops.mean_flops`) and a few prompts to time the prefill on (:meth:`prefill_latency`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor
 
-from .ablation import ablate
-from .layers import resolve_layers
 from .layout import compute_layout
-from .ops import get_operator
+from .models import generation_class
+from .variant import Variant, family, resolve_variant
 
-MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 IMAGE_TOKEN = "<image>"
 
 
@@ -71,9 +69,7 @@ def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation:
     processor padding on the left."""
     device = pick_device(device)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in MODEL_CLASSES:
-        raise TypeError(f"{path}: model_type {config.model_type!r} is not supported; "
-                        f"supported: {', '.join(MODEL_CLASSES)}")
+    model_class = generation_class(config.model_type, str(path))
     kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
     if device.type == "cuda":  # load the weights straight onto this process's GPU, not through CPU memory
         kwargs["device_map"] = {"": device}
@@ -82,35 +78,10 @@ def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation:
 
         model = load_proxyv(path, **kwargs)
     else:
-        model = MODEL_CLASSES[config.model_type].from_pretrained(path, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
-
-
-@dataclass(frozen=True)
-class Variant:
-    """What is removed: ``op`` on decoder ``layers`` (empty for the baseline); ``blind`` blanks the images."""
-
-    op: str = "none"
-    layers: tuple[int, ...] = ()
-    blind: bool = False
-
-    @classmethod
-    def make(cls, num_layers: int, op: str = "none", start_layer=None, end_layer=None, layers=None,
-             blind: bool = False) -> Variant:
-        """A validated variant; errors name the fix (unknown op lists the known ones, layers the valid range)."""
-        operator = get_operator(op)
-        if operator.is_identity:
-            return cls("none", (), bool(blind))
-        if isinstance(layers, str):
-            layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
-        chosen = resolve_layers(num_layers, layers, start_layer, end_layer)
-        return cls(operator.name, tuple(chosen), bool(blind))
-
-    def __str__(self) -> str:
-        where = f"@{self.layers[0]}-{self.layers[-1]}" if self.layers else ""
-        return f"{self.op}{where}{' blind' if self.blind else ''}"
 
 
 class LlavaAblate(lmms):
@@ -154,6 +125,15 @@ class LlavaAblate(lmms):
         self.num_layers = model.config.text_config.num_hidden_layers
         self.set_variant(op, start_layer=start_layer, end_layer=end_layer, layers=layers, blind=blind)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lmms-eval's constructor: a bad ``--model_args`` ends the process with one line and a non-zero exit
+        (lmms-eval would print a traceback and exit 0)."""
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except (ValueError, TypeError, OSError) as error:
+            raise SystemExit(f"llava_ablate: {str(error).strip().splitlines()[0]}") from None
+
     # ----------------------------------------------------------------- what lmms-eval reads
     @property
     def model(self):
@@ -178,18 +158,36 @@ class LlavaAblate(lmms):
             torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------- variant and bookkeeping
-    def set_variant(self, op: str = "none", start_layer=None, end_layer=None, layers=None, blind: bool = False):
-        """Switch the variant for the next evaluation and reset the recorded layouts and prompts."""
-        self.variant = Variant.make(self.num_layers, op, start_layer, end_layer, layers, blind)
-        self.token_layouts: list[dict] = []  # one per generated request, in request order of arrival
+    def set_variant(self, op: str | Variant = "none", start_layer=None, end_layer=None, layers=None,
+                    blind: bool = False) -> Variant:
+        """Switch the variant for the next evaluation (a :class:`~analysis.variant.Variant`, or an op name and
+        its layers) and reset the recorded prompt shapes and timing prompts. A ProxyV checkpoint is its own
+        variant: ``op`` "none" or "proxyv" gives that variant."""
+        if not isinstance(op, Variant):
+            if isinstance(layers, str):
+                layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
+            op = self._resolve(op, start_layer, end_layer, layers, bool(blind))
+        self.variant = op
+        family(op.family).load("execute")  # an execution that cannot import fails here, not mid-evaluation
+        self.prompt_shapes: list[dict] = []  # one per generated request, in request order of arrival
         self.timing_prompts: list[tuple[str, list]] = []  # (prompt, images) of the first requests
         return self.variant
 
+    def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool) -> Variant:
+        settings = getattr(self._model.config, "proxyv", None)
+        if settings:  # the loaded model is a trained ProxyV checkpoint
+            if op not in ("none", "proxyv"):
+                raise ValueError(f"{self.pretrained} is a ProxyV checkpoint: use op=none (or op=proxyv), not op={op}")
+            params = {k: settings[k] for k in ("reduce_factor", "init", "light_width") if k in settings}
+            return resolve_variant("proxyv", self.num_layers, start_layer=settings["start_layer"], params=params,
+                                   blind=blind, checkpoint=self.pretrained)
+        return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,
+                               blind=blind)
+
     def variant_context(self):
-        """The context in which the model computes the current variant (nothing for the baseline)."""
-        if self.variant.op == "none":
-            return contextlib.nullcontext()
-        return ablate(self._model, self.variant.op, layers=self.variant.layers, newline_tokens=self.newline_tokens)
+        """The context in which the model computes the current variant (its family's execution)."""
+        return family(self.variant.family).load("execute")(self._model, self.variant,
+                                                           newline_tokens=self.newline_tokens)
 
     def _prompt(self, context: str, n_images: int) -> str:
         """The chat-formatted prompt; the image token(s) go first, as LLaVA was trained."""
@@ -217,7 +215,7 @@ class LlavaAblate(lmms):
             batch["pixel_values"] = batch["pixel_values"].to(self._model.dtype)
         return batch
 
-    def _record_layouts(self, batch) -> None:
+    def _record_prompt_shapes(self, batch) -> None:
         """Per sample, what its FLOPs depend on: ``mask`` ("v"/"t" per attended position: vision or not, as
         the op sees it), ``crop_shapes`` (patch grid of every crop), and token counts."""
         config = self._model.config
@@ -243,7 +241,7 @@ class LlavaAblate(lmms):
                 record["proxyv_shapes"] = proxyv_shapes(
                     config, ids, None, sizes[first:first + n_images] if sizes is not None else None)
             first += n_images
-            self.token_layouts.append(record)
+            self.prompt_shapes.append(record)
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
@@ -270,7 +268,7 @@ class LlavaAblate(lmms):
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         batch = self.encode(prompts, images)
-        self._record_layouts(batch)
+        self._record_prompt_shapes(batch)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         tokenizer = self.processor.tokenizer
         settings = dict(
@@ -288,24 +286,31 @@ class LlavaAblate(lmms):
         return texts
 
     @torch.no_grad()
-    def prefill_latency_ms(self, n: int = 8, repeats: int = 3) -> float | None:
-        """Median wall time (ms) of one prefill forward, batch 1, over the first ``n`` evaluated prompts
-        (``repeats`` times each, after one warm-up), under the current variant. None if nothing was evaluated."""
-        prompts = self.timing_prompts[:n]
-        if not prompts:
+    def prefill_latency(self, prompts: int = 4, repeats: int = 5, warmup: int = 2) -> dict | None:
+        """Prefill wall time (ms) of one prompt at batch 1 under the current variant, robust to a shared
+        machine: ``warmup`` untimed forwards, then ``repeats`` rounds over the first ``prompts`` evaluated
+        prompts (interleaved, so a burst of load hits every prompt alike). Returns the median, quartiles,
+        min and max over every timed forward, with ``n``, the torch thread count and the 1-minute load
+        average beside the CPU count; None if nothing was evaluated."""
+        chosen = self.timing_prompts[:prompts]
+        if not chosen:
             return None
         times = []
         with self.variant_context():
-            for i, (prompt, images) in enumerate(prompts):
-                batch = self.encode([prompt], [images])
-                for r in range(repeats + (i == 0)):
+            batches = [self.encode([prompt], [images]) for prompt, images in chosen]
+            for _ in range(warmup):
+                self._model(**batches[0], use_cache=False, logits_to_keep=1)
+            for _ in range(repeats):
+                for batch in batches:
                     self._sync()
                     start = time.perf_counter()
                     self._model(**batch, use_cache=False, logits_to_keep=1)
                     self._sync()
-                    if not (i == 0 and r == 0):  # the very first forward warms up kernels and caches
-                        times.append(1000 * (time.perf_counter() - start))
-        return statistics.median(times)
+                    times.append(1000 * (time.perf_counter() - start))
+        q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "min_ms": min(times),
+                "max_ms": max(times), "n": len(times), "warmup": warmup, "threads": torch.get_num_threads(),
+                "load_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
 
     def _sync(self) -> None:
         if self._device.type == "cuda":

@@ -9,12 +9,24 @@ from transformers import (
     LlavaNextModel,
 )
 
-SUPPORTED_CLASSES = (
-    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaModel, LlavaNextModel,
-)
+# The one map of supported LLaVA classes: config.model_type -> (the class checkpoints load as, its core model).
+LLAVA_CLASSES = {
+    "llava": (LlavaForConditionalGeneration, LlavaModel),
+    "llava_next": (LlavaNextForConditionalGeneration, LlavaNextModel),
+}
+GENERATION_CLASSES = {kind: classes[0] for kind, classes in LLAVA_CLASSES.items()}
+SUPPORTED_CLASSES = tuple(cls for classes in LLAVA_CLASSES.values() for cls in classes)
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def generation_class(model_type: str, where: str = "the checkpoint"):
+    """The HF class a checkpoint of ``model_type`` loads as; TypeError naming the supported types."""
+    if model_type not in GENERATION_CLASSES:
+        raise TypeError(f"{where}: model_type {model_type!r} is not supported; supported: "
+                        f"{', '.join(GENERATION_CLASSES)}")
+    return GENERATION_CLASSES[model_type]
 
 
 def _names(classes) -> str:
@@ -25,8 +37,7 @@ def llava_core(model):
     """The ``LlavaModel`` / ``LlavaNextModel`` inside ``model`` (which may be one itself)."""
     if not isinstance(model, SUPPORTED_CLASSES):
         raise TypeError(f"unsupported model class {type(model).__name__}; supported: {_names(SUPPORTED_CLASSES)}")
-    core = model.model if isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)) \
-        else model
+    core = model.model if isinstance(model, tuple(GENERATION_CLASSES.values())) else model
     backbone = text_config_of(core).model_type
     if backbone not in SUPPORTED_BACKBONES:
         raise TypeError(f"unsupported text backbone {backbone!r}; supported: {', '.join(SUPPORTED_BACKBONES)}")

@@ -1,12 +1,14 @@
-"""The main job: sweep ablation operators x decoder layers over a LLaVA model, scored by lmms-eval.
+"""The main job: sweep variants of a LLaVA model (ablation ops x decoder layers, trained ProxyV
+checkpoints), scored by lmms-eval.
 
-    python experiments/run.py                                       # default sweep, tiny model
-    python experiments/run.py -m op=skip_ffn start_layer=8,12,16    # your own sweep
+    python experiments/run.py                                       # the main job: default sweep, tiny model
+    python experiments/run.py -m op=skip_ffn start_layer=8,12,16    # an ad-hoc sweep, in its own folder
     python experiments/run.py -m model=llava-1.5-7b eval=lmms hydra/launcher=submitit_slurm
 
 Each run writes runs/<sweep>/<run>/result.json (+ samples.jsonl); finished runs are skipped on a
-re-run; reports/<sweep>/report.md is written when the sweep ends. Configs: conf/. Logic:
-analysis/runner.py (one run), analysis/report.py (the report and the Hydra callback).
+re-run; reports/<sweep>/report.md is written when the sweep ends. An ad-hoc sweep's folder is named
+after its overrides (analysis.sweep.sweep_tag). Configs: conf/. Logic: analysis/runner/ (one run),
+analysis/sweep.py (the sweep), analysis/report.py (the report).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
-from analysis.runner import CONF_DIR, ConfigError, check_overrides, run_one  # noqa: E402
+from analysis.runner import run_one  # noqa: E402
+from analysis.sweep import CONF_DIR, ConfigError, check_overrides, sweep_tag  # noqa: E402
 
 # conf/hydra/launcher/submitit_*.yaml set our defaults on the plugin's schemas of the same name, on purpose.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
@@ -35,8 +38,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    argv = sys.argv[1:]
     try:
-        check_overrides(sys.argv[1:])  # unknown group options, before Hydra prints its multi-line error
+        check_overrides(argv)  # unknown group options, before Hydra prints its multi-line error
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    tag = sweep_tag(argv)
+    if tag and not any(a.startswith("run.sweep_name=") or a.startswith("run.sweep_tag=") for a in argv):
+        sys.argv.append(f"run.sweep_tag='{tag}'")
     main()

@@ -196,3 +196,21 @@ def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, sett
         sample_proxies=tuple(plan.proxy_valid.sum(1).tolist()), sample_vision=tuple(plan.vision.sum(1).tolist()),
         sample_text=tuple(text_valid.sum(1).tolist()), sample_pairs=tuple(pairs.tolist()),
     )
+
+
+def proxyv_context(model, variant, **_):
+    """The execution of a ``proxyv``-family :class:`~analysis.variant.Variant` (registered in
+    :mod:`analysis.families`): the model is the trained ProxyV checkpoint itself, so nothing is applied;
+    it must be one, with the variant's start layer and settings."""
+    import contextlib
+
+    config = getattr(model, "config", None)
+    settings = getattr(config, "proxyv", None)
+    if not settings:
+        raise TypeError(f"variant {variant.label} runs a trained ProxyV checkpoint; this model is not one "
+                        "(load it with analysis.proxyv.load_proxyv)")
+    have = {"start_layer": settings.get("start_layer"), **{k: settings.get(k) for k in variant.options}}
+    want = {"start_layer": variant.start_layer, **variant.options}
+    if have != want:
+        raise ValueError(f"variant {variant.label} does not match the loaded ProxyV checkpoint ({have})")
+    return contextlib.nullcontext(list(variant.layers))

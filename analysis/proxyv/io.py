@@ -16,17 +16,12 @@ import logging
 import warnings
 
 from safetensors import safe_open
-from transformers import (
-    AutoConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-)
+from transformers import AutoConfig
 from transformers.utils import cached_file
 
-from ..models import llava_core
+from ..models import generation_class, llava_core
 from .apply import ProxyVSettings, apply_proxyv
 
-CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -76,12 +71,10 @@ def load_proxyv(path, **from_pretrained_kwargs):
     config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if getattr(config, "proxyv", None) is None:
         raise ValueError(f"{path} is not a ProxyV checkpoint (config.json has no 'proxyv'); use from_pretrained")
-    if config.model_type not in CLASSES:
-        raise TypeError(f"unsupported model type {config.model_type!r}; supported: {', '.join(CLASSES)}")
+    model_class = generation_class(config.model_type, str(path))
     settings = ProxyVSettings.from_dict(config.proxyv)
     with _own_load_report():
-        model, info = CLASSES[config.model_type].from_pretrained(path, output_loading_info=True,
-                                                                 **from_pretrained_kwargs)
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
     apply_proxyv(model, **{k: v for k, v in vars(settings).items()})
     prefix = next(name for name, module in model.named_modules() if module is llava_core(model).proxyv) + "."
     state = {}

@@ -49,6 +49,7 @@ __all__ = [
     "get",
     "score",
     "split_of",
+    "ensure_eval_data",
     "write_split",
 ]
 
@@ -87,3 +88,17 @@ def score(name: str, predictions: list[str], docs: list[dict]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(docs)} docs")
     process_results, metric, aggregate = SCORING[get(name).name]
     return float(aggregate([process_results(doc, [str(p).strip()])[metric] for p, doc in zip(predictions, docs)]))
+
+
+def ensure_eval_data(tasks) -> None:
+    """Write the eval split of every twin among ``tasks`` whose parquet file is missing (a clean
+    checkout ships them; this regenerates the same bytes), under a lock so that parallel jobs write once."""
+    from analysis.results import file_lock
+
+    for name in tasks:
+        if name in TWINS:
+            path = DATA_DIR / name / "eval.parquet"
+            if not path.exists():
+                with file_lock(path.parent / ".write.lock"):
+                    if not path.exists():
+                        write_split(name, "eval", EVAL_SIZE, EVAL_SEED)
