@@ -12,12 +12,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from analysis import results, runner, tiny
-from analysis.runner import ConfigError, Evaluation
+from analysis import flops, results, runner, sweep, tiny
+from analysis.eval_bridge import Scores, agreement
+from analysis.runner import ConfigError, job
 
 
 def _compose(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(runner.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(sweep.CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
@@ -38,7 +39,7 @@ def _cfg(tmp: Path, ckpt: Path, *overrides: str):
 @pytest.mark.filterwarnings("ignore:(?s).*validated against ConfigStore schema")  # on purpose, see experiments/run.py
 @pytest.mark.parametrize("group", ["model", "op", "eval", "hydra/launcher"])
 def test_every_config_composes(group):
-    choices = runner.group_choices(group)
+    choices = sweep.group_choices(group)
     assert choices, group
     for choice in choices:
         cfg = _compose(f"{group}={choice}", hydra=True)
@@ -49,29 +50,39 @@ def test_every_config_composes(group):
         plain.pop("hydra")
         plain = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)  # every interpolation resolves
         node = plain[group]
-        assert node["name"] == choice, f"conf/{group}/{choice}.yaml: name should be {choice!r}"
+        assert node["name"] == choice, f"{group}={choice}: name should be {choice!r}"
         if group == "model":
             assert {"pretrained", "hub_id", "how_to_get", "batch_size", "dtype"} <= set(node)
         if group == "eval":
             assert isinstance(node["tasks"], dict) and {"limit", "blind", "include_path"} <= set(node)
 
 
-def test_op_configs_match_the_registry():
+def test_op_group_is_the_variant_registry():
     from analysis.ops import OPERATORS
+    from analysis.variant import methods
 
-    assert set(OPERATORS) <= set(runner.group_choices("op"))
+    assert set(sweep.group_choices("op")) == set(methods()) == {*OPERATORS, "proxyv"}
+    assert _compose("op=proxyv").op == {"name": "proxyv", "reduce_factor": None, "init": None, "light_width": None}
+    assert not list((sweep.CONF_DIR / "op").glob("*.yaml"))  # registered once, in analysis/families.py
 
 
-def test_default_sweep_and_the_users_command():
+def test_default_sweep_is_ops_by_layers_plus_trained_proxyv():
     cfg = _compose(hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.model.name == "tiny"
-    params = cfg.hydra.sweeper.params
-    assert set(params.op.split(",")) == {"mask_v2v", "skip_attn", "skip_ffn", "skip_attn_ffn", "drop_v2t"}
-    from analysis.report import count_jobs
+    grids = cfg.hydra.sweeper.grids
+    assert set(grids[0].op.split(",")) == {"mask_v2v", "skip_attn", "skip_ffn", "skip_attn_ffn", "drop_v2t"}
+    assert grids[1].op == "proxyv" and grids[1].start_layer == "trained"
 
-    assert count_jobs(cfg) == 5 * len(params.start_layer.split(","))
-    cfg.hydra.overrides.task = ["op=skip_ffn", "start_layer=8,12,16"]
-    assert count_jobs(cfg) == 3  # an override of a swept key replaces its values
+
+def test_ad_hoc_sweeps_get_their_own_folder():
+    assert sweep.sweep_tag([]) == "" and sweep.sweep_tag(["run.threads=1", "hydra/launcher=submitit_local"]) == ""
+    assert sweep.sweep_tag(["model=llava-1.5-7b", "eval=lmms"]) == ""  # already in the folder's name
+    assert sweep.sweep_tag(["-m", "op=skip_ffn", "start_layer=8,12,16"]) == "-op=skip_ffn-start_layer=8,12,16"
+    assert sweep.sweep_tag(["eval.limit=10"]) == "-eval.limit=10"
+    long = sweep.sweep_tag(["-m", "op=" + ",".join(["skip_ffn"] * 20)])
+    assert len(long) <= 70 and long == sweep.sweep_tag(["-m", "op=" + ",".join(["skip_ffn"] * 20)])
+    cfg = _compose("run.sweep_tag='-op=skip_ffn'")
+    assert cfg.run.sweep_name == "tiny-synthetic-op=skip_ffn"
 
 
 def test_unknown_group_option_is_one_line():
@@ -80,9 +91,9 @@ def test_unknown_group_option_is_one_line():
                            (["eval=lmm"], "unknown eval 'lmm'"),
                            (["hydra/launcher=slurm"], "unknown launcher 'slurm'; known: basic, submitit_local")):
         with pytest.raises(ConfigError, match=expected) as info:
-            runner.check_overrides(argv)
+            sweep.check_overrides(argv)
         assert "\n" not in str(info.value)
-    runner.check_overrides(["-m", "op=skip_ffn,drop_v2t", "start_layer=8,12", "model.pretrained=/x"])
+    sweep.check_overrides(["-m", "op=skip_ffn,drop_v2t", "start_layer=8,12", "model.pretrained=/x"])
 
 
 def test_bad_configs_are_one_line_errors(tmp_path, config_only, monkeypatch):
@@ -91,6 +102,7 @@ def test_bad_configs_are_one_line_errors(tmp_path, config_only, monkeypatch):
         (("start_layer=2", "end_layer=2"), "end_layer=2 must be in 3..32"),
         (("start_layer=abc",), "start_layer must be an integer or null, got 'abc'"),
         (("eval.limit=0",), "eval.limit must be a positive integer"),
+        (("op=skip_ffn", "+op.keep=0.5"), r"op 'skip_ffn' takes no parameter\(s\) \['keep'\]"),
         (("model.pretrained=/nonexistent/dir",), "weights not found"),
     ]
     for overrides, message in cases:
@@ -117,28 +129,31 @@ class FakeLM:
 
 
 class Stub:
-    """Replaces runner.evaluate: answers 'a' everywhere except where the variant is told to differ."""
+    """Replaces the eval bridge's score_variant: answers 'a' everywhere except where the variant differs."""
 
     def __init__(self):
         self.calls = []
         self.fail = False
 
-    def __call__(self, spec, session, baseline=False):
+    def __call__(self, spec, session, variant):
+        baseline = variant.is_baseline
         self.calls.append("baseline" if baseline else spec.run_name)
         if self.fail:
             raise RuntimeError("boom\nsecond line")
         samples = [{"task": t, "doc_id": i, "prediction": "a" if baseline or i else "b", "target": "a",
                     "score": float(baseline or i > 0)} for t in spec.tasks for i in range(2)]
         scores = {t: sum(s["score"] for s in samples if s["task"] == t) / 2 for t in spec.tasks}
-        return Evaluation(scores, samples, 1.0, [], dict(scores))
+        latency = {"median_ms": 1.0, "q1_ms": 0.9, "q3_ms": 1.1, "min_ms": 0.8, "max_ms": 1.5, "n": 4}
+        return Scores(scores, samples, latency, [], dict(scores))
 
 
 @pytest.fixture
 def stubbed(monkeypatch, config_only):
     stub = Stub()
-    monkeypatch.setattr(runner, "evaluate", stub)
-    monkeypatch.setattr(runner, "mean_flops", lambda config, layouts, op, layers, proxyv=None: {
-        "total": 100 - len(layers), "baseline": 100, "reduction": len(layers) / 100, "theoretical": 90})
+    monkeypatch.setattr(job, "score_variant", stub)
+    monkeypatch.setattr(flops, "mean_flops", lambda config, prompts, variant: {
+        "total": 100 - len(variant.layers), "baseline": 100, "reduction": len(variant.layers) / 100,
+        "theoretical": 90})
     config = tiny.build_config("llava", "llama", image_size=64, patch_size=8, num_layers=32)
     session = type("S", (), {"lm": FakeLM(config)})()
     return stub, (lambda spec, model: session)
@@ -158,6 +173,9 @@ def test_run_one_records_skips_retries_and_reuses_the_baseline(tmp_path, config_
     assert done["layers"] == list(range(2, 32)) and done["start_layer"] == 2 and done["end_layer"] == 32
     assert done["score"] == 0.5 and done["relative_score"] == 0.5 and done["agreement"] == 0.5
     assert done["flops"]["reduction"] == 0.3 and done["baseline"]["score"] == 1.0
+    assert done["variant"]["label"] == "skip_ffn L2–32" and done["variant"]["family"] == "ablation"
+    assert done["latency_ms"] == 1.0 and done["latency"]["q3_ms"] == 1.1
+    assert done["n_per_task"] == {t: 2 for t in done["scores"]}
     assert set(done["scores"]) == {"synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa"}
     assert done["git_commit"] and done["versions"]["torch"] and done["seed"] == 0
     assert len(results.read_samples(Path(done["path"]).parent)) == 8
@@ -182,6 +200,71 @@ def test_run_one_records_skips_retries_and_reuses_the_baseline(tmp_path, config_
     assert sorted(table["op"]) == ["drop_v2t", "none", "skip_ffn"] and set(table["status"]) == {"ok"}
 
 
+def test_corrupt_record_is_reported_and_recomputed(tmp_path, config_only, stubbed, caplog):
+    stub, factory = stubbed
+    cfg = _cfg(tmp_path, config_only, "op=skip_attn", "start_layer=4")
+    first = runner.run_one(cfg, session_factory=factory)
+    path = Path(first["path"])
+    path.write_text(path.read_text()[:40])  # truncated, e.g. a disk that filled up
+    calls = len(stub.calls)
+    with caplog.at_level("WARNING", logger="analysis.runner"):
+        again = runner.run_one(cfg, session_factory=factory)
+    assert f"unreadable record {path}" in caplog.text
+    assert again["status"] == "ok" and len(stub.calls) == calls + 1 and results.read_record(path) is not None
+
+
+def test_finished_runs_are_read_without_write_access(tmp_path, config_only, stubbed, monkeypatch):
+    stub, factory = stubbed
+    cfg = _cfg(tmp_path, config_only, "op=mask_v2v", "start_layer=4")
+    runner.run_one(cfg, session_factory=factory)
+
+    def no_lock(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(results, "file_lock", no_lock)  # any lock (a write) would fail now
+    assert runner.run_one(cfg, session_factory=factory)["status"] == "ok"
+    with pytest.raises(ConfigError, match=r"^cannot write to .*permission denied; make the runs dir writable or set "
+                                          r"run.runs_dir=") as info:
+        runner.run_one(_cfg(tmp_path, config_only, "op=mask_v2v", "start_layer=6"), session_factory=factory)
+    assert "\n" not in str(info.value)
+
+
+def test_two_identical_jobs_at_once_compute_once(tmp_path, config_only, stubbed):
+    import threading
+    import time
+
+    stub, factory = stubbed
+    cfg = _cfg(tmp_path, config_only, "op=skip_attn_ffn", "start_layer=8")
+    runner.run_one(_cfg(tmp_path, config_only, "op=none"), session_factory=factory)  # the baseline first
+    slow = stub.__call__
+
+    def slowly(*args):
+        time.sleep(0.5)
+        return slow(*args)
+
+    job.score_variant = slowly
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(runner.run_one(cfg, session_factory=factory)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c for c in stub.calls if c != "baseline"].count(runner.prepare(cfg).run_name) == 1
+    assert out[0]["config_hash"] == out[1]["config_hash"] and out[0]["status"] == out[1]["status"] == "ok"
+
+
+def test_a_run_finished_in_another_sweep_is_reused(tmp_path, config_only, stubbed):
+    stub, factory = stubbed
+    first = runner.run_one(_cfg(tmp_path, config_only, "op=drop_v2t", "start_layer=20"), session_factory=factory)
+    calls = len(stub.calls)
+    again = runner.run_one(_cfg(tmp_path, config_only, "op=drop_v2t", "start_layer=20", "run.sweep_tag=-other"),
+                           session_factory=factory)
+    assert len(stub.calls) == calls and again["reused_from"] == str(Path(first["path"]).parent)
+    assert again["sweep"] == "tiny-synthetic-other" and again["score"] == first["score"]
+    assert len(results.read_samples(Path(again["path"]).parent)) == len(results.read_samples(Path(first["path"]).parent))
+
+
 @pytest.fixture(scope="module")
 def proxyv_config_only(tmp_path_factory) -> Path:
     """A config.json as a ProxyV checkpoint from layer 16 saves it (prepare() reads only the config)."""
@@ -196,14 +279,19 @@ def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, s
     stub, factory = stubbed
     listed = f"model.proxyv={{16:{proxyv_config_only}}}"
     spec = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed))
-    assert spec.op == "proxyv" and spec.layers == tuple(range(16, 32)) and spec.model.path == str(proxyv_config_only)
-    assert spec.base.path == str(config_only) and spec.proxyv["reduce_factor"] == 4
+    v = spec.variant
+    assert (v.family, v.method, v.layers) == ("proxyv", "proxyv", tuple(range(16, 32)))
+    assert spec.model.path == str(proxyv_config_only) == v.checkpoint
+    assert spec.base.path == str(config_only) and v.options == {"reduce_factor": 4, "init": "spatial", "light_width": 16}
+    assert v.label == "proxyv L16–32 (init=spatial, reduce_factor=4)"
+    with pytest.raises(ConfigError, match=r"has reduce_factor=4, not op.reduce_factor=2"):
+        runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed, "op.reduce_factor=2"))
     ablation = runner.prepare(_cfg(tmp_path, config_only, "op=skip_ffn", "start_layer=16", listed))
     assert spec.baseline_key == ablation.baseline_key and spec.key != ablation.key  # one baseline for both
     record = runner.run_one(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed), session_factory=factory)
     assert record["status"] == "ok" and record["op"] == "proxyv" and record["proxyv"]["start_layer"] == 16
     assert record["model_path"] == str(proxyv_config_only) and record["baseline"]["score"] == 1.0
-    with pytest.raises(ConfigError, match=r"no trained ProxyV checkpoint for start_layer=8 \(listed in model.proxyv: 16\b.*conf/model/tiny.yaml"):
+    with pytest.raises(ConfigError, match=r"(?i)no trained ProxyV checkpoint for start_layer=8 \(listed in model.proxyv: 16\b.*conf/model/tiny.yaml"):
         runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=8", listed))
     with pytest.raises(ConfigError, match="is a ProxyV checkpoint: set model.baseline_model"):
         runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=none"))
@@ -214,8 +302,8 @@ def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, s
 def test_agreement():
     ref = [{"task": "t", "doc_id": i, "prediction": p} for i, p in enumerate(["a", "b ", "c"])]
     out = [{"task": "t", "doc_id": i, "prediction": p} for i, p in enumerate([" a", "b", "x"])]
-    assert runner.agreement(out, ref) == pytest.approx(2 / 3)
-    assert runner.agreement(out, []) is None
+    assert agreement(out, ref) == pytest.approx(2 / 3)
+    assert agreement(out, []) is None
 
 
 def test_record_schema_documented():
