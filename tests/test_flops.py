@@ -16,15 +16,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from analysis import OPERATORS
 from analysis.flops import (
     COMPONENTS,
+    PrefillTokens,
     TextDims,
-    TokenLayout,
     allowed_pair_counts,
     count_flops,
     load_config,
     main,
     shipped_configs,
 )
-from analysis.flops_measure import measure_fvcore, measure_torch
+from analysis.flops.measure import measure_fvcore, measure_torch
+from analysis.variant import resolve_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = (("USER: <image>\nWhat is written here? ASSISTANT:", [(0, 32, 48)]),)
@@ -33,7 +34,7 @@ LAYER_RANGES = (range(4), [1, 2], [3])
 
 
 def analytic(model, batch, op, layers, newline_tokens="vision"):
-    layout = TokenLayout.from_batch(batch, model.config, newline_tokens)
+    layout = PrefillTokens.from_batch(batch, model.config, newline_tokens)
     return count_flops(model.config, layout, op, layers)
 
 
@@ -93,7 +94,7 @@ def test_sliding_window_backbone(attn):
     for op in ("none", "skip_attn"):
         report = analytic(model, batch, op, [1, 2])
         assert_exact(report, measure_torch(model, batch, op, [1, 2]))
-    layout = TokenLayout.from_batch(batch, model.config)
+    layout = PrefillTokens.from_batch(batch, model.config)
     windowed = sum(layout.allowed_pairs(None, window, False).values())
     assert windowed < sum(layout.allowed_pairs(None, None, False).values())
     dims = TextDims.from_config(model.config)
@@ -138,14 +139,14 @@ def test_fvcore_counts_half_on_the_decoder_and_lm_head(spec, attn):
 
 
 def report_crops(batch, model):
-    return TokenLayout.from_batch(batch, model.config).crops
+    return PrefillTokens.from_batch(batch, model.config).crops
 
 
 # ----------------------------------------------------------------------------- executed vs theoretical
 
 def test_skip_ops_execute_less_and_mask_ops_only_lower_the_theoretical_figure():
     config = load_config("llava-1.5-7b")
-    layout = TokenLayout.from_counts(576, 64, 576, text_before_image=35)
+    layout = PrefillTokens.from_counts(576, 64, 576, text_before_image=35)
     base = count_flops(config, layout, "none")
     assert base.total == base.baseline and base.theoretical == base.theoretical_baseline
     assert base.theoretical < base.total  # causal half
@@ -163,7 +164,7 @@ def test_skip_ops_execute_less_and_mask_ops_only_lower_the_theoretical_figure():
 
 def test_theoretical_pairs_in_closed_form():
     k, v, t = 5, 12, 7  # text before the image, vision tokens, text after
-    vision = TokenLayout.from_counts(v, k + t, v, text_before_image=k).vision[0]
+    vision = PrefillTokens.from_counts(v, k + t, v, text_before_image=k).vision[0]
     n = k + v + t
     before = k * (k + 1) // 2
     after_full = sum(k + v + i + 1 for i in range(t))
@@ -189,7 +190,7 @@ def test_theoretical_attention_matches_reference_masks_on_a_padded_batch(op):
     model = model_for("next-llama", "sdpa")
     batch = make_batch("llava_next", PAIR)
     report = analytic(model, batch, op, [2])
-    layout = TokenLayout.from_batch(batch, model.config)
+    layout = PrefillTokens.from_batch(batch, model.config)
     dims = TextDims.from_config(model.config)
     pairs = 0
     for b in range(layout.batch):
@@ -228,7 +229,7 @@ def test_shipped_configs_against_parameter_counts(name):
     config = load_config(name)
     per_crop = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     text_tokens = 64
-    report = count_flops(config, TokenLayout.from_counts(per_crop, text_tokens, per_crop), "none")
+    report = count_flops(config, PrefillTokens.from_counts(per_crop, text_tokens, per_crop), "none")
     with torch.device("meta"):
         lm = AutoModel.from_config(config.text_config)
         tower = AutoModel.from_config(config.vision_config)
@@ -250,18 +251,32 @@ def test_shipped_configs_against_parameter_counts(name):
 
 
 def test_llava_15_7b_prefill_is_about_8_5_tflops():
-    report = count_flops(load_config("llava-1.5-7b"), TokenLayout.from_counts(576, 64, 576), "none")
+    report = count_flops(load_config("llava-1.5-7b"), PrefillTokens.from_counts(576, 64, 576), "none")
     assert 8.0e12 < report.baseline < 9.0e12
     assert 0.3e12 < report.vision < 0.5e12
+
+
+@pytest.mark.parametrize("op", ["skip_attn_ffn", "mask_v2v", "none"])
+def test_a_variant_counts_as_its_name(op):
+    config = load_config("llava-v1.6-vicuna-7b")
+    tokens = PrefillTokens.from_counts(2880, 64, 576, newline_tokens=48, text_before_image=35)
+    variant = resolve_variant(op, 32, start_layer=12)
+    by_name = count_flops(config, tokens, op, start_layer=12)
+    assert count_flops(config, tokens, variant).to_dict() == by_name.to_dict()
+    assert by_name.layers == variant.layers
+    with pytest.raises(ValueError, match="carries its layers"):
+        count_flops(config, tokens, variant, start_layer=12)
+    with pytest.raises(ValueError, match="out of range"):  # a variant resolved for a deeper model
+        count_flops(config, tokens, resolve_variant("skip_ffn", 40, start_layer=30))
 
 
 def test_bare_text_config(tmp_path):
     path = tmp_path / "config.json"
     text = json.loads((ROOT / "analysis/configs/llava-1.5-7b.json").read_text())["text_config"]
     path.write_text(json.dumps(text))
-    report = count_flops(load_config(path), TokenLayout.from_counts(576, 64, 576), "none")
+    report = count_flops(load_config(path), PrefillTokens.from_counts(576, 64, 576), "none")
     assert report.vision is None
-    assert report.baseline == count_flops(load_config("llava-1.5-7b"), TokenLayout.from_counts(576, 64, 576)).baseline
+    assert report.baseline == count_flops(load_config("llava-1.5-7b"), PrefillTokens.from_counts(576, 64, 576)).baseline
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -306,7 +321,7 @@ def test_cli_bad_input_is_one_line(capsys, args, message):
 
 
 def test_from_counts_places_newline_tokens_after_high_res_rows():
-    layout = TokenLayout.from_counts(3 * 4, 2, 4, newline_tokens=2, text_before_image=1, newline_as="text")
+    layout = PrefillTokens.from_counts(3 * 4, 2, 4, newline_tokens=2, text_before_image=1, newline_as="text")
     # text, base crop (4), high-res 4 + newline, 4 + newline, text
     assert layout.vision[0].int().tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0]
     assert layout.crops == 3 and layout.crop_shapes == (((2, 2),) * 3,)

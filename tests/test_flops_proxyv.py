@@ -1,4 +1,4 @@
-"""FLOPs of ProxyV (analysis.proxyv.flops_variant): analytic == torch's counter on the real forward, and the CLI."""
+"""FLOPs of ProxyV (analysis.flops.proxyv): analytic == torch's counter on the real forward, and the CLI."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 from conftest import MODEL_SPECS, MULTI, PAIR, image
 
 from analysis import tiny
-from analysis.flops import TokenLayout, count_flops, known_variants, load_config, main
-from analysis.flops_measure import _module_names, _split, torch_flop_counter
+from analysis.flops import PrefillTokens, count_flops, known_variants, load_config, main
+from analysis.flops.measure import _module_names, _split, torch_flop_counter
+from analysis.flops.proxyv import derive_shapes
 from analysis.proxyv import apply_proxyv, proxyv_shapes
-from analysis.proxyv.flops_variant import derive_shapes
+from analysis.variant import resolve_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = {"image_size": 32, "patch_size": 4}  # 8x8 cells per crop
@@ -52,7 +53,7 @@ def settings(model) -> dict:
 def analytic(model, batch, exact: bool = True):
     """``count_flops`` of a ProxyV model's batch: with ``shapes=`` of the batch, or derived from the layout."""
     s = settings(model)
-    layout = TokenLayout.from_batch(batch, model.config, newline_tokens="text")
+    layout = PrefillTokens.from_batch(batch, model.config, newline_tokens="text")
     options = {"reduce_factor": s["reduce_factor"], "init": s["init"], "light_width": s["light_width"]}
     if exact:
         options["shapes"] = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"],
@@ -131,7 +132,7 @@ def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
     model = build("llava-llama", "eager", start_layer=2, reduce_factor=factor, init=init)
     for samples in BATCHES.values():
         batch = batch_of("llava", samples)
-        layout = TokenLayout.from_batch(batch, model.config)  # LLaVA-1.5: vision tokens are the cells
+        layout = PrefillTokens.from_batch(batch, model.config)  # LLaVA-1.5: vision tokens are the cells
         width = settings(model)["light_width"]
         assert derive_shapes(layout, factor, init == "learned", width) == proxyv_shapes(
             model.config, batch["input_ids"], batch["attention_mask"])
@@ -147,7 +148,7 @@ def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
 def test_groups_and_theoretical_pairs():
     config = load_config("llava-1.5-7b")
     k, t = 5, 40  # text before and after one 24x24 crop; 36 proxies
-    layout = TokenLayout.from_counts(576, k + t, 576, text_before_image=k)
+    layout = PrefillTokens.from_counts(576, k + t, 576, text_before_image=k)
     report = count_flops(config, layout, "proxyv", start_layer=16, reduce_factor=4)
     layer = report.per_layer[16]
     per_pair = 2 * 32 * 128
@@ -164,23 +165,42 @@ def test_groups_and_theoretical_pairs():
     assert sum(report.groups().values()) == report.total
 
 
+@pytest.mark.parametrize("init", ["spatial", "learned"])
+def test_a_variant_counts_as_its_name(init):
+    config = load_config("llava-1.5-7b")
+    tokens = PrefillTokens.from_counts(576, 64, 576, text_before_image=5)
+    variant = resolve_variant("proxyv", 32, start_layer=16, params={"reduce_factor": 4, "init": init})
+    by_name = count_flops(config, tokens, "proxyv", start_layer=16, reduce_factor=4, init=init)
+    assert count_flops(config, tokens, variant).to_dict() == by_name.to_dict()
+    # a trained checkpoint's variant and the shapes its batch recorded
+    model = build("next-llama", "sdpa", start_layer=1, reduce_factor=2, init=init)
+    batch = batch_of("llava_next", PAIR)
+    s = settings(model)
+    variant = resolve_variant("proxyv", 4, start_layer=1, params={k: s[k] for k in ("reduce_factor", "init", "light_width")})
+    shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
+    tokens = PrefillTokens.from_batch(batch, model.config, newline_tokens="text")
+    report = count_flops(model.config, tokens, variant, shapes=shapes)
+    assert report.to_dict() == analytic(model, batch).to_dict()
+    assert_exact(model, batch, report)
+
+
 def test_bad_input_is_a_clear_error():
     config = load_config("llava-1.5-7b")
-    layout = TokenLayout.from_counts(576, 64, 576)
-    with pytest.raises(ValueError, match=r"through the last layer \(31\)"):
+    layout = PrefillTokens.from_counts(576, 64, 576)
+    with pytest.raises(ValueError, match="through the last layer; drop end_layer=20"):
         count_flops(config, layout, "proxyv", start_layer=16, end_layer=20)
     with pytest.raises(ValueError, match="init must be one of"):
         count_flops(config, layout, "proxyv", start_layer=16, init="random")
     with pytest.raises(ValueError, match="newline tokens as text"):  # newline tokens counted as vision
-        count_flops(load_config("llava-v1.6-vicuna-7b"), TokenLayout.from_counts(2880, 64, 576, 48), "proxyv",
+        count_flops(load_config("llava-v1.6-vicuna-7b"), PrefillTokens.from_counts(2880, 64, 576, 48), "proxyv",
                     start_layer=16)
     model = build("next-llama", "sdpa", start_layer=1, reduce_factor=2)
     batch = batch_of("llava_next", ONE)
     shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
     with pytest.raises(ValueError, match="newline_tokens='text'"):
-        count_flops(model.config, TokenLayout.from_batch(batch, model.config), "proxyv", start_layer=1, shapes=shapes)
+        count_flops(model.config, PrefillTokens.from_batch(batch, model.config), "proxyv", start_layer=1, shapes=shapes)
     with pytest.raises(ValueError, match="reduce_factor=4 gives 4 proxies"):
-        count_flops(model.config, TokenLayout.from_batch(batch, model.config, "text"), "proxyv", start_layer=1,
+        count_flops(model.config, PrefillTokens.from_batch(batch, model.config, "text"), "proxyv", start_layer=1,
                     shapes=shapes, reduce_factor=4)
 
 
@@ -211,7 +231,7 @@ def test_cli_learned_and_next_table(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--proxy-reduce", "5"], "reduce_factor=5 does not divide the 24x24 crop grid"),
-    (["--proxy-reduce", "4", "--end-layer", "20"], "through the last layer (31)"),
+    (["--proxy-reduce", "4", "--end-layer", "20"], "through the last layer; drop end_layer=20"),
     (["--newline-as", "vision"], "ProxyV computes newline tokens as text"),
     (["--op", "skip_ffn", "--proxy-reduce", "4"], "--proxy-reduce applies to --op proxyv only"),
 ])

@@ -165,10 +165,10 @@ def test_bad_input_gives_one_clear_error():
 
 @pytest.mark.parametrize("init", ["spatial", "learned"])
 def test_flops_formula_equals_torch_counter(init):
-    """analysis.proxyv.cost describes exactly the matrix products a ProxyV layer executes."""
+    """analysis.flops.proxyv describes exactly the matrix products a ProxyV layer executes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from analysis.proxyv.cost import proxyv_layer_flops
+    from analysis.flops.proxyv import proxyv_layer_flops
 
     model = build("next-mistral-gqa", "eager", start_layer=2, reduce_factor=2, init=init)
     batch = batch_of("llava_next")

@@ -1,30 +1,49 @@
-"""ProxyV as a variant of :mod:`analysis.flops`: ``count_flops(..., "proxyv", range(L, n), reduce_factor=F)``.
+"""FLOPs of ProxyV: the matrix products of a ProxyV decoder layer, and the ``proxyv`` family's FLOPs variant.
 
-    from analysis.flops import TokenLayout, count_flops
+    from analysis.flops import PrefillTokens, count_flops
+    from analysis.variant import resolve_variant
     # from counts (one image of complete crops; what the CLI's --op proxyv counts)
-    report = count_flops(config, TokenLayout.from_counts(576, 64, 576), "proxyv", start_layer=16, reduce_factor=4)
+    report = count_flops(config, PrefillTokens.from_counts(576, 64, 576), "proxyv", start_layer=16, reduce_factor=4)
     # a real batch, exactly what the ProxyV model executes (AnyRes unpadding, several images, padding)
-    layout = TokenLayout.from_batch(batch, config, newline_tokens="text")
-    shapes = proxyv_shapes(config, batch["input_ids"], batch["attention_mask"], batch.get("image_sizes"),
-                           settings={"start_layer": 16, "reduce_factor": 4, "init": "spatial"})
-    report = count_flops(config, layout, "proxyv", start_layer=16, shapes=shapes)
+    tokens = PrefillTokens.from_batch(batch, config, newline_tokens="text")
+    shapes = proxyv_shapes(config, batch["input_ids"], batch["attention_mask"], batch.get("image_sizes"))
+    variant = resolve_variant("proxyv", 32, start_layer=16, params={"reduce_factor": 4})
+    report = count_flops(config, tokens, variant, shapes=shapes)
 
-Layers below the start layer L are the baseline. Each layer >= L is counted by
-:func:`analysis.proxyv.cost.proxyv_layer_flops` (the formulas live there, next to the runtime, and
-are tested against torch's counter) from the batch's :class:`~analysis.proxyv.ProxyVShapes`:
-``q_proj`` ... ``down_proj`` and ``attn_scores`` / ``attn_values`` as for any layer, plus the light
-MLP (``light_input_proj``, ``light_context_proj``, ``light_fuse``, ``light_out_proj``) and, for
-``init="learned"``, ``splat`` in every layer and ``init_key_proj``, ``init_logits``,
-``init_pooling`` at layer L. Executed: the padded batch, attention as the full rectangle
-(queries [proxies, text] x keys [sequence, proxies]); theoretical: per sample, allowed pairs only.
+Conventions as :mod:`analysis.flops`: an (m, k) @ (k, n) product costs 2·m·k·n (torch's
+``FlopCounterMode``); norms, rotary, softmax, interpolation, gathers and additions are not counted.
+Dims (:class:`~analysis.flops.TextDims`): D hidden, H / Hkv query / key-value heads, hd head dim,
+F FFN width; I light width; shapes from :func:`analysis.proxyv.proxyv_shapes`: B, T, P, Nv, Nt,
+C crops, S cells, n proxies per crop.
+
+Layers below the start layer L are the baseline. One ProxyV layer (>= L) executes, on the padded
+batch (``executed``, :func:`proxyv_layer_flops`, written next to what :mod:`analysis.proxyv.runtime`
+executes and tested equal to torch's counter)::
+
+    q_proj, o_proj        B·(P+Nt) rows        2·rows·D·H·hd each      queries = [proxies, text]
+    k_proj, v_proj        B·(T+P) rows         2·rows·D·Hkv·hd each    keys = [sequence (cached), proxies]
+    attn_scores, values   B·H·(P+Nt)·(T+P)     2·hd per (row, key)     full rectangle; K/V repeated to H heads
+    gate, up, down_proj   B·(P+Nt) rows        2·rows·D·F each
+    light input_proj      B·Nv rows            2·rows·D·I              GuidedUpdate on full vision tokens
+    light context_proj    B·P rows             2·rows·D·I              on proxies, before gather / splat to cells
+    light fuse            B·Nv rows            2·rows·2I·I
+    light out_proj        B·Nv rows            2·rows·I·D
+    splat (learned)       C·S·n·I              2 per multiply-add      (C, S, n) @ (C, n, I)
+  start layer only, learned:
+    init key_proj         C·S rows             2·rows·D·I
+    init logits           C·n·S·I              queries (n, I) x keys (C, S, I)
+    init pooling          C·n·S·D              attn (C, n, S) @ cells (C, S, D)
+
+``theoretical`` counts per sample without padding or filler slots (P_b, Nv_b, Nt_b, T_b = Nv_b + Nt_b)
+and attention only over allowed pairs (``sample_pairs``), as the theoretical figure of the operators.
 
 Shapes come either from ``shapes=`` (:func:`analysis.proxyv.proxyv_shapes` of the real batch: exact
-for every layout the model accepts) or are derived from the :class:`~analysis.flops.TokenLayout`,
+for every layout the model accepts) or are derived from the :class:`~analysis.flops.PrefillTokens`,
 which then has to describe ProxyV's full vision tokens, and under these rules:
 
-* the layout's vision positions of a sample are exactly the cells of its crops (``crop_shapes``):
+* the vision positions of a sample are exactly the cells of its crops (``crop_shapes``):
   every crop complete, square (side x side) and all of one size; newline tokens (and anything else)
-  are text -- ProxyV computes them as text. ``TokenLayout.from_counts(..., newline_as="text")``,
+  are text -- ProxyV computes them as text. ``PrefillTokens.from_counts(..., newline_as="text")``,
   or ``from_batch(..., newline_tokens="text")`` of a LLaVA-1.5 batch, qualify; a LLaVA-NeXT batch
   whose crops lost cells to unpadding does not (error: pass ``shapes=``);
 * proxies per crop: (side/F)^2 spatial (F must divide side), side^2 // F^2 learned;
@@ -37,37 +56,86 @@ On a LLaVA-1.5 batch of single-image samples both ways give the same shapes (tes
 Token groups: proxies (and their rows, keys and pairs) and full vision tokens count as ``vision``;
 text rows as ``text``; in the executed figure, padding rows and filler slots (a sample with fewer
 proxies, vision or text rows than the batch's largest) as ``padding``. The component totals of
-:mod:`~analysis.proxyv.cost` are split over the groups in proportion to their rows (exact: each
+:func:`proxyv_layer_flops` are split over the groups in proportion to their rows (exact: each
 component is linear in its rows).
+
+This module imports :mod:`analysis.proxyv` (its shapes and settings); :mod:`analysis.proxyv` never
+imports :mod:`analysis.flops`.
 """
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 
-from ..flops import (
-    Breakdown,
-    LayerFlops,
-    OperatorVariant,
-    TextDims,
-    TokenLayout,
-    register_variant,
-)
-from ..ops import get_operator
-from .apply import INITS, ProxyVShapes
-from .cost import proxyv_layer_flops
+from ..proxyv.apply import INITS, ProxyVShapes
+from ..variant import Variant
+from .decoder import Breakdown, LayerFlops, baseline_flops
+from .dims import TextDims
+from .tokens import PrefillTokens
 
 QUERY_COMPONENTS = ("q_proj", "o_proj", "attn_scores", "attn_values", "gate_proj", "up_proj", "down_proj")
 KV_COMPONENTS = ("k_proj", "v_proj")
 VISION_ROW_COMPONENTS = ("light_input_proj", "light_fuse", "light_out_proj")
 PROXY_ROW_COMPONENTS = ("light_context_proj",)
+DEFAULT_REDUCE_FACTOR = 4
+DEFAULT_INIT = "spatial"
+
+
+# ----------------------------------------------------------------------------- the formulas
+
+def _layer(d: TextDims, B: int, T: int, P: int, Nv: int, Nt: int, keys_per_row: int | None, pairs: int | None,
+           I: int, C: int, S: int, n: int, learned: bool, first: bool) -> dict[str, int]:
+    D, H, Hkv, hd, F = d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
+    rows, kv_rows = B * (P + Nt), B * (T + P)
+    attention = B * H * (P + Nt) * keys_per_row * 2 * hd if pairs is None else 2 * H * hd * pairs
+    out = {
+        "q_proj": 2 * rows * D * H * hd, "k_proj": 2 * kv_rows * D * Hkv * hd, "v_proj": 2 * kv_rows * D * Hkv * hd,
+        "o_proj": 2 * rows * H * hd * D, "attn_scores": attention, "attn_values": attention,
+        "gate_proj": 2 * rows * D * F, "up_proj": 2 * rows * D * F, "down_proj": 2 * rows * F * D,
+        "light_input_proj": 2 * B * Nv * D * I, "light_context_proj": 2 * B * P * D * I,
+        "light_fuse": 2 * B * Nv * 2 * I * I, "light_out_proj": 2 * B * Nv * I * D,
+    }
+    if learned:
+        out["splat"] = 2 * C * S * n * I
+        if first:
+            out.update(init_key_proj=2 * C * S * D * I, init_logits=2 * C * n * S * I, init_pooling=2 * C * n * S * D)
+    return out
+
+
+def proxyv_layer_flops(dims: TextDims, shapes: ProxyVShapes, first: bool, theoretical: bool = False) -> dict[str, int]:
+    """FLOPs by component of one ProxyV layer in a prefill (``first``: the start layer).
+
+    ``dims``: the decoder's :class:`TextDims` (or a model config, read through
+    :meth:`TextDims.from_config`); ``shapes``: :class:`analysis.proxyv.ProxyVShapes` of the batch.
+    """
+    d, s = TextDims.of(dims), shapes
+    crop = {"I": s.light_width, "C": s.crops, "S": s.cells_per_crop, "n": s.proxies_per_crop,
+            "learned": s.learned, "first": first}
+    if not theoretical:
+        return _layer(d, s.batch, s.rows, s.proxies, s.vision_rows, s.text_rows, s.rows + s.proxies, None, **crop)
+    total: dict[str, int] = {}
+    for b, (P, Nv, Nt, pairs) in enumerate(zip(s.sample_proxies, s.sample_vision, s.sample_text, s.sample_pairs)):
+        # Crop-level work (learned splat / init) is shared by the batch: count it once, with sample 0.
+        part = _layer(d, 1, Nv + Nt, P, Nv, Nt, None, pairs, **{**crop, "C": crop["C"] if b == 0 else 0})
+        total = {k: total.get(k, 0) + v for k, v in part.items()}
+    return total
+
+
+# ----------------------------------------------------------------------------- the family's FLOPs variant
+
+def proxyv_flops(variant: Variant, shapes: ProxyVShapes | None = None) -> ProxyVFlops:
+    """The layer-FLOPs variant of a ``proxyv`` :class:`~analysis.variant.Variant` (the family registry's
+    ``flops``): its layers, and its ``reduce_factor`` / ``init`` / ``light_width`` options (missing or
+    ``None``: 4, spatial, hidden // 4, or those of ``shapes``)."""
+    options = variant.options
+    return ProxyVFlops(variant.layers, reduce_factor=options.get("reduce_factor"), init=options.get("init"),
+                       light_width=options.get("light_width"), shapes=shapes)
 
 
 class ProxyVFlops:
-    """The ``"proxyv"`` variant: ProxyV from ``layers[0]`` through the last layer.
+    """ProxyV from ``layers[0]`` through the last layer.
 
     Args:
         layers: the ProxyV layers, ``range(L, n_layers)``.
@@ -75,7 +143,7 @@ class ProxyVFlops:
         init: ``"spatial"`` or ``"learned"`` (default spatial, or that of ``shapes``).
         light_width: I of the light MLP; default hidden // 4 (or that of ``shapes``). ``0`` = default.
         shapes: :class:`~analysis.proxyv.ProxyVShapes` of the counted batch (exact for any batch), or
-            ``None``: derived from the layout (see the module docstring).
+            ``None``: derived from the tokens (see the module docstring).
     """
 
     name = "proxyv"
@@ -98,56 +166,46 @@ class ProxyVFlops:
         if shapes is not None:
             _check_shapes(shapes, reduce_factor, init, light_width)
         self.start = self.layers[0]
-        self.reduce_factor = reduce_factor or 4
-        self.init = init or ("learned" if shapes is not None and shapes.learned else "spatial")
+        self.reduce_factor = reduce_factor or DEFAULT_REDUCE_FACTOR
+        self.init = init or ("learned" if shapes is not None and shapes.learned else DEFAULT_INIT)
         self.light_width = light_width or None
         self.shapes = shapes
-        self._cached: tuple | None = None  # (layout, dims, {first: LayerFlops parts}) of the last layout counted
+        self._cached: tuple | None = None  # (tokens, dims, {first: LayerFlops parts}) of the last tokens counted
 
-    def layer_flops(self, layer: int, dims: TextDims, layout: TokenLayout) -> LayerFlops:
+    def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:
         if self.layers[-1] != dims.layers - 1:
             raise ValueError(f"ProxyV runs from start_layer={self.start} through the last layer ({dims.layers - 1}); "
                              f"got layers {self.start}..{self.layers[-1]}: drop end_layer")
         windowed = [i for i in self.layers if dims.windows[i] is not None]
         if windowed:
             raise ValueError(f"ProxyV does not support sliding-window attention (layers {windowed})")
-        parts = self._parts(dims, layout)
+        parts = self._parts(dims, tokens)
         if layer < self.start or parts is None:  # below L, or no vision cells: HF's own layer runs
-            return OperatorVariant(get_operator("none"), ()).layer_flops(layer, dims, layout)
+            return baseline_flops().layer_flops(layer, dims, tokens)
         executed, theoretical = parts[layer == self.start]
         return LayerFlops(layer, True, executed, theoretical)
 
-    # ------------------------------------------------------------------ shapes and breakdowns
-
-    def _parts(self, dims: TextDims, layout: TokenLayout):
-        if self._cached is None or self._cached[0] is not layout or self._cached[1] != dims:
-            self._cached = (layout, dims, self._compute(dims, layout))
+    def _parts(self, dims: TextDims, tokens: PrefillTokens):
+        if self._cached is None or self._cached[0] is not tokens or self._cached[1] != dims:
+            self._cached = (tokens, dims, self._compute(dims, tokens))
         return self._cached[2]
 
-    def _compute(self, dims: TextDims, layout: TokenLayout):
+    def _compute(self, dims: TextDims, tokens: PrefillTokens):
         width = self.light_width or dims.hidden // 4
         if self.shapes is not None:
             shapes = self.shapes
-            _check_layout(shapes, layout)
+            _check_tokens(shapes, tokens)
         else:
-            shapes = derive_shapes(layout, self.reduce_factor, self.init == "learned", width)
+            shapes = derive_shapes(tokens, self.reduce_factor, self.init == "learned", width)
             if shapes is None:
                 return None
-        text_pairs = _text_pairs(layout)
-        groups = _row_groups(shapes, text_pairs)
-        config = _config_of(dims)
+        groups = _row_groups(shapes, _text_pairs(tokens))
         parts = {}
         for first in (True, False):
-            executed = proxyv_layer_flops(config, shapes, first)
-            theoretical = proxyv_layer_flops(config, shapes, first, theoretical=True)
+            executed = proxyv_layer_flops(dims, shapes, first)
+            theoretical = proxyv_layer_flops(dims, shapes, first, theoretical=True)
             parts[first] = (_split(executed, groups["executed"]), _split(theoretical, groups["theoretical"]))
         return parts
-
-
-def _config_of(dims: TextDims) -> SimpleNamespace:
-    """What :func:`analysis.proxyv.cost.text_dims` reads of a config, from :class:`TextDims`."""
-    return SimpleNamespace(hidden_size=dims.hidden, num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
-                           head_dim=dims.head_dim, intermediate_size=dims.intermediate)
 
 
 def _check_shapes(shapes: ProxyVShapes, reduce_factor, init, light_width) -> None:
@@ -163,27 +221,27 @@ def _check_shapes(shapes: ProxyVShapes, reduce_factor, init, light_width) -> Non
                              f"have {shapes.proxies_per_crop}")
 
 
-def _check_layout(shapes: ProxyVShapes, layout: TokenLayout) -> None:
-    if (shapes.batch, shapes.rows) != (layout.batch, layout.seq_len):
-        raise ValueError(f"shapes= describe a ({shapes.batch}, {shapes.rows}) batch, the layout is "
-                         f"({layout.batch}, {layout.seq_len})")
-    vision = tuple((layout.vision & layout.valid).sum(1).tolist())
+def _check_tokens(shapes: ProxyVShapes, tokens: PrefillTokens) -> None:
+    if (shapes.batch, shapes.rows) != (tokens.batch, tokens.seq_len):
+        raise ValueError(f"shapes= describe a ({shapes.batch}, {shapes.rows}) batch, the tokens are "
+                         f"({tokens.batch}, {tokens.seq_len})")
+    vision = tuple((tokens.vision & tokens.valid).sum(1).tolist())
     if vision != tuple(shapes.sample_vision):
-        raise ValueError(f"the layout marks {list(vision)} vision tokens per sample, ProxyV has "
-                         f"{list(shapes.sample_vision)} full vision tokens: build it with newline tokens as text, "
-                         "TokenLayout.from_batch(batch, config, newline_tokens='text')")
+        raise ValueError(f"the tokens mark {list(vision)} vision tokens per sample, ProxyV has "
+                         f"{list(shapes.sample_vision)} full vision tokens: build them with newline tokens as text, "
+                         "PrefillTokens.from_batch(batch, config, newline_tokens='text')")
 
 
-def derive_shapes(layout: TokenLayout, reduce_factor: int, learned: bool, light_width: int) -> ProxyVShapes | None:
-    """ProxyV shapes from a token layout whose vision positions are its crops' cells (module docstring);
+def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int) -> ProxyVShapes | None:
+    """ProxyV shapes from prefill tokens whose vision positions are their crops' cells (module docstring);
     ``None`` without vision tokens."""
-    cells = layout.vision & layout.valid
+    cells = tokens.vision & tokens.valid
     per_sample = cells.sum(1).tolist()
     if not any(per_sample):
         return None
-    if len(layout.crop_shapes) != layout.batch:
-        raise ValueError("the layout has no crop shapes; ProxyV counts need each sample's crop grids")
-    grids = {shape for crops in layout.crop_shapes for shape in crops}
+    if len(tokens.crop_shapes) != tokens.batch:
+        raise ValueError("the tokens have no crop shapes; ProxyV counts need each sample's crop grids")
+    grids = {shape for crops in tokens.crop_shapes for shape in crops}
     if len(grids) != 1 or any(r != c for r, c in grids):
         raise ValueError(f"ProxyV counts need square crop grids all of one size (tokens per crop a square), "
                          f"got {sorted(grids)}")
@@ -195,28 +253,28 @@ def derive_shapes(layout: TokenLayout, reduce_factor: int, learned: bool, light_
     if learned and side * side < reduce_factor**2:
         raise ValueError(f"reduce_factor={reduce_factor} leaves no proxy for a {side}x{side} crop grid")
     n = side * side // reduce_factor**2 if learned else (side // reduce_factor) ** 2
-    for b, (count, crops) in enumerate(zip(per_sample, layout.crop_shapes)):
+    for b, (count, crops) in enumerate(zip(per_sample, tokens.crop_shapes)):
         if count != len(crops) * side * side:
             raise ValueError(
-                f"sample {b}: the layout marks {count} vision tokens but its {len(crops)} crops hold "
-                f"{len(crops) * side * side} cells; ProxyV counts from a layout need exactly the crop cells as vision "
+                f"sample {b}: the tokens mark {count} vision tokens but its {len(crops)} crops hold "
+                f"{len(crops) * side * side} cells; ProxyV counts from tokens need exactly the crop cells as vision "
                 "tokens, every crop complete (newline tokens as text: from_counts(..., newline_as='text'), "
                 "from_batch(..., newline_tokens='text')); for LLaVA-NeXT batches with unpadded crops pass "
                 "shapes=proxyv_shapes(...)")
-    B, T = layout.batch, layout.seq_len
-    proxies = [len(crops) * n if count else 0 for count, crops in zip(per_sample, layout.crop_shapes)]
-    text_valid = (layout.valid & ~cells).sum(1).tolist()
+    B, T = tokens.batch, tokens.seq_len
+    proxies = [len(crops) * n if count else 0 for count, crops in zip(per_sample, tokens.crop_shapes)]
+    text_valid = (tokens.valid & ~cells).sum(1).tolist()
     pairs = []
     for b in range(B):
-        vision = cells[b][layout.valid[b]]
+        vision = cells[b][tokens.valid[b]]
         before = int((~vision).long().cumsum(0)[vision.long().argmax()]) if per_sample[b] else 0  # text before image
         P = proxies[b]
         pairs.append(_sample_text_pairs(vision) + P * before + P * (P + 1) // 2)
     return ProxyVShapes(
         batch=B, rows=T, proxies=max(proxies), vision_rows=max(per_sample), text_rows=max(T - c for c in per_sample),
-        crops=sum(len(crops) for count, crops in zip(per_sample, layout.crop_shapes) if count),
+        crops=sum(len(crops) for count, crops in zip(per_sample, tokens.crop_shapes) if count),
         cells_per_crop=side * side, proxies_per_crop=n, light_width=light_width, learned=learned,
-        counts=tuple(((n,) * len(crops),) if count else () for count, crops in zip(per_sample, layout.crop_shapes)),
+        counts=tuple(((n,) * len(crops),) if count else () for count, crops in zip(per_sample, tokens.crop_shapes)),
         sample_proxies=tuple(proxies), sample_vision=tuple(per_sample), sample_text=tuple(text_valid),
         sample_pairs=tuple(pairs),
     )
@@ -230,9 +288,9 @@ def _sample_text_pairs(vision: torch.Tensor) -> int:
     return int(reads[~vision].sum())
 
 
-def _text_pairs(layout: TokenLayout) -> list[int]:
-    cells = layout.vision & layout.valid
-    return [_sample_text_pairs(cells[b][layout.valid[b]]) for b in range(layout.batch)]
+def _text_pairs(tokens: PrefillTokens) -> list[int]:
+    cells = tokens.vision & tokens.valid
+    return [_sample_text_pairs(cells[b][tokens.valid[b]]) for b in range(tokens.batch)]
 
 
 def _row_groups(s: ProxyVShapes, text_pairs: list[int]) -> dict[str, dict[str, dict[str, int]]]:
@@ -280,6 +338,3 @@ def _split(components: dict[str, int], groups: dict[str, dict[str, int]]) -> Bre
             raise AssertionError(f"{name}: {total} FLOPs do not split over rows {rows}")
         out[name] = {group: per_row * count for group, count in rows.items()}
     return out
-
-
-register_variant("proxyv", ProxyVFlops)

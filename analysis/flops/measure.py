@@ -1,5 +1,7 @@
 """Measured FLOPs of a real forward, to check :mod:`analysis.flops` against: torch and fvcore.
 
+    python -m analysis.flops.measure   # analytic, torch and fvcore side by side on a tiny LLaVA
+
 * :func:`measure_torch` -- ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add;
   counts ``mm``/``addmm``/``bmm``/convolutions and the attention kernels it has formulas for).
   torch ships no formula for the CPU SDPA kernel ``aten._scaled_dot_product_flash_attention_for_cpu``,
@@ -27,8 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .ablation import ablate
-from .models import decoder_layers, llava_core
+from ..ablation import ablate
+from ..models import decoder_layers, llava_core
+from .report import count_flops
+from .tokens import PrefillTokens
 
 LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
@@ -162,9 +166,7 @@ def side_by_side(model, batch: Mapping, op: str = "none", layers: Iterable[int] 
     fvcore's multiply-adds are shown as counted and doubled; the decoder and LM head rows agree
     exactly across all three, the vision row differs in fvcore by its LayerNorm handles.
     """
-    from .flops import TokenLayout, count_flops
-
-    report = count_flops(model.config, TokenLayout.from_batch(batch, model.config, newline_tokens), op, layers)
+    report = count_flops(model.config, PrefillTokens.from_batch(batch, model.config, newline_tokens), op, layers)
     torch_counts = measure_torch(model, batch, op, layers, newline_tokens)
     fvcore_counts = measure_fvcore(model, batch, op, layers, newline_tokens)
     parts = {"decoder": (report.total, torch_counts.decoder, fvcore_counts.decoder),
@@ -180,10 +182,10 @@ def _demo(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from . import tiny
-    from .ops import OPERATORS
+    from .. import tiny
+    from ..ops import OPERATORS
 
-    parser = argparse.ArgumentParser(prog="python -m analysis.flops_measure", description=_demo.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m analysis.flops.measure", description=_demo.__doc__)
     parser.add_argument("--backbone", default="qwen2", choices=sorted(tiny.TEXT_CONFIGS))
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"))
     parser.add_argument("--start-layer", type=int, default=1)

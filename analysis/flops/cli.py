@@ -1,0 +1,135 @@
+"""``python -m analysis.flops``: analytic prefill FLOPs of a checkpoint config under a variant (see docs/flops.md).
+
+    python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 \\
+        --op skip_ffn --start-layer 12 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .configs import load_config, shipped_configs
+from .dims import tokens_per_crop
+from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR
+from .report import FlopsReport, count_flops
+from .tokens import PrefillTokens
+from .variants import known_variants
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.flops",
+        description="Analytic prefill FLOPs of a LLaVA model under an op (see docs/flops.md).",
+    )
+    parser.add_argument("--config", required=True,
+                        help=f"config.json (LLaVA or bare text backbone) or a shipped name: {', '.join(shipped_configs())}")
+    parser.add_argument("--vision-tokens", type=int, default=None,
+                        help="vision tokens of the image(s) without newline tokens (default: one crop)")
+    parser.add_argument("--tokens-per-crop", type=int, default=None,
+                        help="LM tokens per crop (default: (image_size/patch_size)^2 of the config)")
+    parser.add_argument("--newline-tokens", type=int, default=0, help="LLaVA-NeXT image_newline tokens")
+    parser.add_argument("--text-tokens", type=int, required=True, help="text tokens of the prompt")
+    parser.add_argument("--text-before-image", type=int, default=0,
+                        help="how many of the text tokens precede the image (e.g. a system prompt); default 0")
+    parser.add_argument("--newline-as", choices=("vision", "text"), default=None,
+                        help="whether ops treat newline tokens as vision tokens (ablate()'s default) or text "
+                             "(always text for --op proxyv)")
+    parser.add_argument("--op", default="none", help=f"one of: {', '.join(known_variants())}")
+    parser.add_argument("--start-layer", type=int, default=0)
+    parser.add_argument("--proxy-reduce", type=int, default=None, metavar="F",
+                        help=f"--op proxyv: reduce factor, (side/F)^2 proxies per crop (spatial; default "
+                             f"{DEFAULT_REDUCE_FACTOR})")
+    parser.add_argument("--proxy-init", choices=("spatial", "learned"), default=None,
+                        help=f"--op proxyv: proxy initialiser (default {DEFAULT_INIT})")
+    parser.add_argument("--end-layer", type=int, default=None, help="exclusive; default the number of layers")
+    parser.add_argument("--lm-head", choices=("all", "last"), default="all",
+                        help="logits at every position (a forward) or at the last (generate's prefill)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _format_table(report: FlopsReport, title: str) -> str:
+    def tf(x: int) -> str:
+        return f"{x / 1e12:9.4f}"
+
+    header = f"{'layer':>5} {'ablated':>7} {'TFLOPs':>9} {'baseline':>9} {'saved':>6} {'theory':>9} {'th. base':>9}"
+    lines = [title, header]
+    for layer, base in zip(report.per_layer, report.baseline_per_layer):
+        saved = 1 - layer.total / base.total
+        lines.append(f"{layer.layer:>5} {'yes' if layer.ablated else '':>7} {tf(layer.total)} {tf(base.total)} "
+                     f"{saved:6.1%} {tf(layer.theoretical_total)} {tf(base.theoretical_total)}")
+    lines.append(f"{'all':>5} {'':>7} {tf(report.total)} {tf(report.baseline)} {report.reduction:6.1%} "
+                 f"{tf(report.theoretical)} {tf(report.theoretical_baseline)}")
+    lines.append("")
+    lines.append(f"decoder executed     {report.total / 1e12:.4f} TFLOPs  (baseline {report.baseline / 1e12:.4f}, "
+                 f"reduction {report.reduction:.2%})")
+    lines.append(f"decoder theoretical  {report.theoretical / 1e12:.4f} TFLOPs  (baseline "
+                 f"{report.theoretical_baseline / 1e12:.4f}, reduction {report.theoretical_reduction:.2%})")
+    lines.append(f"LM head              {report.lm_head / 1e12:.4f} TFLOPs")
+    if report.vision is not None:
+        lines.append(f"vision tower + proj. {report.vision / 1e12:.4f} TFLOPs")
+    components = report.components()
+    lines.append("executed by component: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in components.items()))
+    lines.append("executed by group:     " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in report.groups().items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = _variant_options(args)
+        config = load_config(args.config)
+        # a bare text backbone has no crop size: its vision tokens are one block unless told otherwise
+        per_crop = args.tokens_per_crop or tokens_per_crop(config) or max(args.vision_tokens or 0, 1)
+        vision_tokens = args.vision_tokens if args.vision_tokens is not None else tokens_per_crop(config) or 0
+        tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
+                                           args.text_before_image, args.newline_as)
+        report = count_flops(config, tokens, args.op, start_layer=args.start_layer, end_layer=args.end_layer,
+                             lm_head=args.lm_head, **options)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"config": str(args.config), "vision_tokens": vision_tokens, "tokens_per_crop": per_crop,
+               "newline_tokens": args.newline_tokens, "text_tokens": args.text_tokens,
+               "text_before_image": args.text_before_image,
+               **_proxy_flags(options), **report.to_dict()}
+        print(json.dumps(out))
+    else:
+        detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in _proxy_flags(options).items())
+        print(_format_table(report, f"{args.config}: op {report.variant}{detail} at layers {_span(report.layers)}, "
+                                    f"{tokens.seq_len} tokens ({vision_tokens} vision, {args.newline_tokens} newline, "
+                                    f"{args.text_tokens} text)"))
+    return 0
+
+
+def _variant_options(args) -> dict:
+    """The variant options of the command line (ProxyV's), checked against ``--op``; sets ``args.newline_as``."""
+    if args.op != "proxyv":
+        given = [flag for flag, value in (("--proxy-reduce", args.proxy_reduce), ("--proxy-init", args.proxy_init))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op proxyv "
+                             f"only, not --op {args.op}")
+        args.newline_as = args.newline_as or "vision"
+        return {}
+    if args.newline_as == "vision":
+        raise ValueError("ProxyV computes newline tokens as text; drop --newline-as vision")
+    args.newline_as = "text"
+    return {"reduce_factor": DEFAULT_REDUCE_FACTOR if args.proxy_reduce is None else args.proxy_reduce,
+            "init": args.proxy_init or DEFAULT_INIT}
+
+
+def _proxy_flags(options: dict) -> dict:
+    """ProxyV's options under their command-line names (for the JSON and the table title)."""
+    return {"proxy_reduce": options["reduce_factor"], "proxy_init": options["init"]} if options else {}
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    if not layers:
+        return "none"
+    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return ",".join(map(str, layers))

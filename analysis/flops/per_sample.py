@@ -1,0 +1,53 @@
+"""FLOPs of an evaluation: the mean over its samples, each counted as its own unpadded batch-1 prefill."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ..variant import Variant
+from .report import count_flops
+from .tokens import PrefillTokens
+
+PER = "LM decoder prefill FLOPs, mean per evaluated sample (unpadded, batch 1)"
+
+
+def mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) -> dict:
+    """Decoder prefill FLOPs of ``variant`` and of the baseline, mean per evaluated sample.
+
+    ``prompts``: one dict per evaluated sample, as the eval plugin records them: ``mask`` (a "v"/"t"
+    string, one letter per prompt token: vision or text, as the variant computes them),
+    ``crop_shapes`` (the (rows, cols) grid of each crop) and, where the family needs them, its
+    recorded shapes under ``"<family>_shapes"`` (ProxyV: ``proxyv_shapes``, passed to its FLOPs as
+    ``shapes=``; ``None``: derived from the mask).
+
+    Each sample counts as its own unpadded batch-1 prefill (``lm_head="last"``, as ``generate()``), so
+    the figures do not depend on the evaluation batch size. See :mod:`analysis.flops` for conventions.
+    Returns {} without prompts, else the means ``total``, ``baseline``, ``theoretical``,
+    ``theoretical_baseline``, ``lm_head``, ``vision``, the ``reduction`` and ``theoretical_reduction``
+    of those means, and ``per`` (what the figures are).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        return {}
+    shapes_key = f"{variant.family}_shapes"
+    totals: Counter = Counter()
+    # recorded shapes are frozen dataclasses of tuples: hashable, so samples of one shape still count once
+    groups = Counter((p["mask"], tuple(tuple(shape) for shape in p["crop_shapes"]), p.get(shapes_key))
+                     for p in prompts)
+    for (mask, crops, shapes), n in groups.items():
+        vision = torch.tensor([[c == "v" for c in mask]])
+        tokens = PrefillTokens(vision, torch.ones_like(vision), (crops,))
+        extra = {} if shapes is None else {"shapes": shapes}
+        report = count_flops(model_config, tokens, variant, lm_head="last", **extra)
+        totals.update({"total": n * report.total, "baseline": n * report.baseline,
+                       "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,
+                       "lm_head": n * report.lm_head, "vision": n * (report.vision or 0)})
+    count = len(prompts)
+    flops = {k: v / count for k, v in totals.items()}
+    flops["reduction"] = (flops["baseline"] - flops["total"]) / flops["baseline"]
+    flops["theoretical_reduction"] = (flops["theoretical_baseline"] - flops["theoretical"]) / flops["theoretical_baseline"]
+    flops["per"] = PER
+    return flops

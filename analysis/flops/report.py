@@ -1,0 +1,141 @@
+"""The count: :func:`count_flops` of a variant on a prefill, as a :class:`FlopsReport` beside the baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..ops import Operator
+from ..variant import Variant
+from .decoder import LayerFlops, VariantFlops, baseline_flops, by_component, by_group
+from .dims import TextDims, vision_flops
+from .tokens import PrefillTokens
+from .variants import make_variant
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Prefill FLOPs of a variant beside the baseline. Decoder figures exclude the LM head and vision."""
+
+    variant: str
+    layers: tuple[int, ...]
+    per_layer: tuple[LayerFlops, ...]
+    baseline_per_layer: tuple[LayerFlops, ...]
+    lm_head: int
+    vision: int | None
+    batch: int
+    seq_len: int
+
+    @property
+    def total(self) -> int:
+        """Executed decoder FLOPs of the variant."""
+        return sum(layer.total for layer in self.per_layer)
+
+    @property
+    def baseline(self) -> int:
+        return sum(layer.total for layer in self.baseline_per_layer)
+
+    @property
+    def reduction(self) -> float:
+        """(baseline - total) / baseline, executed."""
+        return (self.baseline - self.total) / self.baseline
+
+    @property
+    def theoretical(self) -> int:
+        return sum(layer.theoretical_total for layer in self.per_layer)
+
+    @property
+    def theoretical_baseline(self) -> int:
+        return sum(layer.theoretical_total for layer in self.baseline_per_layer)
+
+    @property
+    def theoretical_reduction(self) -> float:
+        return (self.theoretical_baseline - self.theoretical) / self.theoretical_baseline
+
+    def components(self, theoretical: bool = False) -> dict[str, int]:
+        """Decoder FLOPs per component, summed over layers."""
+        return _sum_dicts(by_component(layer.theoretical if theoretical else layer.executed)
+                          for layer in self.per_layer)
+
+    def groups(self, theoretical: bool = False) -> dict[str, int]:
+        """Decoder FLOPs per token group (vision / text / padding), summed over layers."""
+        return _sum_dicts(by_group(layer.theoretical if theoretical else layer.executed) for layer in self.per_layer)
+
+    def to_dict(self) -> dict:
+        per_layer = []
+        for layer, base in zip(self.per_layer, self.baseline_per_layer):
+            per_layer.append({
+                "layer": layer.layer,
+                "ablated": layer.ablated,
+                "flops": layer.total,
+                "baseline_flops": base.total,
+                "theoretical_flops": layer.theoretical_total,
+                "theoretical_baseline_flops": base.theoretical_total,
+                "components": by_component(layer.executed),
+                "groups": by_group(layer.executed),
+                "theoretical_components": by_component(layer.theoretical),
+                "theoretical_groups": by_group(layer.theoretical),
+            })
+        return {
+            "op": self.variant,
+            "layers": list(self.layers),
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "total_flops": self.total,
+            "baseline_flops": self.baseline,
+            "reduction": self.reduction,
+            "theoretical_flops": self.theoretical,
+            "theoretical_baseline_flops": self.theoretical_baseline,
+            "theoretical_reduction": self.theoretical_reduction,
+            "total_multiply_adds": self.total // 2,  # fvcore's unit
+            "lm_head_flops": self.lm_head,
+            "vision_flops": self.vision,
+            "components": self.components(),
+            "groups": self.groups(),
+            "theoretical_components": self.components(theoretical=True),
+            "theoretical_groups": self.groups(theoretical=True),
+            "per_layer": per_layer,
+        }
+
+
+def _sum_dicts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator | VariantFlops = "none",
+                layers: Iterable[int] | None = None, *, start_layer: int | None = None, end_layer: int | None = None,
+                lm_head: str = "all", **options) -> FlopsReport:
+    """Analytic prefill FLOPs of ``variant`` against the baseline.
+
+    Args:
+        config: a LLaVA config (``text_config``, ``vision_config``) or a bare text-backbone config.
+        tokens: the prefill's tokens, e.g. :meth:`PrefillTokens.from_batch` or :meth:`PrefillTokens.from_counts`.
+        variant: an :class:`analysis.variant.Variant` (counted by its family's FLOPs), or an op / method
+            name (or :class:`~analysis.ops.Operator`) resolved with ``layers`` / ``start_layer`` /
+            ``end_layer`` (as for :func:`analysis.ablation.ablate`, end exclusive, default every layer)
+            and ``options``, or a layer-FLOPs variant object.
+        lm_head: ``"all"`` (logits at every position, as ``model(**batch)``) or ``"last"`` (one per
+            sample, as ``generate()``'s prefill with ``logits_to_keep=1``).
+        options: with a name, the method's parameters (e.g. ProxyV's ``reduce_factor``); otherwise, and
+            for anything a method does not declare, extras for its family's FLOPs (ProxyV's ``shapes``).
+    """
+    dims = TextDims.from_config(config)
+    if lm_head not in ("all", "last"):
+        raise ValueError(f"lm_head must be 'all' or 'last', got {lm_head!r}")
+    counted = make_variant(variant, dims.layers, layers, start_layer=start_layer, end_layer=end_layer, **options)
+    baseline = baseline_flops()
+    head_rows = tokens.batch * (tokens.seq_len if lm_head == "all" else 1)
+    return FlopsReport(
+        variant=counted.name,
+        layers=tuple(counted.layers),
+        per_layer=tuple(counted.layer_flops(i, dims, tokens) for i in range(dims.layers)),
+        baseline_per_layer=tuple(baseline.layer_flops(i, dims, tokens) for i in range(dims.layers)),
+        lm_head=2 * head_rows * dims.hidden * dims.vocab,
+        vision=vision_flops(config, tokens.crops),
+        batch=tokens.batch,
+        seq_len=tokens.seq_len,
+    )
