@@ -17,7 +17,8 @@ import torch
 
 from analysis import tiny, twins
 from conftest import image
-from analysis.lmms_model import LlavaAblate, Variant, pick_device
+from analysis.lmms_model import LlavaAblate, pick_device
+from analysis.variant import Variant, resolve_variant
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -82,7 +83,7 @@ def test_batched_equals_one_by_one_and_variant_is_scoped(lm):
         lm.set_variant(op, start_layer=start)
         lm.batch_size_per_gpu = 3
         answers[op] = lm.generate_until(_requests(lm))
-        layouts = list(lm.token_layouts)
+        layouts = list(lm.prompt_shapes)
         lm.batch_size_per_gpu = 1
         assert lm.generate_until(_requests(lm)) == answers[op], op
         assert len(layouts) == 5 and all(lay["mask"].count("v") == 64 and lay["vision"] == 64 for lay in layouts)
@@ -99,7 +100,9 @@ def test_clean_keeps_the_model_and_latency(lm):
     lm.generate_until(_requests(lm, 2))
     lm.clean()  # lmms-eval calls this after every evaluation; the default would delete the model
     assert isinstance(lm.model, torch.nn.Module) and lm.generate_until(_requests(lm, 1))
-    assert lm.prefill_latency_ms(n=1, repeats=1) > 0
+    latency = lm.prefill_latency(prompts=1, repeats=3, warmup=1)
+    assert latency["n"] == 3 and 0 < latency["min_ms"] <= latency["q1_ms"] <= latency["median_ms"] <= latency["q3_ms"]
+    assert latency["q3_ms"] <= latency["max_ms"] and latency["threads"] == 1 and latency["cpus"] >= 1
 
 
 def test_variant_validation_and_blind(lm):
@@ -107,8 +110,9 @@ def test_variant_validation_and_blind(lm):
         lm.set_variant("skip")
     with pytest.raises(ValueError, match="start_layer=4 is out of range: the model has 4 decoder layers"):
         lm.set_variant("skip_ffn", start_layer=4)
-    assert Variant.make(4, "skip_ffn", layers="1 3") == Variant("skip_ffn", (1, 3))
-    assert Variant.make(4, "none", start_layer=3) == Variant("none", ())
+    assert lm.set_variant("skip_ffn", layers="1 3") == Variant("ablation", "skip_ffn", (1, 3))
+    assert lm.set_variant("none", start_layer=3) == Variant("ablation", "none", ())
+    assert lm.set_variant(resolve_variant("mask_v2v", 4, start_layer=2)).label == "mask_v2v L2–4"
     lm.set_variant("none", blind=True)
     doc = twins.generate("synth_ocrbench", "eval", 1, seed=0)[0]
     (image,) = lm._images(lambda d: [d["image"]], doc)
@@ -162,6 +166,20 @@ def test_lmms_eval_cli_on_a_twin(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_lmms_eval_cli_bad_model_args_is_one_line_and_fails(checkpoint, tmp_path):
+    cli = Path(sys.executable).with_name("lmms-eval")
+    for args, message in ((f"pretrained={checkpoint},op=bogus", "llava_ablate: unknown op 'bogus'; known ops: "),
+                          (f"pretrained={checkpoint},op=skip_ffn,start_layer=16",
+                           "llava_ablate: start_layer=16 is out of range: the model has 16 decoder layers"),
+                          (f"pretrained={tmp_path / 'missing'}", "llava_ablate: ")):
+        out = subprocess.run([str(cli), "--model", "llava_ablate", "--model_args", args, *CLI_ARGS, "--limit", "1",
+                              "--output_path", str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode != 0, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
+
+
+@pytest.mark.slow
 def test_data_parallel_under_torchrun(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval",
                           "--model", "llava_ablate", "--model_args", f"pretrained={checkpoint},op=drop_v2t,start_layer=4",
@@ -177,9 +195,9 @@ def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
     """The runner's FLOPs path (layouts recorded per sample -> mean_flops) on LLaVA-NeXT ProxyV: newline
     tokens are text to ProxyV and unpadded AnyRes crops are not square, so it needs the recorded shapes;
     one sample's count equals torch's FlopCounterMode on the model's forward."""
-    from analysis.flops_measure import _module_names, _split, torch_flop_counter
+    from analysis.flops import mean_flops
+    from analysis.flops.measure import _module_names, _split, torch_flop_counter
     from analysis.proxyv import apply_proxyv
-    from analysis.runner import mean_flops
 
     grid = {"image_size": 32, "patch_size": 4}
     model = tiny.build_model("llava_next", "llama", seed=1, num_layers=4, hidden_size=32, num_heads=2,
@@ -189,7 +207,8 @@ def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
     tiny.build_processor("llava_next", **grid).save_pretrained(tmp_path)
     lm = LlavaAblate(str(tmp_path), batch_size=3, progress=False, device="cpu")
     config = lm.model.config
-    lm.set_variant("none")
+    variant = lm.set_variant("none")  # a ProxyV checkpoint is its own variant
+    assert (variant.family, variant.layers, variant.options["reduce_factor"]) == ("proxyv", (2, 3), 2)
     # non-square images (unpadded AnyRes crops, fewer cells than square grids), two images in one sample
     docs = [{"images": [image(0, 32, 48)]}, {"images": [image(2, 40, 40), image(3, 20, 70)]},
             {"images": [image(1, 64, 40)]}]
@@ -198,24 +217,23 @@ def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
     requests = [Request("Describe" + " it" * i, dict(gen), lambda doc: doc["images"], i, "t", "eval")
                 for i in range(3)]
     lm.generate_until(requests)  # one left-padded batch
-    layouts = list(lm.token_layouts)
+    layouts = list(lm.prompt_shapes)
     assert len(layouts) == 3 and all(lay["proxyv_shapes"] is not None for lay in layouts)
     # unpadded AnyRes crops: fewer cells than the crops' square grids imply
     assert any(lay["mask"].count("v") < sum(r * c for r, c in lay["crop_shapes"]) for lay in layouts)
     assert all(lay["newline"] > 0 and lay["mask"].count("v") == lay["vision"] - lay["newline"]
                == sum(lay["proxyv_shapes"].sample_vision) for lay in layouts)  # newline tokens are text
-    layers = range(2, 4)
-    flops = mean_flops(config, layouts, "proxyv", layers, dict(config.proxyv))
+    flops = mean_flops(config, layouts, variant)
     assert flops["reduction"] > 0 and flops["theoretical_reduction"] > 0
 
     # one sample alone, unpadded: the recorded count is what torch counts on the forward
     request = requests[1]
     context, _, visual, doc_id, task, split = request.args
     images = lm._images(visual, lm.task_dict[task][split][doc_id])
-    lm.token_layouts.clear()
+    lm.prompt_shapes.clear()
     batch = lm.encode([lm._prompt(context, len(images))], [images])
-    lm._record_layouts(batch)
-    one = mean_flops(config, list(lm.token_layouts), "proxyv", layers, dict(config.proxyv))
+    lm._record_prompt_shapes(batch)
+    one = mean_flops(config, list(lm.prompt_shapes), variant)
     counter = torch_flop_counter()
     with torch.no_grad(), counter:
         lm.model(**batch, use_cache=False)
