@@ -17,9 +17,7 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
     LlavaProcessor,
@@ -27,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from .models import generation_class
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 # Printable ASCII plus newline: every prompt and answer of the synthetic tasks is spelled in these.
@@ -156,7 +156,6 @@ def build_config(kind: str = "llava", backbone: str = "llama", *, image_size: in
     raise ValueError(f"unknown kind {kind!r}; known: 'llava', 'llava_next'")
 
 
-MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
 def build_model(kind: str = "llava", backbone: str = "llama", *, seed: int = 0, attn_implementation: str = "sdpa",
@@ -164,7 +163,7 @@ def build_model(kind: str = "llava", backbone: str = "llama", *, seed: int = 0, 
     """A random-weight tiny model of the real HF class for ``kind``, in eval mode, reproducible from ``seed``."""
     config = build_config(kind, backbone, **config_kwargs)
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[kind]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model = generation_class(kind)._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     # HF initialises with std 0.02; a larger std makes random models' outputs depend visibly on every layer,
     # so that equivalence tests can fail when a computation is wrong.
     with torch.no_grad():

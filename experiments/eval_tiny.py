@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.training.evaluate import evaluate, load_checkpoint  # noqa: E402
+from analysis.training.evaluate import load_checkpoint, score_twins  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.checkpoint)
-    scores = evaluate(model, processor, n=args.n, blind=args.blind)
+    scores = score_twins(model, processor, n=args.n, blind=args.blind)
     print(json.dumps(scores, indent=2))
     if args.record:
         path = Path(args.checkpoint) / "training.json"

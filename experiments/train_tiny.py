@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers import LlavaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.training import evaluate as ev  # noqa: E402
 from analysis.training.model import default_config, default_processor  # noqa: E402
-from analysis.training.stages import train_llava, train_tower  # noqa: E402
+from analysis.training.stages import ship_checkpoint, train_llava, train_tower  # noqa: E402
 
 
 def main() -> None:
@@ -65,21 +64,14 @@ def main() -> None:
         apply_proxyv(model, start_layer=args.proxyv_start, reduce_factor=args.proxyv_reduce, init=args.proxyv_init,
                      seed=args.seed)
     model = train_llava(model, processor, work / "llava", args.steps, args.batch, args.lr, args.seed,
-                        evaluate=lambda m: ev.evaluate(m, processor, n=args.eval_n), eval_every=args.eval_every)
+                        evaluate=lambda m: ev.score_twins(m, processor, n=args.eval_n), eval_every=args.eval_every)
 
-    final = {"scores": ev.evaluate(model, processor)}
+    final = {"scores": ev.score_twins(model, processor)}
     if args.proxyv_start is None:  # the blind check is about the base model reading the image at all
-        final["blind"] = ev.evaluate(model, processor, blind=True)
-    # fp16 on disk keeps the checkpoint small; config.dtype stays float32, so it loads as fp32.
-    model.half().save_pretrained(out)
-    model.float()
-    processor.save_pretrained(out)
-    if (work / "tower" / "log.jsonl").exists():
-        shutil.copy(work / "tower" / "log.jsonl", out / "training_log_tower.jsonl")
-    shutil.copy(work / "llava" / "log.jsonl", out / "training_log.jsonl")
+        final["blind"] = ev.score_twins(model, processor, blind=True)
     record = {"command": " ".join(sys.argv), "args": vars(args), "seed": args.seed, "wall_s": time.time() - started,
               "torch": torch.__version__, "python": platform.python_version(), **final}
-    (out / "training.json").write_text(json.dumps(record, indent=2))
+    ship_checkpoint(model, processor, work, out, record)
     print(json.dumps(final, indent=2))
 
 

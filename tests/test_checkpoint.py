@@ -38,7 +38,7 @@ def test_loads_like_a_hub_checkpoint(shipped):
 def test_reaches_recorded_scores(shipped):
     model, processor = shipped
     recorded = json.loads((CHECKPOINT / "training.json").read_text())[f"eval_n{SUBSET}"]
-    scores = ev.evaluate(model, processor, n=SUBSET)
+    scores = ev.score_twins(model, processor, n=SUBSET)
     for name in twins.TWINS:
         assert abs(scores[name] - recorded[name]) <= TOLERANCE, (name, scores[name], recorded[name])
 
@@ -69,5 +69,5 @@ def test_blind_model_scores_far_below_seeing_model(shipped):
     for name in twins.TWINS:
         assert record["scores"][name] - record["blind"][name] >= 0.30, name
     with torch.no_grad():
-        blind = ev.evaluate(model, processor, n=8, blind=True, names=["synth_ocrbench"])
+        blind = ev.score_twins(model, processor, n=8, blind=True, names=["synth_ocrbench"])
     assert blind["synth_ocrbench"] <= 0.25

@@ -33,7 +33,7 @@ def answer(model, processor, samples: list[dict], blind: bool = False, batch_siz
     return predictions
 
 
-def evaluate(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, blind: bool = False,
+def score_twins(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, blind: bool = False,
              names=None, **kwargs) -> dict[str, float]:
     """Score per twin (0..1) on the first ``n`` eval samples, plus their mean under ``"mean"``."""
     scores = {}

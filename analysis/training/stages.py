@@ -91,3 +91,18 @@ def train_llava(model: LlavaForConditionalGeneration, processor, out: Path, step
     finally:
         model.set_attn_implementation(implementation)
     return model.eval()
+
+
+def ship_checkpoint(model, processor, work: Path, out: Path, record: dict) -> None:
+    """Save a trained model as shipped: fp16 weights (``config.dtype`` stays float32, so it loads as fp32),
+    its processor, the training logs of ``work`` and ``record`` as ``training.json``."""
+    import json
+    import shutil
+
+    model.half().save_pretrained(out)
+    model.float()
+    processor.save_pretrained(out)
+    if (work / "tower" / "log.jsonl").exists():
+        shutil.copy(work / "tower" / "log.jsonl", out / "training_log_tower.jsonl")
+    shutil.copy(work / "llava" / "log.jsonl", out / "training_log.jsonl")
+    (out / "training.json").write_text(json.dumps(record, indent=2))

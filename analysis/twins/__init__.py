@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.twins.base import SPLITS, Layout, Twin, split_of
+from analysis.twins.base import SPLITS, Scene, Twin, split_of
 from analysis.twins.blind import blank_image
 from analysis.twins.canvas import BAR, BLANK, CELL_VOCAB, CHARSET, GRID
 from analysis.twins.chartqa import ChartQA
@@ -42,7 +42,7 @@ __all__ = [
     "SPLITS",
     "TASKS_DIR",
     "TWINS",
-    "Layout",
+    "Scene",
     "Twin",
     "blank_image",
     "generate",

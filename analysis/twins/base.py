@@ -1,7 +1,7 @@
 """What every twin shares: seeding, the train/eval partition, and assembling one sample.
 
 A twin is two steps. ``compose(rng)`` decides the content (which characters go in which cells,
-the question, the answer); ``paint(layout, canvas)`` draws it, with clutter and noise. The
+the question, the answer); ``paint(scene, canvas)`` draws it, with clutter and noise. The
 train/eval partition is decided on the composed cells alone, by a hash, so the two splits
 never share a picture's content, whatever the seeds and sizes.
 """
@@ -21,7 +21,7 @@ EVAL_SHARE = 8  # one content hash in EVAL_SHARE belongs to the eval split, the 
 
 
 @dataclass
-class Layout:
+class Scene:
     """The content of one sample before drawing.
 
     ``cells`` is GRID x GRID: the character each cell will show, ``""`` if none. ``extra`` holds
@@ -54,7 +54,7 @@ class Twin:
     """A synthetic benchmark resembling a real one. Subclasses set the class attributes below.
 
     ``metric`` is the key of the twin's ``process_results`` output that ``score`` averages;
-    ``fields`` names the twin-specific columns (``Layout.extra`` keys) stored with each sample.
+    ``fields`` names the twin-specific columns (``Scene.extra`` keys) stored with each sample.
     """
 
     name: str = ""
@@ -64,15 +64,15 @@ class Twin:
     clutter: tuple[int, int] = (0, 3)  # inclusive range of clutter shapes per image
     noise: float = 3.0
 
-    def compose(self, rng: np.random.Generator) -> Layout:
+    def compose(self, rng: np.random.Generator) -> Scene:
         raise NotImplementedError
 
-    def paint(self, layout: Layout, canvas: Canvas) -> None:
+    def paint(self, scene: Scene, canvas: Canvas) -> None:
         raise NotImplementedError
 
-    def answers(self, layout: Layout) -> list[str]:
+    def answers(self, scene: Scene) -> list[str]:
         """Reference answers; one unless the real benchmark has several per question."""
-        return [layout.answer]
+        return [scene.answer]
 
     def sample(self, split: str, seed: int, index: int, image_size: int = 64) -> dict:
         """Sample ``index`` of ``split`` for ``seed``: id, image (PIL), question, answers, answer,
@@ -80,20 +80,20 @@ class Twin:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = sample_rng(self.name, split, seed, index)
-        layout = self.compose(rng)
-        while split_of(self.name, layout.cells) != split:
-            layout = self.compose(rng)
+        scene = self.compose(rng)
+        while split_of(self.name, scene.cells) != split:
+            scene = self.compose(rng)
         canvas = Canvas(image_size, rng)
-        self.paint(layout, canvas)
-        if canvas.cells != layout.cells:  # the cells are a training target: they must be exact
-            raise AssertionError(f"{self.name}: painted cells differ from the layout")
+        self.paint(scene, canvas)
+        if canvas.cells != scene.cells:  # the cells are a training target: they must be exact
+            raise AssertionError(f"{self.name}: painted cells differ from the scene")
         canvas.clutter(int(rng.integers(self.clutter[0], self.clutter[1] + 1)))
         return {
             "id": f"{self.name}-{split}-{seed}-{index:06d}",
             "image": canvas.finish(self.noise),
-            "question": layout.question,
-            "answers": self.answers(layout),
-            "answer": layout.answer,
-            "cells": layout.cells,
-            **{key: layout.extra[key] for key in self.fields},
+            "question": scene.question,
+            "answers": self.answers(scene),
+            "answer": scene.answer,
+            "cells": scene.cells,
+            **{key: scene.extra[key] for key in self.fields},
         }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.base import Scene, Twin, empty_cells
 from analysis.twins.canvas import BAR, GRID, LETTERS, Canvas, dark_color
 
 LABEL_ROW = GRID - 1  # labels on the bottom row, bars above it
@@ -42,7 +42,7 @@ class ChartQA(Twin):
     metric = "relaxed_overall"
     fields = ("kind", "labels", "values", "columns", "type")
 
-    def compose(self, rng: np.random.Generator) -> Layout:
+    def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.bars[0], self.bars[1] + 1))
         slots = range(int(rng.integers(2)), GRID, 2)
         columns = sorted(int(c) for c in rng.choice(list(slots), size=n, replace=False))
@@ -63,11 +63,11 @@ class ChartQA(Twin):
         # type: the ChartQA split field; templated questions are like its "augmented" split.
         extra = {"kind": kind, "labels": "".join(labels), "values": heights, "type": "augmented_test",
                  "columns": columns}
-        return Layout(cells, question, answer, extra)
+        return Scene(cells, question, answer, extra)
 
-    def paint(self, layout: Layout, canvas: Canvas) -> None:
+    def paint(self, scene: Scene, canvas: Canvas) -> None:
         ink = dark_color(canvas.rng)
-        extra = layout.extra
+        extra = scene.extra
         for col, label, height in zip(extra["columns"], extra["labels"], extra["values"]):
             canvas.fill(LABEL_ROW - height, col, bar_color(canvas.rng), height=height, mark=BAR)
             canvas.glyph(LABEL_ROW, col, label, ink)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.base import Scene, Twin, empty_cells
 from analysis.twins.canvas import DIGITS, GRID, LETTERS, Canvas, dark_color
 
 QUESTIONS = ("What is the value of {key}?", "What is the {key} field?")
@@ -29,7 +29,7 @@ class DocVQA(Twin):
     metric = "anls"
     fields = ("key", "col", "questionId")
 
-    def compose(self, rng: np.random.Generator) -> Layout:
+    def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.lines[0], self.lines[1] + 1))
         rows = sorted(int(r) for r in rng.choice(GRID, size=n, replace=False))
         keys = [str(k) for k in rng.choice(list(LETTERS), size=n, replace=False)]
@@ -43,11 +43,11 @@ class DocVQA(Twin):
         asked = int(rng.integers(n))
         question = str(rng.choice(QUESTIONS)).format(key=keys[asked])
         extra = {"key": keys[asked], "col": col, "questionId": int(rng.integers(2**31))}
-        return Layout(cells, question, values[asked], extra)
+        return Scene(cells, question, values[asked], extra)
 
-    def paint(self, layout: Layout, canvas: Canvas) -> None:
+    def paint(self, scene: Scene, canvas: Canvas) -> None:
         ink = dark_color(canvas.rng)
-        for r, row in enumerate(layout.cells):
+        for r, row in enumerate(scene.cells):
             for c, char in enumerate(row):
                 if char:
                     canvas.glyph(r, c, char, ink)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.base import Scene, Twin, empty_cells
 from analysis.twins.canvas import CHARSET, GRID, Canvas, dark_color
 
 QUESTIONS = ("What is written?", "What is written in the image?", "Read the text.")
@@ -26,7 +26,7 @@ class OCRBench(Twin):
     metric = "ocrbench_accuracy"
     fields = ("row", "col", "dataset", "question_type")
 
-    def compose(self, rng: np.random.Generator) -> Layout:
+    def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.length[0], self.length[1] + 1))
         text = "".join(rng.choice(list(CHARSET), size=n))
         row, col = int(rng.integers(GRID)), int(rng.integers(GRID - n + 1))
@@ -34,7 +34,7 @@ class OCRBench(Twin):
         cells[row][col:col + n] = list(text)
         # dataset / question_type: the fields lmms-eval's ocrbench_process_results reads.
         extra = {"row": row, "col": col, "dataset": "synth", "question_type": "Regular Text Recognition"}
-        return Layout(cells, str(rng.choice(QUESTIONS)), text, extra)
+        return Scene(cells, str(rng.choice(QUESTIONS)), text, extra)
 
-    def paint(self, layout: Layout, canvas: Canvas) -> None:
-        canvas.text(layout.extra["row"], layout.extra["col"], layout.answer, dark_color(canvas.rng))
+    def paint(self, scene: Scene, canvas: Canvas) -> None:
+        canvas.text(scene.extra["row"], scene.extra["col"], scene.answer, dark_color(canvas.rng))

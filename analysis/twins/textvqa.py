@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
 
-from analysis.twins.base import Layout, Twin, empty_cells
+from analysis.twins.base import Scene, Twin, empty_cells
 from analysis.twins.canvas import CHARSET, GRID, Canvas, dark_color
 
 QUESTIONS = ("What does the sign say?", "What is written on the sign?", "What text is on the sign?")
@@ -35,7 +35,7 @@ class TextVQA(Twin):
     fields = ("row", "col", "plate", "question_id")
     clutter = (2, 4)
 
-    def compose(self, rng: np.random.Generator) -> Layout:
+    def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.length[0], self.length[1] + 1))
         text = "".join(rng.choice(list(CHARSET), size=n))
         while _normalize(text) != text.lower():  # e.g. "THE" (an article) or "TWO" (a number word)
@@ -53,17 +53,17 @@ class TextVQA(Twin):
             cells[r][c] = str(rng.choice(list(CHARSET)))
         extra = {"row": row, "col": col, "plate": int(rng.integers(len(PLATES))),
                  "question_id": int(rng.integers(2**31))}
-        return Layout(cells, str(rng.choice(QUESTIONS)), text, extra)
+        return Scene(cells, str(rng.choice(QUESTIONS)), text, extra)
 
-    def paint(self, layout: Layout, canvas: Canvas) -> None:
-        row, col, n = layout.extra["row"], layout.extra["col"], len(layout.answer)
-        canvas.fill(row, col, PLATES[layout.extra["plate"]], width=n)
+    def paint(self, scene: Scene, canvas: Canvas) -> None:
+        row, col, n = scene.extra["row"], scene.extra["col"], len(scene.answer)
+        canvas.fill(row, col, PLATES[scene.extra["plate"]], width=n)
         ink = dark_color(canvas.rng)
-        canvas.text(row, col, layout.answer, ink)
+        canvas.text(row, col, scene.answer, ink)
         for r in range(GRID):
             for c in range(GRID):
-                if layout.cells[r][c] and not (r == row and col <= c < col + n):
-                    canvas.glyph(r, c, layout.cells[r][c], ink)
+                if scene.cells[r][c] and not (r == row and col <= c < col + n):
+                    canvas.glyph(r, c, scene.cells[r][c], ink)
 
-    def answers(self, layout: Layout) -> list[str]:
-        return [layout.answer] * N_ANNOTATORS
+    def answers(self, scene: Scene) -> list[str]:
+        return [scene.answer] * N_ANNOTATORS
