@@ -42,6 +42,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -54,16 +55,32 @@ RESULT_FILE = "result.json"
 SAMPLES_FILE = "samples.jsonl"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERSIONED_PACKAGES = ("torch", "transformers", "lmms_eval", "hydra-core", "vision-redundancy", "numpy", "datasets")
+log = logging.getLogger("analysis.results")
 
 
 # ----------------------------------------------------------------------------- writing
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The file gets the permissions of an ordinary new file (``0o666 & ~umask``), not mkstemp's 0600,
+    so collaborators who share the runs and reports can read them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -127,15 +144,26 @@ def read_samples(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def iter_records(root: str | Path) -> Iterator[dict]:
-    """Every readable record under ``root`` (recursively), in path order."""
+def iter_records(root: str | Path, unreadable: list[Path] | None = None) -> Iterator[dict]:
+    """Every readable record under ``root`` (recursively), in path order.
+
+    A ``result.json`` that cannot be read (truncated, not JSON, not an object) is skipped with one
+    warning naming it, and appended to ``unreadable`` when a list is given."""
     root = Path(root)
     if not root.exists():
         return
     for path in sorted(root.rglob(RESULT_FILE)):
         record = read_record(path)
-        if record is not None:
+        if record is None:
+            _note_unreadable(path, unreadable)
+        else:
             yield record
+
+
+def _note_unreadable(path: Path, unreadable: list[Path] | None) -> None:
+    log.warning("unreadable result record (skipped; a re-run recomputes it): %s", path)
+    if unreadable is not None:
+        unreadable.append(Path(path))
 
 
 def find_finished(root: str | Path, key: str) -> dict | None:
@@ -146,22 +174,20 @@ def find_finished(root: str | Path, key: str) -> dict | None:
     return None
 
 
-def load_records(*roots: str | Path, include_baselines: bool = True, dedupe: bool = True) -> list[dict]:
+def load_records(*roots: str | Path, include_baselines: bool = True, dedupe: bool = True,
+                 unreadable: list[Path] | None = None) -> list[dict]:
     """Records under ``roots``; one per ``config_hash`` (the latest finished), failed ones included.
 
     With ``include_baselines``, the baseline records the variants point to are added (as op "none")
     when no baseline of the same hash is among them, so a report always has its reference row.
+    Unreadable files are warned about once each and appended to ``unreadable`` (see :func:`iter_records`).
     """
-    records = [r for root in roots for r in iter_records(root)]
+    bad: list[Path] = []
+    records = [r for root in roots for r in iter_records(root, bad)]
     if include_baselines:
-        have = {r.get("config_hash") for r in records}
-        for r in list(records):
-            base = (r.get("baseline") or {})
-            if base.get("config_hash") and base["config_hash"] not in have and base.get("path"):
-                found = read_record(_resolve(base["path"], r["path"]))
-                if found is not None:
-                    records.append(found)
-                    have.add(base["config_hash"])
+        records += _referenced_baselines(records, bad)
+    if unreadable is not None:
+        unreadable.extend(bad)
     if not dedupe:
         return records
     best: dict[str, dict] = {}
@@ -173,6 +199,25 @@ def load_records(*roots: str | Path, include_baselines: bool = True, dedupe: boo
         if old is None or rank >= (old.get("status") == "ok", old.get("finished_at") or ""):
             best[key] = r
     return sorted(best.values(), key=sort_key)
+
+
+def _referenced_baselines(records: list[dict], bad: list[Path]) -> list[dict]:
+    """The baseline records that ``records`` point to and do not contain (each read once)."""
+    have = {r.get("config_hash") for r in records}
+    tried, found = set(), []
+    for r in records:
+        base = r.get("baseline") or {}
+        key = base.get("config_hash")
+        if not key or key in have or key in tried or not base.get("path"):
+            continue
+        tried.add(key)
+        where = _resolve(base["path"], r["path"])
+        record = read_record(where)
+        if record is not None:
+            found.append(record)
+        elif where.is_file() and where.resolve() not in {p.resolve() for p in bad}:
+            _note_unreadable(where, bad)
+    return found
 
 
 def _resolve(path: str, relative_to: str) -> Path:
@@ -260,37 +305,138 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
     return versions
 
 
+# ----------------------------------------------------------------------------- fields of a record, old or new
+
+# What decides which samples a run was scored on (with the baseline it is compared against, the
+# report's group key: see analysis.report.group_records).
+SAMPLE_FIELDS = ("model", "eval", "tasks", "limit", "blind", "seed")
+NOISY_SPREAD = 0.25  # a latency whose interquartile range exceeds this share of its median is noisy
+
+
+def sample_key(record: dict) -> tuple:
+    """(model, eval, tasks (sorted), limit, blind, seed) of a record: runs that differ here scored other samples."""
+    tasks = record.get("tasks")
+    tasks = tuple(sorted(tasks)) if isinstance(tasks, (list, tuple, dict)) else tasks
+    return (record.get("model"), record.get("eval"), tasks, record.get("limit"), bool(record.get("blind")),
+            record.get("seed"))
+
+
+def baseline_hash(record: dict) -> str | None:
+    """The ``config_hash`` of the baseline record the relative score was computed against: ``baseline.config_hash``,
+    or a baseline record's own hash; None when the record does not say (a failed run, an old record)."""
+    ref = record.get("baseline")
+    if isinstance(ref, dict) and ref.get("config_hash"):
+        return ref["config_hash"]
+    if record.get("op") == "none" and not ref:
+        return record.get("config_hash")
+    return None
+
+
+def record_variant(record: dict) -> dict:
+    """The record's ``variant`` field (:meth:`analysis.variant.Variant.to_record`); for records written before
+    it existed, built from ``op``, ``layers``, ``blind`` (and a ProxyV run's ``proxyv`` settings)."""
+    stored = record.get("variant")
+    if isinstance(stored, dict) and stored.get("label"):
+        return stored
+    from .variant import Variant
+
+    op = record.get("op") or "none"
+    family = "proxyv" if op == "proxyv" else "ablation"
+    params = _legacy_proxyv_params(record) if family == "proxyv" else {}
+    return Variant(family, op, tuple(sorted(record.get("layers") or ())), tuple(sorted(params.items())),
+                   bool(record.get("blind"))).to_record()
+
+
+def _legacy_proxyv_params(record: dict) -> dict:
+    from .variant import family
+
+    settings = record.get("proxyv") or {}
+    return {k: settings[k] for k in family("proxyv").methods()["proxyv"] if settings.get(k) is not None}
+
+
+def record_latency(record: dict) -> dict:
+    """Prefill latency of a record: ``median_ms``, ``q1_ms``, ``q3_ms``, ``n`` (timed forwards), ``load_1min``,
+    ``cpus`` from its ``latency`` field (older records: ``latency_ms`` as the median, the rest None), and
+    ``noisy``: the interquartile range exceeds :data:`NOISY_SPREAD` of the median, or the 1-minute load
+    exceeded the CPU count (None when the record cannot tell)."""
+    stats = record.get("latency") if isinstance(record.get("latency"), dict) else {}
+    median = stats.get("median_ms", record.get("latency_ms"))
+    out = {"median_ms": median, **{k: stats.get(k) for k in ("q1_ms", "q3_ms", "n", "load_1min", "cpus")}}
+    out["noisy"] = latency_is_noisy(median, out["q1_ms"], out["q3_ms"], out["load_1min"], out["cpus"])
+    return out
+
+
+def latency_is_noisy(median, q1, q3, load_1min=None, cpus=None) -> bool | None:
+    """True if (q3 - q1) / median > :data:`NOISY_SPREAD` or load_1min > cpus; None without a spread to judge."""
+    if load_1min is not None and cpus and load_1min > cpus:
+        return True
+    if median is None or q1 is None or q3 is None or median <= 0:
+        return None
+    return (q3 - q1) / median > NOISY_SPREAD
+
+
+def user_path(path: str | Path) -> Path:
+    """A path as the user typed it: an absolute one as is; a relative one from where the user launched
+    the program -- ``$PWD`` (the shell's directory, inherited by e.g. ``jupyter lab`` and its kernels,
+    whose own working directory is the notebook's folder) when it names an existing directory, else
+    the current working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    launched = os.environ.get("PWD")
+    base = Path(launched) if launched and Path(launched).is_dir() else Path.cwd()
+    return base / path
+
+
 # ----------------------------------------------------------------------------- tables
 
 TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "status", "score", "relative_score",
-                 "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples")
+                 "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples",
+                 "label", "method", "family", "layer_text", "series", "tasks", "limit", "seed", "baseline_hash",
+                 "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "finished_at")
 
 
 def records_table(records: list[dict]):
-    """A pandas DataFrame, one row per record: :data:`TABLE_COLUMNS`, then one ``score:<task>`` column per task."""
+    """A pandas DataFrame, one row per record: :data:`TABLE_COLUMNS` (and ``num_layers``, ``config_hash``,
+    ``error``, ``path``), then one ``score:<task>`` column per task.
+
+    ``label`` / ``method`` / ``layer_text`` come from the record's variant (:func:`record_variant`);
+    ``series`` is the label without its layers (the variant's line across start layers); ``latency_ms``
+    is the median prefill time (:func:`record_latency`)."""
     import pandas as pd
 
-    rows = []
-    for r in records:
-        layers = r.get("layers") or []
-        flops = r.get("flops") or {}
-        row = {
-            "model": r.get("model"), "eval": r.get("eval"), "op": r.get("op"),
-            "start_layer": layers[0] if layers else None, "end_layer": layers[-1] + 1 if layers else None,
-            "blind": bool(r.get("blind")), "status": r.get("status"), "score": r.get("score"),
-            "relative_score": r.get("relative_score"),
-            "gflops": flops["total"] / 1e9 if flops.get("total") is not None else None,
-            "flops_reduction": flops.get("reduction"),
-            "theoretical_reduction": flops.get("theoretical_reduction"), "latency_ms": r.get("latency_ms"),
-            "agreement": r.get("agreement"), "n_samples": r.get("n_samples"),
-            "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
-            "path": r.get("path"),
-        }
-        for task, value in sorted((r.get("scores") or {}).items()):
-            row[f"score:{task}"] = value
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    for column in ("start_layer", "end_layer", "num_layers", "n_samples"):
+    rows = [_table_row(r) for r in records]
+    table = pd.DataFrame(rows, columns=None if rows else [*TABLE_COLUMNS, "num_layers", "config_hash", "path"])
+    for column in ("start_layer", "end_layer", "num_layers", "n_samples", "limit", "seed", "latency_n"):
         if column in table:
             table[column] = table[column].astype("Int64")
     return table
+
+
+def _table_row(r: dict) -> dict:
+    layers = r.get("layers") or []
+    flops = r.get("flops") or {}
+    variant = record_variant(r)
+    latency = record_latency(r)
+    label, text = variant["label"], variant["layer_text"]
+    row = {
+        "model": r.get("model"), "eval": r.get("eval"), "op": r.get("op"),
+        "start_layer": layers[0] if layers else None, "end_layer": layers[-1] + 1 if layers else None,
+        "blind": bool(r.get("blind")), "status": r.get("status"), "score": r.get("score"),
+        "relative_score": r.get("relative_score"),
+        "gflops": flops["total"] / 1e9 if flops.get("total") is not None else None,
+        "flops_reduction": flops.get("reduction"),
+        "theoretical_reduction": flops.get("theoretical_reduction"), "latency_ms": latency["median_ms"],
+        "agreement": r.get("agreement"), "n_samples": r.get("n_samples"),
+        "label": label, "method": variant["method"], "family": variant["family"], "layer_text": text,
+        "series": label.replace(f" L{text}", "", 1) if layers else label,
+        "tasks": ",".join(sample_key(r)[2] or ()), "limit": r.get("limit"), "seed": r.get("seed"),
+        "baseline_hash": baseline_hash(r), "n_per_task": r.get("n_per_task"),
+        "latency_q1_ms": latency["q1_ms"], "latency_q3_ms": latency["q3_ms"], "latency_n": latency["n"],
+        "latency_noisy": latency["noisy"], "finished_at": r.get("finished_at"),
+        "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
+        "path": r.get("path"),
+    }
+    for task, value in sorted((r.get("scores") or {}).items()):
+        row[f"score:{task}"] = value
+    return row
