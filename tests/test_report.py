@@ -1,11 +1,17 @@
-"""The report reads result records only: its table equals the records, its summary is right, it draws
-its figures, and neither it nor analysis.results imports torch. Records here are written through
-analysis.results with made-up numbers (a sweep of known shape); test_runner.py runs real sweeps."""
+"""The report reads result records only: its table equals the records, runs scored on other samples or
+against another baseline never share a section, duplicates are shown and never averaged, its summary
+follows from the rules it states, it draws its figures (with n) without touching pyplot, it is
+byte-identical when rebuilt, and neither it nor analysis.results imports torch, the runner or Hydra.
+Records here are written through analysis.results with made-up numbers (a sweep of known shape);
+test_runner.py runs real sweeps."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from analysis import report, results
+from analysis.variant import Variant
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("synth_chartqa", "synth_docvqa", "synth_ocrbench", "synth_textvqa")
@@ -25,38 +32,68 @@ RELATIVE = {
     "skip_attn_ffn": {0: 0.40, 8: 0.80, 16: 0.97, 24: 0.992},
     "drop_v2t": {0: 0.50, 8: 0.99, 16: 0.95, 24: 1.0},
 }
-SAVED = {"skip_ffn": 0.6, "skip_attn_ffn": 0.9, "drop_v2t": 0.0}  # FLOPs share saved when ablating every layer
+SAVED = {"skip_ffn": 0.6, "skip_attn_ffn": 0.9, "drop_v2t": 0.0, "proxyv": 1.0}  # FLOPs share saved, every layer
+PROXYV_PARAMS = {"init": "spatial", "reduce_factor": 4}
 
 
-def _record(op: str, start: int | None, rel: float, key: str, status: str = "ok") -> dict:
+def _variant(op: str, start: int | None, blind: bool = False) -> Variant:
+    layers = () if start is None else tuple(range(start, NUM_LAYERS))
+    if op == "proxyv":
+        return Variant("proxyv", op, layers, tuple(sorted(PROXYV_PARAMS.items())), blind, f"ckpt-l{start}")
+    return Variant("ablation", op, layers, (), blind)
+
+
+def _record(op: str, start: int | None, rel: float, key: str, status: str = "ok", *, limit: int = 2,
+            base_key: str = "base", finished: str | None = None, legacy: bool = False, spread: float = 0.1) -> dict:
+    """A record as the runner writes it (``legacy``: as it wrote it before variant, n_per_task, latency)."""
     base = 0.8
     layers = [] if start is None else list(range(start, NUM_LAYERS))
     fraction = len(layers) / NUM_LAYERS
     scores = {t: round(base * rel + 0.01 * i, 6) for i, t in enumerate(TASKS)}
     score = sum(scores.values()) / len(scores)
-    return {
-        "status": status, "error": None if status == "ok" else "RuntimeError: boom", "config_hash": key,
+    median = 10.0 * (1 - 0.5 * SAVED.get(op, 0) * fraction)
+    ok = status == "ok"
+    record = {
+        "status": status, "error": None if ok else "RuntimeError: boom", "config_hash": key,
         "model": "tiny", "op": op, "layers": layers, "start_layer": start,
         "end_layer": NUM_LAYERS if layers else None, "num_layers": NUM_LAYERS, "eval": "synthetic",
-        "blind": False, "scores": scores if status == "ok" else None, "score": score if status == "ok" else None,
-        "relative_score": rel if status == "ok" else None,
+        "blind": False, "scores": scores if ok else None, "score": score if ok else None,
+        "relative_score": rel if ok else None,
         "flops": {"total": 1e9 * (1 - SAVED.get(op, 0) * fraction), "baseline": 1e9,
                   "reduction": SAVED.get(op, 0) * fraction, "theoretical_reduction": SAVED.get(op, 0.05) * fraction},
-        "latency_ms": 10.0 * (1 - 0.5 * SAVED.get(op, 0) * fraction), "agreement": min(1.0, rel),
-        "n_samples": 8, "finished_at": f"2026-01-01T00:00:{len(layers):02d}+00:00",
+        "latency_ms": median, "agreement": min(1.0, rel),
+        "n_samples": limit * len(TASKS), "finished_at": finished or f"2026-01-01T00:00:{len(layers):02d}+00:00",
     }
+    if legacy:
+        return record if ok else {k: v for k, v in record.items() if k not in ("scores", "score", "relative_score")}
+    record.update(tasks=list(TASKS), limit=limit, seed=0, variant=_variant(op, start).to_record(),
+                  n_per_task={t: limit for t in TASKS},
+                  latency={"median_ms": median, "q1_ms": median * (1 - spread / 2), "q3_ms": median * (1 + spread / 2),
+                           "min_ms": median * 0.9, "max_ms": median * 1.2, "n": 8, "warmup": 1, "threads": 1,
+                           "load_1min": 0.5, "cpus": 2})
+    if op == "none":
+        record["baseline"] = None  # a baseline record names no baseline: its own hash is the reference
+    elif ok:
+        record["baseline"] = {"score": 0.815, "scores": {}, "latency_ms": 10.0, "config_hash": base_key,
+                              "path": f"../baselines/{base_key}/result.json"}
+    else:  # the runner records a failed run without its baseline
+        record.pop("n_per_task")
+    return record
+
+
+def _write_sweep(root: Path, legacy: bool = False) -> Path:
+    results.write_record(root / "none", _record("none", None, 1.0, "base", legacy=legacy))
+    for op, by_start in RELATIVE.items():
+        for start, rel in by_start.items():
+            results.write_record(root / f"{op}_{start}", _record(op, start, rel, f"{op}{start}", legacy=legacy),
+                                 [{"task": "synth_ocrbench", "doc_id": 0, "prediction": "x", "score": 1.0}])
+    results.write_record(root / "failed", _record("skip_attn", 8, 0, "bad", status="failed", legacy=legacy))
+    return root
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs") / "tiny-synthetic"
-    results.write_record(root / "none", _record("none", None, 1.0, "base"))
-    for op, by_start in RELATIVE.items():
-        for start, rel in by_start.items():
-            results.write_record(root / f"{op}_{start}", _record(op, start, rel, f"{op}{start}"),
-                                 [{"task": "synth_ocrbench", "doc_id": 0, "prediction": "x", "score": 1.0}])
-    results.write_record(root / "failed", _record("skip_attn", 8, 0, "bad", status="failed"))
-    return root
+    return _write_sweep(tmp_path_factory.mktemp("runs") / "tiny-synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +104,25 @@ def built(sweep, tmp_path_factory) -> Path:
 def _markdown_rows(text: str) -> list[dict]:
     lines = [line for line in text.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:]]
+    return [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:]
+            if not line.startswith("| variant")]
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Markdown of each ``## `` section, by heading."""
+    chunks = re.split(r"^## ", text, flags=re.M)[1:]
+    return {chunk.split("\n", 1)[0]: chunk for chunk in chunks}
 
 
 def test_report_table_equals_records(sweep, built):
     rows = _markdown_rows(built.read_text())
     records = results.load_records(sweep)
     assert len(rows) == len(records) == 1 + 12 + 1
-    by_key = {(r["op"], r["layers [start, end)"]): r for r in rows}
+    by_key = {(r["variant"], r["layers [start, end)"]): r for r in rows}
     for record in records:
         layers = record["layers"]
-        row = by_key[(record["op"], f"{layers[0]}–{layers[-1] + 1}" if layers else "–")]
+        row = by_key[(record["variant"]["label"], record["variant"]["layer_text"])]
+        assert row["layers [start, end)"] == (f"{layers[0]}–{layers[-1] + 1}" if layers else "–")
         if record["status"] != "ok":
             assert row["status"].startswith("**failed**") and "boom" in row["status"]
             continue
@@ -87,7 +132,10 @@ def test_report_table_equals_records(sweep, built):
         assert float(row["score"]) == pytest.approx(record["score"], abs=5e-4)
         assert float(row["relative"]) == pytest.approx(record["relative_score"], abs=5e-4)
         assert float(row["FLOPs saved"].rstrip("%")) == pytest.approx(100 * record["flops"]["reduction"], abs=0.051)
-        assert float(row["prefill ms"]) == pytest.approx(record["latency_ms"], abs=0.051)
+        median, iqr = re.fullmatch(r"([\d.]+) \[([\d.]+–[\d.]+)\]", row["prefill ms"]).groups()
+        assert float(median) == pytest.approx(record["latency"]["median_ms"], abs=0.051)
+        assert [float(x) for x in iqr.split("–")] == pytest.approx(
+            [record["latency"]["q1_ms"], record["latency"]["q3_ms"]], abs=0.051)
         assert float(row["agreement"]) == pytest.approx(record["agreement"], abs=5e-4)
 
 
@@ -96,10 +144,13 @@ def test_report_figures_and_summary(built):
     for name in ("pareto.png", "heatmap.png", "mask_ratio.png"):
         assert (built.parent / name).stat().st_size > 5_000
         assert f"]({name})" in text
-    assert re.search(r"`skip_ffn`: from layer \*\*8\*\*", text)
-    assert re.search(r"`skip_attn_ffn`: from layer \*\*24\*\*", text)
-    assert re.search(r"`drop_v2t`: from layer \*\*24\*\*", text)  # 16 dips below 0.99, so 8 is not safe
+    assert re.search(r"`skip_ffn`: from layer \*\*8\*\* on", text)
+    assert re.search(r"`skip_attn_ffn`: from layer \*\*24\*\* on", text)
+    assert re.search(r"`drop_v2t`: from layer \*\*24\*\* on", text)  # 16 dips below 0.99, so 8 is not safe
+    assert "keeping ≥ 99%: 8, 24." in text  # ... though 8 itself keeps it
     assert "ProxyV can start" in text and "1 run(s) failed" in text
+    assert "n = 2 samples per task × 4 tasks = 8 samples" in text
+    assert len(_sections(text)) == 1  # the failed run (no baseline named) joins the one group of its samples
 
 
 def test_earliest_safe_start_and_pareto():
@@ -113,7 +164,7 @@ def test_earliest_safe_start_and_pareto():
 
 def test_report_cli(sweep, tmp_path):
     assert report.main([str(sweep), "--out", str(tmp_path / "r"), "--threshold", "0.9"]) == 0
-    assert "`skip_attn_ffn`: from layer **16**" in (tmp_path / "r" / "report.md").read_text()
+    assert "`skip_attn_ffn`: from layer **16** on" in (tmp_path / "r" / "report.md").read_text()
     assert report.main([str(tmp_path / "missing")]) == 2
 
 
@@ -128,7 +179,207 @@ def test_records_roundtrip_and_atomic_write(tmp_path):
     assert results.config_hash({"a": 1}) != results.config_hash({"a": 2})
 
 
-def test_report_and_results_do_not_import_torch():
-    code = "import sys, analysis.report, analysis.results; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+# ----------------------------------------------------------------------------- groups
+
+MIXED = {10: {"skip_ffn": {16: 1.015, 24: 1.0}, "drop_v2t": {16: 0.98, 24: 1.0}},
+         50: {"skip_ffn": {16: 0.966, 24: 0.995}, "drop_v2t": {16: 0.90, 24: 0.99}}}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, Path]:
+    """The same variants at limit 10 and 50, each against its own baseline."""
+    root = tmp_path_factory.mktemp("mixed") / "sweep"
+    for limit, by_op in MIXED.items():
+        results.write_record(root / f"none_{limit}", _record("none", None, 1.0, f"base{limit}", limit=limit))
+        for op, by_start in by_op.items():
+            for start, rel in by_start.items():
+                results.write_record(root / f"{op}_{start}_{limit}",
+                                     _record(op, start, rel, f"{op}{start}n{limit}", limit=limit,
+                                             base_key=f"base{limit}"))
+    return root, report.write_report(root, tmp_path_factory.mktemp("mixed-report"))
+
+
+def test_mixed_limits_are_separate_groups(mixed):
+    root, built = mixed
+    groups = report.group_records(results.load_records(root))
+    assert [(g.limit, g.baseline_hash, len(g.records)) for g in groups] == [(10, "base10", 5), (50, "base50", 5)]
+    for group in groups:
+        assert set(group.table["limit"]) == {group.limit} and group.baseline["config_hash"] == f"base{group.limit}"
+        grid = report.heatmap_grid(group)  # one run per cell: the numbers of this limit, nothing averaged
+        assert grid.loc["skip_ffn", 16] == MIXED[group.limit]["skip_ffn"][16]
+    text = built.read_text()
+    sections = _sections(text)
+    assert list(sections) == ["tiny on synthetic, limit 10, seed 0", "tiny on synthetic, limit 50, seed 0"]
+    for (heading, body), limit, suffix in zip(sections.items(), (10, 50), ("-1", "-2")):
+        assert f"n = {limit} samples per task × 4 tasks = {4 * limit} samples" in body
+        assert f"Baseline `base{limit}`" in body and f"base{60 - limit}" not in body
+        rows = _markdown_rows(body)
+        assert len(rows) == 5 and {r["variant"] for r in rows} == {"none", "skip_ffn L16–32", "skip_ffn L24–32",
+                                                                   "drop_v2t L16–32", "drop_v2t L24–32"}
+        for stem in report.FIGURE_STEMS:
+            assert f"]({stem}{suffix}.png)" in body and (built.parent / f"{stem}{suffix}.png").exists()
+        captions = [line for line in body.splitlines() if line.startswith("*n = ")]
+        assert len(captions) == 3 and all(f"= {4 * limit} samples" in c for c in captions)
+    skip16 = [r["relative"] for r in _markdown_rows(text) if r["variant"] == "skip_ffn L16–32"]
+    assert skip16 == ["1.015", "0.966"]  # never their mean (0.99)
+    assert "`skip_ffn`: from layer **16** on" in sections["tiny on synthetic, limit 10, seed 0"]
+    assert "`skip_ffn`: from layer **24** on" in sections["tiny on synthetic, limit 50, seed 0"]
+
+
+def test_another_baseline_is_another_group(tmp_path):
+    """A retrained model (same name, samples and settings) has another baseline hash: its own group."""
+    root = tmp_path / "runs"
+    for base in ("old", "new"):
+        results.write_record(root / f"none_{base}", _record("none", None, 1.0, base))
+        results.write_record(root / f"skip_{base}", _record("skip_ffn", 16, 0.9, f"s{base}", base_key=base))
+    groups = report.group_records(results.load_records(root))
+    assert sorted(g.baseline_hash for g in groups) == ["new", "old"] and all(len(g.records) == 2 for g in groups)
+    headings = report.group_headings(groups)
+    assert len(set(headings)) == 2 and all("baseline `" in h for h in headings)
+
+
+def test_summary_states_consistent_rules(tmp_path):
+    """ProxyV keeps >= 99% at 16 but not at the later 24: it has no safe start, and the largest saving
+    among the runs that keep >= 99% may still be ProxyV at 16 -- both sentences say which rule they use."""
+    root = tmp_path / "runs"
+    results.write_record(root / "none", _record("none", None, 1.0, "base"))
+    results.write_record(root / "p16", _record("proxyv", 16, 1.002, "p16"))
+    results.write_record(root / "p24", _record("proxyv", 24, 0.98, "p24"))
+    results.write_record(root / "f16", _record("skip_ffn", 16, 0.995, "f16"))
+    results.write_record(root / "f24", _record("skip_ffn", 24, 1.0, "f24"))
+    text = report.write_report(root, tmp_path / "out").read_text()
+    series = "proxyv (init=spatial, reduce_factor=4)"
+    assert (f"`{series}`: no start from which every later tested start keeps ≥ 99% (the latest, 24, has relative "
+            "0.980); tested starts: 16, 24; keeping ≥ 99%: 16.") in text
+    assert "Largest executed-FLOPs saving among the runs that keep ≥ 99% (any layers): " \
+           "`proxyv L16–32 (init=spatial, reduce_factor=4)` (50.0% saved, relative 1.002)." in text
+    assert "`skip_ffn`: from layer **16** on, every tested start keeps ≥ 99%" in text
+    assert "Rule: a start layer *keeps* the score" in text
+    # the chosen row is one the per-variant lines list as keeping the threshold
+    group = report.group_records(results.load_records(root))[0]
+    best = report.largest_saving_keeping(group.table)
+    assert int(best["start_layer"]) in report.start_layer_findings(group.table)[best["series"]]["keeping"]
+
+
+def test_duplicates_are_listed_and_the_latest_drawn(tmp_path):
+    root = tmp_path / "runs"
+    results.write_record(root / "none", _record("none", None, 1.0, "base"))
+    results.write_record(root / "a", _record("skip_ffn", 16, 0.95, "hashA", finished="2026-01-01T00:00:00+00:00"))
+    results.write_record(root / "b", _record("skip_ffn", 16, 1.01, "hashB", finished="2026-01-02T00:00:00+00:00"))
+    results.write_record(root / "c", _record("skip_ffn", 24, 1.0, "hashC"))
+    built = report.write_report(root, tmp_path / "out")
+    text = built.read_text()
+    rows = [r for r in _markdown_rows(text) if r["variant"] == "skip_ffn L16–32"]
+    assert [(r["relative"], r["status"]) for r in rows] == [("0.950", "ok · duplicate, not drawn"),
+                                                            ("1.010", "ok · duplicate, drawn")]
+    assert "Duplicate: 2 records of `skip_ffn L16–32` in this group" in text
+    assert text.count("Duplicate records (`skip_ffn L16–32` ×2): the latest finished ok one of each is drawn.") == 3
+    group = report.group_records(results.load_records(root))[0]
+    assert report.heatmap_grid(group).loc["skip_ffn", 16] == 1.01  # the latest, not the mean 0.98
+    assert "`skip_ffn`: from layer **16** on" in text
+
+
+# ----------------------------------------------------------------------------- files
+
+def test_corrupt_record_is_named_once(tmp_path, caplog):
+    root = _write_sweep(tmp_path / "runs")
+    bad = root / "skip_ffn_16" / results.RESULT_FILE
+    bad.write_text(bad.read_text()[:100])  # truncated
+    assert results.read_record(bad) is None
+    with caplog.at_level(logging.WARNING):
+        built = report.write_report(root, tmp_path / "out")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("analysis")]
+    assert len(warnings) == 1 and str(bad) in warnings[0].getMessage()
+    text = built.read_text()
+    assert f"**1 unreadable record**: `{report.display_path(bad)}`" in text
+    assert "skip_ffn L16–32" not in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_get_the_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        assert results.current_umask() == umask
+        run = tmp_path / "runs" / "none"
+        results.write_record(run, _record("none", None, 1.0, "base"), [{"task": "t", "doc_id": 0}])
+        results.write_record(tmp_path / "runs" / "f16", _record("skip_ffn", 16, 1.0, "f16"))
+        built = report.write_report(tmp_path / "runs", tmp_path / "out")
+    finally:
+        os.umask(old)
+    for path in (run / results.RESULT_FILE, run / results.SAMPLES_FILE, built, built.parent / "pareto.png"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_report_is_byte_identical_when_rebuilt(sweep, built, tmp_path):
+    first = built.read_bytes()
+    again = report.write_report(sweep, built.parent)
+    assert again.read_bytes() == first
+    elsewhere = report.write_report(sweep, tmp_path / "elsewhere")
+    assert elsewhere.read_bytes() == first
+    assert not re.search(rb"\d{4}-\d\d-\d\dT\d\d:\d\d", first)  # no timestamp
+    assert (tmp_path / "elsewhere" / "pareto.png").read_bytes() == (built.parent / "pareto.png").read_bytes()
+
+
+def test_report_names_runs_relative_to_the_repository(tmp_path):
+    assert report.display_path(REPO / "runs" / "tiny-synthetic") == "runs/tiny-synthetic"
+    assert report.display_path(tmp_path) == str(tmp_path)
+
+
+def test_figures_state_n_and_mark_mask_only_runs(sweep):
+    group = report.group_records(results.load_records(sweep))[0]
+    for draw in (report.draw_pareto, report.draw_heatmap, report.draw_mask_ratio):
+        fig = report.new_figure(6, 4)
+        assert draw(fig, group)
+        assert "n = 2/task × 4 tasks = 8" in fig._suptitle.get_text()
+    fig = report.new_figure(6, 4)
+    report.draw_pareto(fig, group)
+    strip, main = fig.axes
+    assert "0% executed FLOPs saved" in strip.get_title()
+    assert sorted(t.get_text() for t in strip.texts) == ["0", "16", "24", "8"]  # drop_v2t, by start layer
+    assert any(t.get_text() == "99% of baseline" for t in main.texts)
+
+
+def test_legacy_records_report(tmp_path):
+    """Records written before ``variant``, ``n_per_task``, ``latency`` and ``baseline``: one group, labels
+    built from op and layers, latency as the plain median."""
+    root = _write_sweep(tmp_path / "runs", legacy=True)
+    built = report.write_report(root, tmp_path / "out")
+    text = built.read_text()
+    rows = _markdown_rows(text)
+    assert len(_sections(text)) == 1 and len(rows) == 14
+    assert {r["variant"] for r in rows} >= {"none", "skip_ffn L8–32", "skip_attn L8–32"}
+    assert next(r for r in rows if r["variant"] == "none")["prefill ms"] == "10.0"
+    assert "n = 8 samples in total" in text and "`skip_ffn`: from layer **8** on" in text
+
+
+def test_noisy_latency_is_marked(tmp_path):
+    root = tmp_path / "runs"
+    results.write_record(root / "none", _record("none", None, 1.0, "base"))
+    results.write_record(root / "f16", _record("skip_ffn", 16, 1.0, "f16", spread=0.4))
+    loaded = _record("skip_ffn", 24, 1.0, "f24")
+    loaded["latency"]["load_1min"] = 3.5  # above its 2 CPUs
+    results.write_record(root / "f24", loaded)
+    text = report.write_report(root, tmp_path / "out").read_text()
+    cells = {r["variant"]: r["prefill ms"] for r in _markdown_rows(text)}
+    assert cells["skip_ffn L16–32"].endswith(" †") and cells["skip_ffn L24–32"].endswith(" †")
+    assert not cells["none"].endswith("†") and "† noisy timing" in text
+
+
+def test_report_and_results_do_not_import_torch(tmp_path):
+    """Importing and running the report imports no torch, runner, sweep glue, Hydra or lmms-eval, nor
+    pyplot, and leaves matplotlib's backend as the user set it."""
+    _write_sweep(tmp_path / "runs", legacy=True)
+    heavy = ["torch", "analysis.runner", "analysis.sweep", "lmms_eval", "hydra", "matplotlib.pyplot"]
+    code = (
+        "import sys, analysis.report, analysis.results\n"
+        f"heavy = {heavy!r}\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        f"analysis.report.write_report({str(tmp_path / 'runs')!r}, {str(tmp_path / 'out')!r})\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "import matplotlib\n"
+        "assert matplotlib.rcParams['backend'] == 'svg', matplotlib.rcParams['backend']\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
