@@ -45,8 +45,12 @@ def session_for(spec, model) -> Session:
             torch.set_num_threads(int(threads))
         from lmms_eval.tasks import TaskManager
 
+        from transformers.utils import logging as hf_logging
+
         from .lmms_model import LlavaAblate
 
+        if settings.get("progress") != "verbose":
+            hf_logging.disable_progress_bar()  # "Loading weights" bars
         t0 = time.perf_counter()
         lm = LlavaAblate(model.path, batch_size=batch_size, device=settings.get("device"),
                          dtype=model.cfg.get("dtype", "auto"),

@@ -246,7 +246,7 @@ class VariantSweeper(BasicSweeper):
                 from tqdm.auto import tqdm
 
                 _PROGRESS["bar"] = tqdm(total=len(jobs), desc="sweep", unit="run", dynamic_ncols=True,
-                                        file=sys.stderr)
+                                        file=sys.stderr, disable=None)  # a terminal only: logs stay plain lines
             try:
                 returns = self._launch(jobs)
             finally:
@@ -287,10 +287,32 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+class _AboveTheBar:
+    """A stream for log handlers that writes its lines above the progress bar (tqdm.write), not through it."""
+
+    def write(self, text: str) -> None:
+        from tqdm.auto import tqdm
+
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 class SweepProgress(Callback):
-    """Advances the sweeper's progress bar as jobs end (jobs run in this process with the basic launcher)."""
+    """Advances the sweeper's progress bar as jobs end (jobs run in this process with the basic launcher),
+    and prints each job's log lines above it."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        bar = _PROGRESS.get("bar")
+        if bar is None or bar.disable:
+            return
+        for handler in logging.getLogger().handlers:  # Hydra configured them for this job just before
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(_AboveTheBar())
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         bar = _PROGRESS.get("bar")
-        if bar is not None:
+        if bar is not None and not bar.disable:
             bar.update(1)
