@@ -202,13 +202,19 @@ class VariantSweeper(BasicSweeper):
         """Every job's RunSpec; the first bad one ends the sweep with one line naming the job and the fix."""
         from .runner.spec import prepare
 
+        values: dict[str, set] = {}
+        for job in jobs:
+            for override in job:
+                key, _, value = override.partition("=")
+                values.setdefault(key, set()).add(value)
+        swept = {key for key, seen in values.items() if len(seen) > 1}
         specs = []
         for job in jobs:
             try:
                 specs.append(prepare(self._compose(job)))
             except ConfigError as error:
-                shown = " ".join(o for o in job if not o.startswith("run.sweep_tag="))
-                _quit(f"{shown}: {error}")
+                shown = " ".join(o for o in job if o.partition("=")[0] in swept)
+                _quit(f"{error}" + (f" [job {shown}]" if shown else ""))
         return specs
 
     def check_writable(self, specs: list) -> list:

@@ -312,3 +312,17 @@ def test_record_schema_documented():
                   "seed", "git_commit", "versions", "wall_time_s", "status", "samples.jsonl"):
         assert field in doc, field
     assert json.loads(json.dumps(results.package_versions()))["python"]
+
+
+def test_the_main_job_writes_only_ignored_files():
+    """Records and reports land in git-ignored folders, so running the main job leaves every tracked file as it
+    was (else each later record would claim git_dirty)."""
+    import subprocess
+
+    paths = ["runs/tiny-synthetic/skip_ffn_L0-32_0123456789/result.json", "reports/tiny-synthetic/report.md",
+             "reports/tiny-synthetic/pareto.png", "runs/baselines/tiny-synthetic_0123456789/samples.jsonl"]
+    out = subprocess.run(["git", "check-ignore", *paths], cwd=results.REPO_ROOT, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(paths)
+    tracked = subprocess.run(["git", "ls-files", "runs", "reports"], cwd=results.REPO_ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert tracked == []

@@ -1,8 +1,8 @@
 """The main job end to end, as a user runs it: `python experiments/run.py -m ...` in a subprocess, on a
 tiny random-weight 32-layer LLaVA saved like a hub checkpoint, scored by lmms-eval on the synthetic
 twins (2 samples per task). Covers the user's own command, SIGKILL mid-sweep and resume, the report
-written by the Hydra callback, the notebook on those results, the submitit_local launcher, and
-one-line errors for bad overrides."""
+written at the end of the sweep, the submitit_local launcher, two identical sweeps at once, and
+one-line errors for bad overrides (every swept value checked before the first job)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from analysis import results, tiny
+from analysis.sweep import sweep_tag
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,12 @@ def _command(workdir: Path, runs: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "experiments" / "run.py"), *overrides, f"model.pretrained={workdir / 'ckpt'}",
             f"run.runs_dir={runs}", f"run.baselines_dir={workdir / 'baselines'}",
             f"run.reports_dir={runs.parent / 'reports'}", "eval.limit=2", "run.threads=1", "run.progress=false",
-            "run.latency_samples=1"]
+            "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
+
+
+def _sweep_name(cmd: list[str]) -> str:
+    """The folder experiments/run.py gives the sweep of ``cmd`` (an ad-hoc sweep is named after its overrides)."""
+    return "tiny-synthetic" + sweep_tag(cmd[2:])
 
 
 def _run(cmd: list[str], cwd: Path, log: Path, timeout: float = 400, env=ENV) -> subprocess.CompletedProcess:
@@ -62,8 +68,9 @@ def _table_rows(markdown: str) -> list[dict]:
 
 def test_user_sweep_killed_resumed_reported(workdir, tmp_path):
     runs = tmp_path / "runs"
-    sweep = runs / "tiny-synthetic"
     cmd = _command(workdir, runs, *USER_SWEEP)
+    sweep = runs / _sweep_name(cmd)
+    assert sweep.name.startswith("tiny-synthetic-op=skip_ffn-start_layer=8,12,16")  # not the main job's folder
 
     # 1. Start the sweep and SIGKILL it (the whole process group) as soon as one variant has finished.
     with open(tmp_path / "killed.log", "w") as out:
@@ -84,65 +91,67 @@ def test_user_sweep_killed_resumed_reported(workdir, tmp_path):
     rerun = _run(cmd, tmp_path, tmp_path / "rerun.log")
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert _snapshot(sweep, workdir / "baselines").items() >= finished.items()  # nothing finished was rewritten
-    assert rerun.stdout.count("skip skip_ffn") == len(done_before) and "computing the baseline" not in rerun.stdout
+    assert f"sweep: 3 runs ({len(done_before)} finished before)" in rerun.stdout
+    assert rerun.stdout.count(": finished before") == 0 and "computing the baseline" not in rerun.stdout
+    assert len([line for line in rerun.stdout.splitlines() if line.strip()]) <= 3 + 3 - len(done_before) + 1
     records = results.load_records(sweep)
     variants = [r for r in records if r["op"] == "skip_ffn"]
     assert sorted(r["start_layer"] for r in variants) == [8, 12, 16]
     for r in variants:
         assert r["status"] == "ok" and r["end_layer"] == 32 and r["num_layers"] == 32 and r["n_samples"] == 8
         assert set(r["scores"]) == {"synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa"}
-        assert 0 < r["flops"]["total"] < r["flops"]["baseline"] and r["latency_ms"] > 0
+        assert 0 < r["flops"]["total"] < r["flops"]["baseline"] and r["latency_ms"] == r["latency"]["median_ms"] > 0
+        assert r["latency"]["n"] == 2 and r["latency"]["threads"] == 1 and r["n_per_task"] == {t: 2 for t in r["scores"]}
+        assert r["variant"]["label"] == f"skip_ffn L{r['start_layer']}–32"
         assert 0 <= r["agreement"] <= 1 and r["git_commit"] and r["versions"]["lmms_eval"] == "0.7.3"
         assert len(results.read_samples(Path(r["path"]).parent)) == 8
     reductions = [r["flops"]["reduction"] for r in sorted(variants, key=lambda r: r["start_layer"])]
     assert reductions == sorted(reductions, reverse=True)  # ablating more layers saves more
 
-    # 3. The Hydra callback wrote the report; its table is the records.
-    report = tmp_path / "reports" / "tiny-synthetic" / "report.md"
+    # 3. The sweep wrote the report; its table is the records.
+    report = tmp_path / "reports" / sweep.name / "report.md"
     rows = _table_rows(report.read_text())
     assert len(rows) == len(records) == 4  # baseline + 3 variants
     for record in records:
-        layers = record["layers"]
-        row = next(r for r in rows if r["op"] == record["op"] and r["layers [start, end)"] ==
-                   (f"{layers[0]}–{layers[-1] + 1}" if layers else "–"))
+        row = next(r for r in rows if r["variant"] == record["variant"]["label"])
         assert row["status"] == "ok" and float(row["score"]) == pytest.approx(record["score"], abs=5e-4)
         assert float(row["agreement"]) == pytest.approx(record["agreement"], abs=5e-4)
         assert float(row["FLOPs saved"].rstrip("%")) == pytest.approx(100 * record["flops"]["reduction"], abs=0.051)
         for task, value in record["scores"].items():
             assert float(row[task]) == pytest.approx(value, abs=5e-4)
-
-    # 4. The notebook runs on these results.
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(REPO / "notebooks" / "accuracy_vs_flops.ipynb", as_version=4)
-    os.environ["RESULTS_DIR"] = str(sweep)
-    try:
-        NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    finally:
-        del os.environ["RESULTS_DIR"]
-    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "4 runs, 4 ok" in printed
+    assert "n = 2 samples per task × 4 tasks = 8 samples" in report.read_text()
 
 
 def test_sweep_through_submitit_local(workdir, tmp_path):
     runs = tmp_path / "runs"
-    out = _run(_command(workdir, runs, "-m", "op=skip_attn,drop_v2t", "start_layer=20",
-                        "hydra/launcher=submitit_local"), tmp_path, tmp_path / "submitit.log")
+    cmd = _command(workdir, runs, "-m", "op=skip_attn,drop_v2t", "start_layer=20", "hydra/launcher=submitit_local")
+    out = _run(cmd, tmp_path, tmp_path / "submitit.log")
     assert out.returncode == 0, out.stdout[-3000:]
-    records = [r for r in results.load_records(runs / "tiny-synthetic") if r["op"] != "none"]
+    sweep = runs / _sweep_name(cmd)
+    records = [r for r in results.load_records(sweep) if r["op"] != "none"]
     assert sorted(r["op"] for r in records) == ["drop_v2t", "skip_attn"]
     assert all(r["status"] == "ok" and r["layers"] == list(range(20, 32)) for r in records)
-    assert list((runs / "tiny-synthetic" / ".hydra").glob("*/.submitit"))  # the jobs ran through submitit
-    assert (tmp_path / "reports" / "tiny-synthetic" / "report.md").exists()
+    assert list((sweep / ".hydra").glob("*/.submitit"))  # the jobs ran through submitit
+    assert (tmp_path / "reports" / sweep.name / "report.md").exists()
+
+
+def test_two_identical_sweeps_at_once_compute_each_run_once(workdir, tmp_path):
+    runs = tmp_path / "runs"
+    cmd = _command(workdir, runs, "-m", "op=mask_v2v", "start_layer=24,28")
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    computed = sum(out.count("mask_v2v L") - out.count("finished by another sweep") for out in outs)
+    assert computed == 2, outs  # each of the two runs once, whichever sweep got there first
+    assert sum(out.count("computing the baseline") for out in outs) <= 1
 
 
 def test_bad_overrides_fail_with_one_line(workdir, tmp_path):
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}
     cases = {
         "op": (["op=skip_fn"], "error: unknown op 'skip_fn'; known: drop_v2t, mask_v2v, none, proxyv, skip_attn"),
-        "depth": (["op=skip_ffn", "start_layer=40"],
+        "depth": (["-m", "op=skip_ffn", "start_layer=8,40"],  # the valid job first: nothing may run before the check
                   "error: start_layer=40 is out of range: the model has 32 decoder layers (valid 0..31)"),
         "weights": (["model=llava-1.5-13b"], "error: model llava-1.5-13b: weights not found (no directory "
                     "'llava-hf/llava-1.5-13b-hf' and llava-hf/llava-1.5-13b-hf is not in the HF cache); get them "
