@@ -161,7 +161,7 @@ def _base_model(model_cfg: dict) -> ModelRef:
     """The model a trained checkpoint was made from (``model.baseline_model``, a conf/model/ name)."""
     name = model_cfg.get("baseline_model")
     if not name:
-        raise ConfigError(f"model {model_cfg['name']} is a trained ProxyV checkpoint: set model.baseline_model to "
+        raise ConfigError(f"model {model_cfg['name']} is a ProxyV checkpoint: set model.baseline_model to "
                           "the conf/model/ name of the model it was made from (its baseline), e.g. tiny")
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
