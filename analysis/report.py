@@ -487,9 +487,9 @@ def _nothing(fig, group: Group, what: str) -> bool:
 
 FIGURES = (
     ("pareto", "Accuracy vs compute", draw_pareto,
-     "Relative score vs executed FLOPs saved; dashed: the Pareto front over all points (labelled); dotted: "
-     "{threshold:.0%} of the baseline. Left strip: variants that save no executed FLOPs (mask-only ops), "
-     "spread by variant, numbered by start layer."),
+     ("Relative score vs executed FLOPs saved; dashed: the Pareto front over all points (labelled); dotted: "
+      "{threshold:.0%} of the baseline. Left strip: variants that save no executed FLOPs (mask-only ops), "
+      "spread by variant, numbered by start layer.")),
     ("heatmap", "Relative score by variant and start layer", draw_heatmap,
      "Runs that ablate from the start layer through the last layer; one run per cell."),
     ("mask_ratio", "Mask-ratio curve", draw_mask_ratio,
@@ -562,12 +562,12 @@ def markdown_table(group: Group) -> str:
 
 def table_notes(group: Group) -> list[str]:
     """What the table's columns mean, and the group's duplicates and noisy timings."""
-    notes = ["FLOPs: language-model decoder prefill, mean per evaluated sample (see `analysis/flops.py`); "
-             "*theor.* counts only the (query, key) pairs a variant allows. Relative = score / the group's "
-             "baseline score; agreement = share of answers identical to the baseline's. Prefill ms: median "
-             "over the timed forwards [interquartile range] where the record has it."]
+    notes = [("FLOPs: language-model decoder prefill, mean per evaluated sample (see `analysis/flops`); "
+              "*theor.* counts only the (query, key) pairs a variant allows. Relative = score / the group's "
+              "baseline score; agreement = share of answers identical to the baseline's. Prefill ms: median "
+              "over the timed forwards [interquartile range] where the record has it.")]
     table = group.table
-    if len(table) and (table["latency_noisy"] == True).any():  # noqa: E712 -- the column holds None too
+    if any(flag is True for flag in table["latency_noisy"]):
         notes.append(f"† noisy timing: interquartile range above {results.NOISY_SPREAD:.0%} of the median, or "
                      "the 1-minute load above the CPU count while timing.")
     for label, count in group.duplicates.items():
@@ -644,8 +644,8 @@ def group_section(group: Group, out_dir: Path, suffix: str, heading: str,
     """The Markdown of one group: heading, n, summary, table, figures."""
     tasks = ", ".join(group.tasks or ()) or "as recorded"
     parts = [f"## {heading}", "",
-             f"**{group.n_text()}**; tasks: {tasks}. Only runs scored on these samples against the baseline "
-             "below are compared in this section.", "",
+             (f"**{group.n_text()}**; tasks: {tasks}. Only runs scored on these samples against the baseline "
+              "below are compared in this section."), "",
              "### Summary", "", *summary_lines(group, threshold), "",
              "### Runs", "", markdown_table(group), ""]
     parts += [*(f"{note}" for note in table_notes(group)), ""]
@@ -686,8 +686,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, title: str
     groups = group_records(records)
     shown = display_path(root)
     parts = [f"# {title or f'Sweep `{root.name}`'}", "",
-             f"{len(records)} runs from `{shown}` in {len(groups)} group(s) of runs scored on the same samples "
-             f"against the same baseline; built by `python -m analysis.report {shown}`.", ""]
+             (f"{len(records)} runs from `{shown}` in {len(groups)} group(s) of runs scored on the same samples "
+              f"against the same baseline; built by `python -m analysis.report {shown}`."), ""]
     if unreadable:
         parts += [unreadable_line(unreadable), ""]
     if not records:

@@ -11,6 +11,9 @@ first, so a ``result.json`` that exists is complete and its samples are there:
     sweep               sweep name (the directory under ``runs/`` and ``reports/``)
     model               model config name (e.g. "tiny"); ``model_path`` the checkpoint loaded
     op                  operator name ("none" for the baseline)
+    variant             :meth:`analysis.variant.Variant.to_record`: family, method, layers, params, blind,
+                        checkpoint, label, layer_text, start_layer, end_layer (older records lack it:
+                        :func:`record_variant` builds it from op and layers)
     layers              ablated decoder-layer indices; ``start_layer`` / ``end_layer`` (exclusive)
     num_layers          decoder depth of the model
     eval                eval config name; ``tasks`` the lmms-eval tasks; ``limit``; ``blind``
@@ -22,8 +25,11 @@ first, so a ``result.json`` that exists is complete and its samples are there:
                         "theoretical_reduction", "lm_head", "vision", "per"}: language-model decoder
                         prefill FLOPs, mean per evaluated sample (``per`` says so); see analysis.flops
     latency_ms          median prefill wall time of one sample (batch 1) under the variant
+    latency             {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "n", "warmup", "threads",
+                        "load_1min", "cpus"} of those timings (older records: latency_ms only;
+                        :func:`record_latency` reads both)
     agreement           fraction of answers identical to the baseline's (same task and doc)
-    n_samples           evaluated samples, all tasks together
+    n_samples           evaluated samples, all tasks together; ``n_per_task``: task -> samples scored
     seed, git_commit, git_dirty, versions (package -> version), device, hostname
     started_at, finished_at (ISO 8601, UTC), wall_time_s
     config              the resolved run config
@@ -406,7 +412,7 @@ def records_table(records: list[dict]):
     import pandas as pd
 
     rows = [_table_row(r) for r in records]
-    table = pd.DataFrame(rows, columns=None if rows else [*TABLE_COLUMNS, "num_layers", "config_hash", "path"])
+    table = pd.DataFrame(rows, columns=None if rows else [*TABLE_COLUMNS, "num_layers", "config_hash", "error", "path"])
     for column in ("start_layer", "end_layer", "num_layers", "n_samples", "limit", "seed", "latency_n"):
         if column in table:
             table[column] = table[column].astype("Int64")
