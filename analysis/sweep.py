@@ -237,6 +237,7 @@ class VariantSweeper(BasicSweeper):
         jobs = self.job_overrides(list(arguments))
         specs = self.validate(jobs)
         todo = self.check_writable(specs)
+        launch = [job for job, spec in zip(jobs, specs) if spec in todo]  # finished runs are not launched at all
         roots = list(dict.fromkeys(s.sweep_root for s in specs))
         run_cfg = self.config.run
         print(f"sweep: {len(jobs)} runs ({len(jobs) - len(todo)} finished before) -> "
@@ -251,10 +252,10 @@ class VariantSweeper(BasicSweeper):
             if in_process and run_cfg.get("progress", True):
                 from tqdm.auto import tqdm
 
-                _PROGRESS["bar"] = tqdm(total=len(jobs), desc="sweep", unit="run", dynamic_ncols=True,
+                _PROGRESS["bar"] = tqdm(total=len(launch), desc="sweep", unit="run", dynamic_ncols=True,
                                         file=sys.stderr, disable=None)  # a terminal only: logs stay plain lines
             try:
-                returns = self._launch(jobs)
+                returns = self._launch(launch)
             finally:
                 bar, _PROGRESS["bar"] = _PROGRESS["bar"], None
                 if bar is not None:
