@@ -326,3 +326,20 @@ def test_the_main_job_writes_only_ignored_files():
     tracked = subprocess.run(["git", "ls-files", "runs", "reports"], cwd=results.REPO_ROOT, capture_output=True,
                              text=True).stdout.split()
     assert tracked == []
+
+
+def test_unwritable_runs_dir_is_one_line_unless_everything_is_finished(tmp_path, config_only, stubbed, monkeypatch):
+    """(Root ignores permission bits, so the check itself is stubbed: what is tested is what the sweep does.)"""
+    stub, factory = stubbed
+    cfg = _cfg(tmp_path, config_only, "op=skip_ffn", "start_layer=28")
+    runner.run_one(cfg, session_factory=factory)
+    finished, unfinished = runner.prepare(cfg), runner.prepare(_cfg(tmp_path, config_only, "op=skip_ffn",
+                                                                   "start_layer=30"))
+    monkeypatch.setattr(sweep, "_writable", lambda path: False)
+    sweeper = sweep.VariantSweeper()
+    assert sweeper.check_writable([finished]) == []  # all finished: read, nothing to write
+    with pytest.raises(SystemExit) as info:
+        sweeper.check_writable([finished, unfinished])
+    message = str(info.value)
+    assert message.startswith(f"error: the runs dir {unfinished.sweep_root} is not writable and 1 of 2 runs are not "
+                              "finished; make it writable or set run.runs_dir=") and "\n" not in message
