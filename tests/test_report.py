@@ -279,6 +279,41 @@ def test_duplicates_are_listed_and_the_latest_drawn(tmp_path):
     assert "`skip_ffn`: from layer **16** on" in text
 
 
+def test_a_method_has_one_colour_in_every_group_and_figure(tmp_path):
+    """Two groups with different methods: ``skip_ffn`` has the same colour in both, in every figure (the
+    variant registry's order, not the group's); a method the registry does not know comes after its methods."""
+    import matplotlib
+
+    from analysis.variant import methods
+
+    root = tmp_path / "runs"
+    for limit, ops in ((2, ("drop_v2t", "skip_ffn")), (4, ("skip_attn", "proxyv", "skip_ffn"))):
+        results.write_record(root / f"none_{limit}", _record("none", None, 1.0, f"base{limit}", limit=limit))
+        for op in ops:
+            for start in (16, 24):
+                results.write_record(root / f"{op}_{start}_{limit}", _record(op, start, 1.0, f"{op}{start}n{limit}",
+                                                                             limit=limit, base_key=f"base{limit}"))
+    groups = report.group_records(results.load_records(root))
+    assert [set(g.table["method"]) for g in groups] == [{"none", "drop_v2t", "skip_ffn"},
+                                                        {"none", "skip_attn", "proxyv", "skip_ffn"}]
+    colors = [report.group_colors(g) for g in groups]
+    assert colors[0]["skip_ffn"] == colors[1]["skip_ffn"] and colors[0]["none"] == colors[1]["none"]
+    for group, color in zip(groups, colors):
+        fig = report.new_figure(6, 4)
+        report.draw_pareto(fig, group)
+        drawn = {c.get_label(): tuple(c.get_facecolor()[0]) for ax in fig.axes for c in ax.collections
+                 if not c.get_label().startswith("_")}
+        assert drawn["skip_ffn"] == pytest.approx(color["skip_ffn"])
+        fig = report.new_figure(6, 4)
+        report.draw_mask_ratio(fig, group)
+        line = next(line for line in fig.axes[0].lines if line.get_label() == "skip_ffn")
+        assert matplotlib.colors.to_rgba(line.get_color()) == pytest.approx(color["skip_ffn"])
+    cmap, known = matplotlib.colormaps["tab10"], list(methods())
+    unknown = report.method_colors(["zz_gone", "skip_ffn", "aa_gone"])
+    assert list(unknown) == ["skip_ffn", "aa_gone", "zz_gone"]
+    assert unknown["aa_gone"] == cmap(len(known) % 10) and unknown["skip_ffn"] == cmap(known.index("skip_ffn"))
+
+
 # ----------------------------------------------------------------------------- files
 
 def test_corrupt_record_is_named_once(tmp_path, caplog):
