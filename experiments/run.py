@@ -8,7 +8,7 @@ checkpoints), scored by lmms-eval.
 Each run writes runs/<sweep>/<run>/result.json (+ samples.jsonl); finished runs are skipped on a
 re-run; reports/<sweep>/report.md is written when the sweep ends. An ad-hoc sweep's folder is named
 after its overrides (analysis.sweep.sweep_tag). Configs: conf/. Logic: analysis/runner/ (one run),
-analysis/sweep.py (the sweep), analysis/report.py (the report).
+analysis/sweep.py (the sweep), analysis/report/ (the report).
 """
 
 from __future__ import annotations
