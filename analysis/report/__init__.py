@@ -3,8 +3,8 @@
     python -m analysis.report runs/tiny-synthetic            # -> reports/tiny-synthetic/report.md
     python -m analysis.report runs/tiny-synthetic --out /tmp/r --threshold 0.98
 
-Written at the end of every multirun by :class:`analysis.sweep.SweepReportCallback` (a Hydra
-callback) and on demand by the command above. It reads ``result.json`` files through
+Written at the end of every sweep by :class:`analysis.sweep.VariantSweeper` and on demand by the
+command above. It reads ``result.json`` files through
 :mod:`analysis.results` and imports neither torch, nor the runner, nor Hydra.
 
 Runs scored on different samples are never compared: records are split into **groups** (see
