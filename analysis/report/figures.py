@@ -102,9 +102,9 @@ def draw_pareto(fig, group: Group, threshold: float = THRESHOLD) -> bool:
     # least that much reaches (a point above the line would be on the front).
     ax.step(100 * front["flops_reduction"], front["relative_score"], where="pre", color="black", lw=1, ls="--",
             label="Pareto front", zorder=2)
-    for _, row in front.iterrows():
+    for i, (_, row) in enumerate(front.iterrows()):  # neighbours on the front alternate below / above
         ax.annotate(row["label"], (100 * row["flops_reduction"], row["relative_score"]), fontsize=6,
-                    xytext=(4, -9), textcoords="offset points")
+                    xytext=(4, -9 if i % 2 == 0 else 5), textcoords="offset points")
     _threshold_line(ax, threshold)
     ax.set_xlabel("decoder prefill FLOPs saved (%)")
     ax.set_ylabel("relative score (variant / baseline)" if zero.empty else "")
