@@ -66,7 +66,13 @@ def _table_rows(markdown: str) -> list[dict]:
     return [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:]]
 
 
+def _tracked_changes() -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                          text=True).stdout
+
+
 def test_user_sweep_killed_resumed_reported(workdir, tmp_path):
+    clean_before = _tracked_changes() == ""  # a developer's tree may be dirty already; CI's clone is not
     runs = tmp_path / "runs"
     cmd = _command(workdir, runs, *USER_SWEEP)
     sweep = runs / _sweep_name(cmd)
@@ -105,6 +111,8 @@ def test_user_sweep_killed_resumed_reported(workdir, tmp_path):
         assert r["variant"]["label"] == f"skip_ffn L{r['start_layer']}–32"
         assert 0 <= r["agreement"] <= 1 and r["git_commit"] and r["versions"]["lmms_eval"] == "0.7.3"
         assert len(results.read_samples(Path(r["path"]).parent)) == 8
+    if clean_before:  # running sweeps changes no tracked file, so the records say the tree was clean
+        assert _tracked_changes() == "" and all(r["git_dirty"] is False for r in records)
     reductions = [r["flops"]["reduction"] for r in sorted(variants, key=lambda r: r["start_layer"])]
     assert reductions == sorted(reductions, reverse=True)  # ablating more layers saves more
 
