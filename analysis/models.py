@@ -15,7 +15,7 @@ LLAVA_CLASSES = {
     "llava_next": (LlavaNextForConditionalGeneration, LlavaNextModel),
 }
 GENERATION_CLASSES = {kind: classes[0] for kind, classes in LLAVA_CLASSES.items()}
-SUPPORTED_CLASSES = tuple(cls for classes in LLAVA_CLASSES.values() for cls in classes)
+SUPPORTED_CLASSES = (*GENERATION_CLASSES.values(), *(classes[1] for classes in LLAVA_CLASSES.values()))
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
