@@ -25,7 +25,7 @@ from .attention import check_backend, split_attention
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
 from .models import decoder_layers, llava_core, text_config_of
-from .ops import Operator, get_operator
+from .ops import OPERATORS, Operator, get_operator
 from .rows import gather_rows, scatter_add_rows, select_rows
 
 
@@ -196,15 +196,15 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
-@contextlib.contextmanager
 def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, start_layer: int | None = None,
-           end_layer: int | None = None, newline_tokens: str = "vision"):
-    """Apply operator ``op`` to vision tokens in the given decoder layers for the duration of the block.
+           end_layer: int | None = None, newline_tokens: str = "vision", **params):
+    """Apply ``op`` to vision tokens in the given decoder layers for the duration of the block.
 
     Args:
         model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` (or their
             ``.model``), with a Llama / Qwen2 / Mistral text backbone.
-        op: an operator name (see :data:`analysis.ops.OPERATORS`) or instance.
+        op: an operator name (see :data:`analysis.ops.OPERATORS`) or instance, or the method of another
+            registered variant family (:mod:`analysis.families`), whose parameters go in ``params``.
         layers: decoder-layer indices; or ``start_layer``/``end_layer`` (end exclusive, default the
             number of layers). Neither: every layer.
         newline_tokens: how LLaVA-NeXT's ``image_newline`` tokens are treated: ``"vision"`` (default;
@@ -212,6 +212,23 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
     Yields:
         the resolved, sorted list of ablated layer indices.
     """
+    if isinstance(op, Operator) or op in OPERATORS:
+        if params:
+            raise ValueError(f"op {getattr(op, 'name', op)!r} takes no parameters, got {sorted(params)}")
+        return _ablate_operator(model, op, layers, start_layer=start_layer, end_layer=end_layer,
+                                newline_tokens=newline_tokens)
+    from .variant import family, resolve_variant
+
+    num_layers = text_config_of(llava_core(model)).num_hidden_layers
+    variant = resolve_variant(op, num_layers, start_layer=start_layer, end_layer=end_layer,
+                              layers=None if layers is None else list(layers), params=params)
+    return family(variant.family).load("execute")(model, variant, newline_tokens=newline_tokens)
+
+
+@contextlib.contextmanager
+def _ablate_operator(model, op: str | Operator, layers: Iterable[int] | None = None, *,
+                     start_layer: int | None = None, end_layer: int | None = None, newline_tokens: str = "vision"):
+    """:func:`ablate` for an operator of :mod:`analysis.ops`."""
     operator = get_operator(op)
     core = llava_core(model)
     if getattr(core, "proxyv", None) is not None:
@@ -248,4 +265,4 @@ def ablate_variant(model, variant, newline_tokens: str = "vision"):
     :mod:`analysis.families`): :func:`ablate` on its layers, or nothing for the baseline."""
     if variant.is_baseline:
         return contextlib.nullcontext(())
-    return ablate(model, variant.method, layers=variant.layers, newline_tokens=newline_tokens)
+    return _ablate_operator(model, variant.method, layers=variant.layers, newline_tokens=newline_tokens)
