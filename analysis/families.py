@@ -81,3 +81,57 @@ PROXYV = register_family(Family(
     trained=True,
     label_params=("init", "reduce_factor"),
 ))
+
+
+# ----------------------------------------------------------------------------- token reduction
+
+PDROP_POSITIONS = ("renumber", "original")
+
+
+def _reduction_methods() -> dict[str, dict]:
+    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber"}}
+
+
+def _keep(method: str, keep) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"{method}: keep must be in (0, 1] (the share of vision tokens kept), got {keep!r}")
+    return float(keep)
+
+
+def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers):
+    """FastV: ``start_layer`` K (1 <= K < depth), pruned in layers K.. (the variant's layers); PyramidDrop:
+    ``layers`` = the increasing stage boundaries K_1 < K_2 < ..., each in 1..depth-1."""
+    keep = _keep(method, params.get("keep"))
+    if method == "fastv":
+        if layers is not None:
+            raise ValueError("fastv prunes from start_layer=K on; give start_layer, not layers")
+        if start_layer is None or isinstance(start_layer, bool) or not isinstance(start_layer, int) \
+                or not 1 <= start_layer < num_layers:
+            raise ValueError(f"fastv: start_layer must be in 1..{num_layers - 1} (it ranks with layer K-1's "
+                             f"attention), got {start_layer!r}")
+        if end_layer is not None and end_layer != num_layers:
+            raise ValueError(f"fastv prunes through the last layer; drop end_layer={end_layer}")
+        return tuple(range(start_layer, num_layers)), {"keep": keep}
+    if start_layer is not None or end_layer is not None:
+        raise ValueError("pdrop takes its stage boundaries as layers=[K1, K2, ...], not start_layer / end_layer")
+    boundaries = list(layers or [])
+    if not boundaries or any(isinstance(k, bool) or not isinstance(k, int) for k in boundaries):
+        raise ValueError(f"pdrop: layers must be a non-empty list of layer indices (stage boundaries), got {layers!r}")
+    if boundaries != sorted(set(boundaries)):
+        raise ValueError(f"pdrop: the stage boundaries must be strictly increasing, got {boundaries}")
+    if not all(1 <= k < num_layers for k in boundaries):
+        raise ValueError(f"pdrop: every boundary must be in 1..{num_layers - 1}, got {boundaries}")
+    positions = params.get("positions")
+    if positions not in PDROP_POSITIONS:
+        raise ValueError(f"pdrop: positions must be one of {', '.join(PDROP_POSITIONS)}, got {positions!r}")
+    return tuple(boundaries), {"keep": keep, "positions": positions}
+
+
+REDUCTION = register_family(Family(
+    name="reduction",
+    methods=_reduction_methods,
+    resolve=_reduction_layers,
+    execute="analysis.reduction:reduction_context",
+    flops="analysis.flops.reduction:reduction_flops",
+    label_params=("keep", "positions"),
+))
