@@ -89,7 +89,9 @@ PDROP_POSITIONS = ("renumber", "original")
 
 
 def _reduction_methods() -> dict[str, dict]:
-    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber"}}
+    # pdrop's `layers`: its stage boundaries as a parameter (the runner's op.layers); null = the official
+    # four equal stages (8, 16, 24 of 32 layers)
+    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber", "layers": None}}
 
 
 def _keep(method: str, keep) -> float:
@@ -114,7 +116,11 @@ def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers
         return tuple(range(start_layer, num_layers)), {"keep": keep}
     if start_layer is not None or end_layer is not None:
         raise ValueError("pdrop takes its stage boundaries as layers=[K1, K2, ...], not start_layer / end_layer")
-    boundaries = list(layers or [])
+    if layers is None:
+        layers = params.get("layers") or [num_layers * s // 4 for s in (1, 2, 3)]
+    elif params.get("layers") is not None and list(params["layers"]) != list(layers):
+        raise ValueError(f"pdrop: two sets of stage boundaries given ({list(layers)} and {list(params['layers'])})")
+    boundaries = list(layers)
     if not boundaries or any(isinstance(k, bool) or not isinstance(k, int) for k in boundaries):
         raise ValueError(f"pdrop: layers must be a non-empty list of layer indices (stage boundaries), got {layers!r}")
     if boundaries != sorted(set(boundaries)):
@@ -134,4 +140,5 @@ REDUCTION = register_family(Family(
     execute="analysis.reduction:reduction_context",
     flops="analysis.flops.reduction:reduction_flops",
     label_params=("keep", "positions"),
+    param_layers=("pdrop",),
 ))

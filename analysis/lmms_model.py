@@ -36,9 +36,17 @@ from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
 from .models import generation_class
-from .variant import Variant, family, resolve_variant
+from .variant import Variant, family, family_of, resolve_variant
 
 IMAGE_TOKEN = "<image>"
+
+
+def _method_params(op) -> dict:
+    """The parameters ``op``'s method declares ({} for an unknown op: its own error comes later)."""
+    try:
+        return dict(family_of(op).methods()[op])
+    except (ValueError, TypeError, KeyError):
+        return {}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -89,7 +97,8 @@ class LlavaAblate(lmms):
 
     Args (all reachable from ``--model_args``):
         pretrained: checkpoint directory or hub id (resolved offline from the HF cache).
-        op, start_layer, end_layer, layers: the variant (see :func:`analysis.ablation.ablate`); ``layers`` is a
+        op, start_layer, end_layer, layers, and the method's parameters (e.g. ``keep=0.5`` for ``op=fastv``):
+            the variant (see :func:`analysis.ablation.ablate`); ``layers`` is a
             space- or ``;``-separated list of indices when given as a string.
         blind: replace every image with a blank one (the blind control).
         newline_tokens: LLaVA-NeXT newline tokens treated as ``"vision"`` (default) or ``"text"``.
@@ -107,9 +116,12 @@ class LlavaAblate(lmms):
                  attn_implementation: str = "sdpa", max_new_tokens: int = 32, progress: bool = True,
                  model=None, processor=None, **kwargs) -> None:
         super().__init__()
-        unknown = {k: v for k, v in kwargs.items() if v is not None and k not in ("max_batch_size",)}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "max_batch_size"}
+        declared = _method_params(op)  # e.g. keep=0.5 for op=fastv
+        unknown = sorted(set(kwargs) - set(declared))
         if unknown:
-            raise TypeError(f"llava_ablate: unknown model_args {sorted(unknown)}")
+            raise TypeError(f"llava_ablate: unknown model_args {unknown}"
+                            + (f" (op={op} takes {', '.join(sorted(declared))})" if declared else ""))
         if model is None:
             if pretrained is None:
                 raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA checkpoint)")
@@ -123,7 +135,7 @@ class LlavaAblate(lmms):
         self.newline_tokens = newline_tokens
         self.progress = progress
         self.num_layers = model.config.text_config.num_hidden_layers
-        self.set_variant(op, start_layer=start_layer, end_layer=end_layer, layers=layers, blind=blind)
+        self.set_variant(op, start_layer=start_layer, end_layer=end_layer, layers=layers, blind=blind, **kwargs)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -159,21 +171,21 @@ class LlavaAblate(lmms):
 
     # ----------------------------------------------------------------- variant and bookkeeping
     def set_variant(self, op: str | Variant = "none", start_layer=None, end_layer=None, layers=None,
-                    blind: bool = False) -> Variant:
-        """Switch the variant for the next evaluation (a :class:`~analysis.variant.Variant`, or an op name and
-        its layers) and reset the recorded prompt shapes and timing prompts. A ProxyV checkpoint is its own
-        variant: ``op`` "none" or "proxyv" gives that variant."""
+                    blind: bool = False, **params) -> Variant:
+        """Switch the variant for the next evaluation (a :class:`~analysis.variant.Variant`, or an op name, its
+        layers and its parameters) and reset the recorded prompt shapes and timing prompts. A ProxyV
+        checkpoint is its own variant: ``op`` "none" or "proxyv" gives that variant."""
         if not isinstance(op, Variant):
             if isinstance(layers, str):
                 layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
-            op = self._resolve(op, start_layer, end_layer, layers, bool(blind))
+            op = self._resolve(op, start_layer, end_layer, layers, bool(blind), params)
         self.variant = op
         family(op.family).load("execute")  # an execution that cannot import fails here, not mid-evaluation
         self.prompt_shapes: list[dict] = []  # one per generated request, in request order of arrival
         self.timing_prompts: list[tuple[str, list]] = []  # (prompt, images) of the first requests
         return self.variant
 
-    def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool) -> Variant:
+    def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool, params: dict) -> Variant:
         settings = getattr(self._model.config, "proxyv", None)
         if settings:  # the loaded model is a trained ProxyV checkpoint
             if op not in ("none", "proxyv"):
@@ -182,7 +194,7 @@ class LlavaAblate(lmms):
             return resolve_variant("proxyv", self.num_layers, start_layer=settings["start_layer"], params=params,
                                    blind=blind, checkpoint=self.pretrained)
         return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,
-                               blind=blind)
+                               params=params, blind=blind)
 
     def variant_context(self):
         """The context in which the model computes the current variant (its family's execution)."""

@@ -131,6 +131,8 @@ class Family:
         trained: the variant is a trained checkpoint (listed per start layer in the model config under
             the family's name); its baseline is the model it was made from.
         label_params: the parameters its label shows.
+        param_layers: the methods whose layers are a parameter (``op.layers``, e.g. PyramidDrop's stage
+            boundaries), not selected by the runner's ``start_layer`` / ``end_layer``.
     """
 
     name: str
@@ -140,6 +142,7 @@ class Family:
     flops: str
     trained: bool = False
     label_params: tuple[str, ...] = ()
+    param_layers: tuple[str, ...] = ()
     _loaded: dict = field(default_factory=dict, compare=False, repr=False)
 
     def load(self, what: str):

@@ -61,7 +61,7 @@ def test_op_group_is_the_variant_registry():
     from analysis.ops import OPERATORS
     from analysis.variant import methods
 
-    assert set(sweep.group_choices("op")) == set(methods()) == {*OPERATORS, "proxyv"}
+    assert set(sweep.group_choices("op")) == set(methods()) == {*OPERATORS, "proxyv", "fastv", "pdrop"}
     assert _compose("op=proxyv").op == {"name": "proxyv", "reduce_factor": None, "init": None, "light_width": None}
     assert not list((sweep.CONF_DIR / "op").glob("*.yaml"))  # registered once, in analysis/families.py
 
@@ -119,6 +119,23 @@ def test_bad_configs_are_one_line_errors(tmp_path, config_only, monkeypatch):
         "model llava-1.5-7b: weights not found (no directory 'llava-hf/llava-1.5-7b-hf' and "
         "llava-hf/llava-1.5-7b-hf is not in the HF cache); get them with: hf download llava-hf/llava-1.5-7b-hf "
         "(~14 GB), or set model.pretrained=/path/to/checkpoint")
+
+
+def test_token_reduction_variants_from_the_config(tmp_path, config_only):
+    """The next family registered in one place (analysis/families.py) reaches the runner with nothing else."""
+    fastv = runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.25")).variant
+    assert (fastv.family, fastv.layers, fastv.options, fastv.label) == \
+        ("reduction", tuple(range(2, 32)), {"keep": 0.25}, "fastv L2–32 (keep=0.25)")
+    pdrop = runner.prepare(_cfg(tmp_path, config_only, "op=pdrop")).variant  # start_layer (16) is not its axis
+    assert pdrop.layers == (8, 16, 24) and pdrop.options == {"keep": 0.5, "positions": "renumber"}
+    custom = runner.prepare(_cfg(tmp_path, config_only, "op=pdrop", "op.layers=[4,12]", "op.positions=original"))
+    assert custom.variant.label == "pdrop L4,12 (keep=0.5, positions=original)"
+    for overrides, message in ((("op=fastv", "op.keep=1.5"), r"fastv: keep must be in \(0, 1\]"),
+                               (("op=fastv", "start_layer=0"), "fastv: start_layer must be in 1..31"),
+                               (("op=pdrop", "op.layers=[16,8]"), "boundaries must be strictly increasing")):
+        with pytest.raises(ConfigError, match=message) as info:
+            runner.prepare(_cfg(tmp_path, config_only, *overrides))
+        assert "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- bookkeeping

@@ -207,6 +207,8 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
     except ValueError as error:
         raise ConfigError(str(error)) from None
     start, end = _int_or_none("start_layer", cfg.get("start_layer")), _int_or_none("end_layer", cfg.get("end_layer"))
+    if method in fam.param_layers:  # e.g. pdrop: its layers are a parameter (op.layers)
+        start = end = None
     blind = bool(cfg["eval"].get("blind", False))
     base, checkpoint = model, None
     own = getattr(hf_config, "proxyv", None)  # the model is itself a trained ProxyV checkpoint
