@@ -419,3 +419,47 @@ def test_report_and_results_do_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _variant_record(variant, rel: float, saved: float, key: str, docvqa: float | None = None) -> dict:
+    """A finished record of ``variant`` (an analysis.variant.Variant) against baseline 'base0' (score 0.8)."""
+    scores = {t: 0.8 * rel for t in TASKS}
+    if docvqa is not None:
+        scores["synth_docvqa"] = docvqa
+    score = sum(scores.values()) / len(scores)
+    return {"status": "ok", "config_hash": key, "model": "tiny", "op": variant.method, "layers": list(variant.layers),
+            "num_layers": NUM_LAYERS, "eval": "synthetic", "tasks": list(TASKS), "limit": 50, "seed": 0,
+            "blind": False, "scores": scores, "score": score, "relative_score": score / 0.8,
+            "baseline": {"config_hash": "base0", "score": 0.8}, "variant": variant.to_record(),
+            "flops": {"total": 1e9 * (1 - saved), "baseline": 1e9, "reduction": saved, "theoretical_reduction": saved},
+            "n_samples": 200, "n_per_task": {t: 50 for t in TASKS}, "finished_at": "2026-01-01T00:00:00+00:00"}
+
+
+def test_proxyv_vs_token_reduction_section(tmp_path):
+    from analysis.variant import baseline, resolve_variant
+
+    root = tmp_path / "runs" / "table5"
+    base = _variant_record(baseline(), 1.0, 0.0, "base0")
+    base.pop("baseline")
+    results.write_record(root / "none", base)
+    proxyv = resolve_variant("proxyv", NUM_LAYERS, start_layer=16, params={"reduce_factor": 4, "init": "spatial"})
+    results.write_record(root / "p16", _variant_record(proxyv, 1.0, 0.225, "p16"))
+    fastv = resolve_variant("fastv", NUM_LAYERS, start_layer=2, params={"keep": 0.25})
+    results.write_record(root / "fastv", _variant_record(fastv, 0.95, 0.24, "fv", docvqa=0.5))
+    pdrop = resolve_variant("pdrop", NUM_LAYERS, params={"keep": 0.5})
+    results.write_record(root / "pdrop", _variant_record(pdrop, 0.9, 0.40, "pd"))
+    out = tmp_path / "report"
+    text = report.write_report(root, out).read_text()
+    section = text.split("### ProxyV vs token reduction at matched FLOPs", 1)[1]
+    assert (out / "proxyv_vs_reduction.png").exists()
+    # the matched pair (22.5% vs 24.0%: within 5 points) is compared; pdrop (40%) is not matched to it
+    line = next(l for l in section.splitlines() if l.startswith("- `proxyv L16–32"))
+    assert "`fastv L2–32 (keep=0.25)` (24.0% saved) keeps" in line and "pdrop" not in line
+    assert "largest per-twin gap: synth_docvqa 0.500 vs 0.800" in line
+    assert "ProxyV keeps more than 1 of 1 matched run(s)" in line
+    rows = [l for l in section.splitlines() if l.startswith("| ") and "variant" not in l]
+    assert [r.split(" | ")[1] for r in rows] == ["baseline", "proxyv", "reduction", "reduction"]
+    # a group without token-reduction runs has no such section
+    results.write_record(tmp_path / "plain" / "none", base)
+    results.write_record(tmp_path / "plain" / "p16", _variant_record(proxyv, 1.0, 0.225, "p16"))
+    assert "ProxyV vs token reduction" not in report.write_report(tmp_path / "plain", tmp_path / "r2").read_text()

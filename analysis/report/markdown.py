@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import results
+from .comparison import STEM as COMPARISON_STEM
+from .comparison import comparison_section
 from .figures import FIGURE_STEMS, write_figures
 from .groups import Group, group_headings, group_records
 from .summary import THRESHOLD, summary_lines
@@ -83,6 +85,7 @@ def group_section(group: Group, out_dir: Path, suffix: str, heading: str,
              "### Runs", "", markdown_table(group), ""]
     parts += [*(f"{note}" for note in table_notes(group)), ""]
     parts += write_figures(group, out_dir, suffix, threshold)
+    parts += comparison_section(group, out_dir, suffix, task_columns(group.table), threshold)
     return parts
 
 
@@ -93,7 +96,7 @@ def unreadable_line(paths: list[Path]) -> str:
 
 
 def _remove_stale_figures(out_dir: Path) -> None:
-    for stale in [p for stem in FIGURE_STEMS for p in out_dir.glob(f"{stem}*.png")]:
+    for stale in [p for stem in (*FIGURE_STEMS, COMPARISON_STEM) for p in out_dir.glob(f"{stem}*.png")]:
         stale.unlink()  # figures of an earlier build that this one may not redraw
 
 
