@@ -185,3 +185,18 @@ def agreement(samples: list[dict], reference: list[dict]) -> float | None:
     pairs = [(str(s["prediction"]).strip(), ref[(s["task"], s["doc_id"])]) for s in samples
              if (s["task"], s["doc_id"]) in ref]
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def twin_prompt_shapes(lm, tasks, limit: int | None) -> list[dict]:
+    """The prompt shapes (token masks and crops, as :func:`score_variant` records them for FLOPs) of the first
+    ``limit`` eval samples of each synthetic twin in ``tasks``, without generating: what an evaluation of
+    those samples counts."""
+    from . import twins
+    from .twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
+
+    lm.prompt_shapes.clear()
+    for name in tasks:
+        for doc in twins.generate(name, "eval", limit or twins.EVAL_SIZE, twins.EVAL_SEED):
+            images = twin_doc_to_visual(doc)
+            lm._record_prompt_shapes(lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images]))
+    return list(lm.prompt_shapes)

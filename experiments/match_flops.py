@@ -1,0 +1,51 @@
+"""FLOPs-matched token reduction for the ProxyV comparison (the paper's Table 5), on the evaluated prompts.
+
+    python experiments/match_flops.py                 # the embedded tiny model and its ProxyV checkpoints
+
+For each trained ProxyV checkpoint of the model config, prints the executed decoder FLOPs it saves on
+the twins' eval prompts (the samples the sweep scores) and the FastV / PyramidDrop keep ratios that
+save the same; conf/experiment/table5.yaml states the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.eval_bridge import twin_prompt_shapes  # noqa: E402
+from analysis.flops import mean_flops  # noqa: E402
+from analysis.flops.matching import match_param  # noqa: E402
+from analysis.lmms_model import LlavaAblate  # noqa: E402
+from analysis.runner.spec import REPO_ROOT  # noqa: E402
+
+TASKS = ("synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="a conf/model/ name")
+    p.add_argument("--limit", type=int, default=50, help="eval samples per twin (the sweep's eval.limit)")
+    p.add_argument("--fastv-start", type=int, default=2, help="FastV's K (its paper's LLaVA setting: 2)")
+    args = p.parse_args()
+    model_cfg = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
+    base = LlavaAblate(str(REPO_ROOT / model_cfg.pretrained), device="cpu", progress=False)
+    prompts = twin_prompt_shapes(base, TASKS, args.limit)
+    print(f"{len(prompts)} prompts; mean vision tokens {sum(p['mask'].count('v') for p in prompts) / len(prompts):.1f},"
+          f" mean length {sum(len(p['mask']) for p in prompts) / len(prompts):.1f}")
+    print(f"{'ProxyV':<10}{'saved':>8}  {'FastV K=' + str(args.fastv_start) + ' keep':>16}{'saved':>8}"
+          f"  {'PDrop keep':>12}{'saved':>8}")
+    for start, path in sorted((int(k), v) for k, v in (model_cfg.get("proxyv") or {}).items()):
+        proxyv = LlavaAblate(str(REPO_ROOT / path), device="cpu", progress=False)
+        target = mean_flops(proxyv.model.config, twin_prompt_shapes(proxyv, TASKS, args.limit),
+                            proxyv.variant)["reduction"]
+        fastv = match_param(base.model.config, prompts, "fastv", "keep", target, start_layer=args.fastv_start)
+        pdrop = match_param(base.model.config, prompts, "pdrop", "keep", target)
+        print(f"{'L' + str(start):<10}{target:>8.1%}  {fastv[0]:>16.3f}{fastv[1]:>8.1%}  {pdrop[0]:>12.3f}{pdrop[1]:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
