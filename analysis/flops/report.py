@@ -118,8 +118,9 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
             name (or :class:`~analysis.ops.Operator`) resolved with ``layers`` / ``start_layer`` /
             ``end_layer`` (as for :func:`analysis.ablation.ablate`, end exclusive, default every layer)
             and ``options``, or a layer-FLOPs variant object.
-        lm_head: ``"all"`` (logits at every position, as ``model(**batch)``) or ``"last"`` (one per
-            sample, as ``generate()``'s prefill with ``logits_to_keep=1``).
+        lm_head: ``"all"`` (logits at every position, as ``model(**batch)``; for a variant that drops rows,
+            every row its forward outputs, e.g. B·N after token reduction) or ``"last"`` (one per sample, as
+            ``generate()``'s prefill with ``logits_to_keep=1``).
         options: with a name, the method's parameters (e.g. ProxyV's ``reduce_factor``); otherwise, and
             for anything a method does not declare, extras for its family's FLOPs (ProxyV's ``shapes``).
     """
@@ -128,7 +129,11 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         raise ValueError(f"lm_head must be 'all' or 'last', got {lm_head!r}")
     counted = make_variant(variant, dims.layers, layers, start_layer=start_layer, end_layer=end_layer, **options)
     baseline = baseline_flops()
-    head_rows = tokens.batch * (tokens.seq_len if lm_head == "all" else 1)
+    if lm_head == "last":
+        head_rows = tokens.batch
+    else:  # every row the decoder outputs: (B, T), or fewer where the variant drops rows (token reduction)
+        output_rows = getattr(counted, "output_rows", None)
+        head_rows = tokens.batch * tokens.seq_len if output_rows is None else output_rows(tokens)
     return FlopsReport(
         variant=counted.name,
         layers=tuple(counted.layers),
