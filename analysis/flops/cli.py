@@ -2,6 +2,8 @@
 
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 \\
         --op skip_ffn --start-layer 12 --json
+    python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op fastv --start-layer 3 --keep 0.5
+    python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op pdrop --layers 8,16,24 --keep 0.5
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import sys
 from .configs import load_config, shipped_configs
 from .dims import tokens_per_crop
 from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR
+from .reduction import METHODS as REDUCTION_METHODS
 from .report import FlopsReport, count_flops
 from .tokens import PrefillTokens
-from .variants import known_variants
+from .variants import known_variants, make_variant
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="whether ops treat newline tokens as vision tokens (ablate()'s default) or text "
                              "(always text for --op proxyv)")
     parser.add_argument("--op", default="none", help=f"one of: {', '.join(known_variants())}")
-    parser.add_argument("--start-layer", type=int, default=0)
+    parser.add_argument("--start-layer", type=int, default=None,
+                        help="first layer of the op (default 0); --op fastv: K, pruned from layer K on")
+    parser.add_argument("--keep", type=float, default=None, metavar="R",
+                        help="--op fastv / pdrop: share of the vision tokens kept (FastV: ceil(R·n) from layer K; "
+                             "PyramidDrop: floor(n·R^s) after boundary s; default 0.5)")
+    parser.add_argument("--layers", default=None, metavar="K1,K2,...",
+                        help="--op pdrop: its stage boundaries (default: four equal stages, 8,16,24 of 32 layers)")
+    parser.add_argument("--dominant", type=int, default=None, help=argparse.SUPPRESS)  # reserved: VisionZip
+    parser.add_argument("--contextual", type=int, default=None, help=argparse.SUPPRESS)  # reserved: VisionZip
     parser.add_argument("--proxy-reduce", type=int, default=None, metavar="F",
                         help=f"--op proxyv: reduce factor, (side/F)^2 proxies per crop (spatial; default "
                              f"{DEFAULT_REDUCE_FACTOR})")
@@ -86,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         vision_tokens = args.vision_tokens if args.vision_tokens is not None else tokens_per_crop(config) or 0
         tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
                                            args.text_before_image, args.newline_as)
-        report = count_flops(config, tokens, args.op, start_layer=args.start_layer, end_layer=args.end_layer,
+        layers = options.pop("layers", None)
+        start = args.start_layer if args.start_layer is not None or args.op == "pdrop" else 0
+        report = count_flops(config, tokens, args.op, layers, start_layer=start, end_layer=args.end_layer,
                              lm_head=args.lm_head, **options)
+        stages = _stages(config, tokens, args.op, layers, start, args.end_layer, options)
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -95,18 +109,35 @@ def main(argv: list[str] | None = None) -> int:
         out = {"config": str(args.config), "vision_tokens": vision_tokens, "tokens_per_crop": per_crop,
                "newline_tokens": args.newline_tokens, "text_tokens": args.text_tokens,
                "text_before_image": args.text_before_image,
-               **_proxy_flags(options), **report.to_dict()}
+               **_proxy_flags(options), **_reduction_flags(options, stages), **report.to_dict()}
         print(json.dumps(out))
     else:
-        detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in _proxy_flags(options).items())
-        print(_format_table(report, f"{args.config}: op {report.variant}{detail} at layers {_span(report.layers)}, "
+        flags = {**_proxy_flags(options), **({"keep": options["keep"]} if "keep" in options else {})}
+        detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in flags.items())
+        where = "boundaries" if args.op == "pdrop" else "layers"
+        print(_format_table(report, f"{args.config}: op {report.variant}{detail} at {where} {_span(report.layers)}, "
                                     f"{tokens.seq_len} tokens ({vision_tokens} vision, {args.newline_tokens} newline, "
                                     f"{args.text_tokens} text)"))
+        if stages:
+            print("rows per stage:       " + ", ".join(
+                f"layers {s['first_layer']}..{s['last_layer']}: {s['rows']} ({s['vision']} vision)" for s in stages))
     return 0
 
 
 def _variant_options(args) -> dict:
-    """The variant options of the command line (ProxyV's), checked against ``--op``; sets ``args.newline_as``."""
+    """The variant options of the command line (ProxyV's, token reduction's), checked against ``--op``; sets
+    ``args.newline_as``."""
+    visionzip = [flag for flag, value in (("--dominant", args.dominant), ("--contextual", args.contextual))
+                 if value is not None]
+    if (visionzip or args.op == "visionzip") and "visionzip" not in known_variants():
+        raise ValueError("visionzip is not implemented yet")
+    if args.op not in REDUCTION_METHODS:
+        given = [flag for flag, value in (("--keep", args.keep), ("--layers", args.layers)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op "
+                             f"{' / '.join(REDUCTION_METHODS)} only, not --op {args.op}")
+    else:
+        return _reduction_options(args)
     if args.op != "proxyv":
         given = [flag for flag, value in (("--proxy-reduce", args.proxy_reduce), ("--proxy-init", args.proxy_init))
                  if value is not None]
@@ -122,9 +153,49 @@ def _variant_options(args) -> dict:
             "init": args.proxy_init or DEFAULT_INIT}
 
 
+def _reduction_options(args) -> dict:
+    """FastV's / PyramidDrop's options: ``keep`` and (PyramidDrop) the boundaries as ``layers``."""
+    args.newline_as = args.newline_as or "vision"
+    options = {} if args.keep is None else {"keep": args.keep}
+    if args.layers is not None:
+        if args.op != "pdrop":
+            raise ValueError(f"--layers gives PyramidDrop's stage boundaries; --op {args.op} prunes from --start-layer K")
+        try:
+            options["layers"] = [int(k) for k in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers takes comma-separated layer indices (e.g. 8,16,24), got {args.layers!r}") from None
+    if args.op == "pdrop" and (args.start_layer is not None or args.end_layer is not None):
+        raise ValueError("--op pdrop takes its stage boundaries as --layers K1,K2,..., not --start-layer / --end-layer")
+    if args.op == "fastv" and args.start_layer is None:
+        raise ValueError("--op fastv needs --start-layer K (it ranks with layer K-1 and prunes from layer K)")
+    return options
+
+
+def _stages(config, tokens: PrefillTokens, op: str, layers, start, end, options) -> list[dict]:
+    """Token reduction's stages (first / last layer, rows and vision rows of the one sample), else []."""
+    if op not in REDUCTION_METHODS:
+        return []
+    from .dims import TextDims
+
+    depth = TextDims.from_config(config).layers
+    counted = make_variant(op, depth, layers, start_layer=start, end_layer=end, **options)
+    options.setdefault("keep", counted.keep)
+    if not counted.active(tokens):
+        return []
+    stages = counted.schedule(tokens).stages
+    ends = [first - 1 for first, _ in stages[1:]] + [depth - 1]
+    return [{"first_layer": first, "last_layer": last, "rows": sum(rows.alive), "vision": sum(rows.vision)}
+            for (first, rows), last in zip(stages, ends)]
+
+
 def _proxy_flags(options: dict) -> dict:
     """ProxyV's options under their command-line names (for the JSON and the table title)."""
-    return {"proxy_reduce": options["reduce_factor"], "proxy_init": options["init"]} if options else {}
+    return {"proxy_reduce": options["reduce_factor"], "proxy_init": options["init"]} if "init" in options else {}
+
+
+def _reduction_flags(options: dict, stages: list[dict]) -> dict:
+    """Token reduction's keep and stages (for the JSON)."""
+    return {"keep": options["keep"], "stages": stages} if "keep" in options else {}
 
 
 def _span(layers: tuple[int, ...]) -> str:
