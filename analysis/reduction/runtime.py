@@ -1,0 +1,236 @@
+"""Executing a token-reduction variant: per-instance hooks, pruned layers, the per-stage cache book.
+
+Stage 0 (the layers before the first boundary) is HF's own code on the full batch. At each boundary
+the vision tokens still alive are ranked (:mod:`.ranking`) and the kept rows gathered (:mod:`.prune`);
+that layer and the following ones run on those rows only: their attention is
+:func:`analysis.attention.split_attention` with an explicit mask, their cache holds only those rows.
+Decode steps (no vision token) run every layer >= the first boundary on the new rows against that
+shorter cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..ablation import VisionTracker
+from ..attention import check_backend, split_attention
+from ..models import decoder_layers, llava_core, text_config_of
+from ..rows import gather_rows
+from .counts import fastv_kept, pdrop_kept
+from .prune import Rows, decode_mask, prefill_mask, right_aligned
+from .ranking import fastv_scores, pdrop_scores, top_vision
+
+METHODS = ("fastv", "pdrop")
+
+
+@dataclass
+class StageCache:
+    """What the KV cache of one stage's layers holds, slot by slot (B, Nc), and the next renumbered position."""
+
+    valid: torch.Tensor
+    index: torch.Tensor
+    next_pos: torch.Tensor  # (B,)
+
+
+class Reduction:
+    """The state of one ``reduction_context`` block (what the block yields).
+
+    Attributes:
+        method, keep, positions: the variant's method and options (fastv: ``positions='original'``).
+        layers: the variant's layers (fastv: K..depth-1; pdrop: the boundaries).
+        boundaries: the layers before which vision tokens are ranked and dropped.
+        kept_vision: after a prefill with images, per stage a list (one per sample) of the original
+            sequence indices of the vision tokens kept by that stage's boundary.
+    """
+
+    def __init__(self, core, variant, newline_tokens: str):
+        self.method = variant.method
+        options = variant.options
+        self.keep = options["keep"]
+        self.positions = options.get("positions", "original") if self.method == "pdrop" else "original"
+        self.layers = tuple(variant.layers)
+        self.boundaries = self.layers[:1] if self.method == "fastv" else self.layers
+        self.tracker = VisionTracker(core.config, newline_tokens)
+        self.rotary = core.language_model.rotary_emb
+        self.kept_vision: list[list[torch.Tensor]] = []
+        self.active = self.prefill = self.capturing = False
+        self.captured: dict[str, torch.Tensor] = {}
+        self.caches: dict[int, StageCache] = {}
+        self.n_vision: torch.Tensor | None = None
+        self.rank_attn = None  # fastv: layer K-1's attention (its q/k are captured)
+        self.rows: Rows | None = None
+        self.allowed: torch.Tensor | None = None
+
+    def stage_of(self, layer_index: int) -> int:
+        return sum(k <= layer_index for k in self.boundaries)
+
+    # ------------------------------------------------------------------ per forward call
+
+    def start_chunk(self, module, args, kwargs):
+        """Core forward pre-hook (after the tracker's): a prefill resets everything, a decode step continues."""
+        chunk = self.tracker.chunk
+        self.rows = self.allowed = None
+        self.captured.clear()
+        self.prefill = chunk.past == 0
+        if self.prefill:
+            self.active = bool(chunk.query_vision.any())
+            self.n_vision = chunk.query_vision.sum(dim=1)
+            self.caches, self.kept_vision = {}, []
+        elif self.active and bool(chunk.query_vision.any()):
+            raise NotImplementedError(
+                f"{self.method}: image tokens after the prefill; token reduction ranks and drops vision tokens "
+                "in the prefill only (start a new prefill for a new image)"
+            )
+        self.capturing = self.active and self.prefill and self.method == "fastv"
+
+    def capture(self, name: str):
+        """Forward hook on layer K-1's q_proj / k_proj (fastv): keep the output of a prefill for the ranking."""
+        def hook(module, args, output):
+            if self.capturing:
+                self.captured[name] = output
+        return hook
+
+    def enter_stage(self, layer, stage: int, hidden, position_ids, position_embeddings, cache):
+        """At a boundary layer: drop (prefill) or extend the stage's rows (decode); returns the layer's input."""
+        if self.prefill:
+            return self._drop(layer, stage, hidden, position_ids, position_embeddings, cache)
+        self._extend(layer, stage, hidden, position_ids, position_embeddings, cache)
+        return hidden
+
+    def _drop(self, layer, stage, hidden, position_ids, position_embeddings, cache):
+        B, T, _ = hidden.shape
+        if stage == 1:
+            chunk = self.tracker.chunk
+            cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
+            index = torch.arange(T, device=hidden.device).expand(B, T)
+            prev = Rows(index, chunk.key_valid, chunk.query_vision, position_ids.expand(B, T), cos, sin)
+        else:
+            prev = self.rows
+        n_vision = self.n_vision.tolist()
+        if self.method == "fastv":
+            self.capturing = False
+            q, k = self.captured.pop("q"), self.captured.pop("k")
+            scores = fastv_scores(self.rank_attn, q, k, prev.cos, prev.sin, prev.index, prev.valid)
+            wanted = [fastv_kept(n, self.keep) for n in n_vision]
+        else:
+            scores = pdrop_scores(layer, hidden, prev.cos, prev.sin, prev.index, prev.valid)
+            wanted = [pdrop_kept(n, self.keep, stage) for n in n_vision]
+        alive = prev.vision & prev.valid
+        chosen = top_vision(scores, alive, torch.tensor(wanted, device=hidden.device))
+        rows, valid = right_aligned(prev.valid & (~prev.vision | chosen))
+        new = prev.gather(rows)
+        new.valid, new.vision = valid, new.vision & valid
+        if self.positions == "renumber":
+            new.pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            new.cos, new.sin = self.rotary(hidden, new.pos)
+        self.rows, self.allowed = new, prefill_mask(new)
+        if cache is not None:
+            self.caches[stage] = StageCache(valid, new.index, valid.sum(dim=1))
+        self.kept_vision.append([new.index[b][new.vision[b]] for b in range(B)])
+        return gather_rows(hidden, rows)
+
+    def _extend(self, layer, stage, hidden, position_ids, position_embeddings, cache):
+        chunk = self.tracker.chunk
+        B, t, _ = hidden.shape
+        book = self.caches.get(stage)
+        if book is None or cache is None or cache.get_seq_length(layer.self_attn.layer_idx) != book.valid.shape[1]:
+            raise RuntimeError(
+                f"{self.method}: the KV cache of layer {layer.self_attn.layer_idx} is not the one this block built; "
+                "build the cache (prefill, with use_cache) inside the same `with ablate(...)` block"
+            )
+        new_valid = chunk.key_valid[:, chunk.past:chunk.past + t]
+        index = chunk.past + torch.arange(t, device=hidden.device).expand(B, t)
+        if self.positions == "renumber":
+            pos = book.next_pos[:, None] + (new_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            cos, sin = self.rotary(hidden, pos)
+            book.next_pos = book.next_pos + new_valid.sum(dim=1)
+        else:
+            pos = position_ids.expand(B, t)
+            cos, sin = (x.expand(B, -1, -1) for x in position_embeddings)
+        self.allowed = decode_mask(book.valid, new_valid)
+        book.valid = torch.cat([book.valid, new_valid], dim=1)
+        book.index = torch.cat([book.index, index], dim=1)
+        self.rows = Rows(index, new_valid, torch.zeros_like(new_valid), pos, cos, sin)
+
+    def release(self):
+        self.captured.clear()
+        self.rows = self.allowed = self.tracker.chunk = self.tracker.key_vision = None
+        self.active = self.capturing = False
+
+
+def reduced_layer_forward(layer, state: Reduction, stage: int, boundary: bool, hidden_states, attention_mask=None,
+                          position_ids=None, past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """A decoder layer of stage >= 1: on the stage's rows only; HF's own forward when nothing is pruned."""
+    if not state.active:
+        return type(layer).forward(
+            layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+    if boundary:
+        hidden_states = state.enter_stage(layer, stage, hidden_states, position_ids, position_embeddings,
+                                          past_key_values)
+    rope = (state.rows.cos, state.rows.sin)
+    x = layer.input_layernorm(hidden_states)
+    hidden_states = hidden_states + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, past_key_values)
+    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+
+def _window(attn):
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def _check(core, variant, newline_tokens: str, layers) -> None:
+    if getattr(variant, "family", None) != "reduction" or variant.method not in METHODS:
+        raise ValueError(f"reduction_context runs the reduction family ({', '.join(METHODS)}), got {variant!r}")
+    if getattr(core, "proxyv", None) is not None:
+        raise TypeError(f"{variant.method} on a ProxyV model is not supported (ProxyV + token reduction is later "
+                        "work); run the reduction on the base model")
+    if newline_tokens not in ("vision", "text"):
+        raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
+    check_backend(text_config_of(core)._attn_implementation, f"op {variant.method!r}")
+    windowed = [i for i, layer in enumerate(layers) if _window(layer.self_attn) is not None]
+    if windowed:
+        raise NotImplementedError(f"{variant.method}: sliding-window attention (layers {windowed}) is not supported "
+                                  "by token reduction; use a backbone without sliding_window")
+    if not variant.layers or not 1 <= variant.layers[0] < len(layers):
+        raise ValueError(f"{variant.method}: layers {list(variant.layers)} out of range 1..{len(layers) - 1}")
+
+
+@contextlib.contextmanager
+def reduction_context(model, variant, newline_tokens: str = "vision"):
+    """The execution of a ``reduction``-family variant; yields the block's :class:`Reduction`."""
+    core = llava_core(model)
+    layers = decoder_layers(core)
+    _check(core, variant, newline_tokens, layers)
+    state = Reduction(core, variant, newline_tokens)
+    undo = []
+
+    def unpatch(layer):
+        del layer.forward
+
+    try:
+        undo.append(core.register_forward_pre_hook(state.tracker.pre_hook, with_kwargs=True).remove)
+        undo.append(core.register_forward_pre_hook(state.start_chunk, with_kwargs=True).remove)
+        undo.append(state.tracker.watch_image_encoder(core))
+        if state.method == "fastv":
+            attn = layers[state.boundaries[0] - 1].self_attn
+            state.rank_attn = attn
+            undo.append(attn.q_proj.register_forward_hook(state.capture("q")).remove)
+            undo.append(attn.k_proj.register_forward_hook(state.capture("k")).remove)
+        for i in range(state.boundaries[0], len(layers)):
+            layer = layers[i]
+            layer.forward = functools.partial(reduced_layer_forward, layer, state, state.stage_of(i),
+                                              i in state.boundaries)
+            undo.append(functools.partial(unpatch, layer))
+        yield state
+    finally:
+        for step in reversed(undo):
+            step()
+        state.release()
+        state.rank_attn = None
