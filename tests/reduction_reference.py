@@ -10,17 +10,16 @@ language model (image merging is HF's, not under test).
 from __future__ import annotations
 
 import math
-from decimal import Decimal
 
 import torch
 from reference import language_model_inputs, linear, rms_norm, rotary
 
 
 def kept_count(method, keep, n_vision, stage):
-    """FastV ceil(keep * n); PyramidDrop floor(n * keep**stage), keep read as its decimal text."""
+    """FastV ceil(keep * n); PyramidDrop int(n * keep**stage) as its official code (Python floats)."""
     if method == "fastv":
-        return math.ceil(Decimal(str(keep)) * n_vision)
-    return math.floor(Decimal(str(keep)) ** stage * n_vision)
+        return math.ceil(keep * n_vision)
+    return int(n_vision * keep**stage)
 
 
 def last_token_probs(q_row, keys, allowed, heads, kv_heads, hd):
