@@ -146,6 +146,26 @@ def test_generate_with_cache_equals_stepwise_recomputation(spec_name, attn, name
         assert length == expected + STEPS - 1, (i, lengths)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_a_chunk_of_new_tokens_equals_them_one_at_a_time(name):
+    """After a cached prefill, t new tokens in one call equal t decode steps (mask and positions per row)."""
+    model = model_for("llava-qwen2-gqa")
+    batch = make_batch("llava")
+    new = torch.tensor([[40, 41, 42], [43, 44, 45]])
+    mask = batch["attention_mask"]
+    steps = [torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], 1) for i in range(3)]
+    with torch.no_grad():
+        with reduced(model, name):
+            cache = model(**batch, position_ids=position_ids(mask), use_cache=True).past_key_values
+            chunk = model(input_ids=new, attention_mask=steps[-1], past_key_values=cache,
+                          position_ids=position_ids(steps[-1])[:, -3:]).logits
+        with reduced(model, name):
+            cache = model(**batch, position_ids=position_ids(mask), use_cache=True).past_key_values
+            single = [model(input_ids=new[:, i:i + 1], attention_mask=steps[i], past_key_values=cache,
+                            position_ids=position_ids(steps[i])[:, -1:]).logits for i in range(3)]
+    torch.testing.assert_close(chunk, torch.cat(single, 1), atol=1e-5, rtol=0)
+
+
 def test_model_is_bit_identical_after_exit():
     model = model_for("next-llama")
     batch = make_batch("llava_next")
