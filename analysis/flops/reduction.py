@@ -47,17 +47,19 @@ which for a pruned forward is the last stage's B·N rows (:meth:`ReductionFlops.
 ``positions`` (PyramidDrop's renumbered or original position ids) changes no FLOPs. A batch without any
 vision token executes the baseline (nothing to rank or drop).
 
-Each piece of the model is one small function below (kept counts, the schedule of stages, a stage's
-layer, a ranking), so a change in what executes changes one of them.
+Kept counts are the execution's own exact rules (:mod:`analysis.reduction.counts`: ``keep`` read as the
+decimal it is written as, so ``ceil(0.3·10) = 3``, not float's 4). Each other piece of the model is one
+small function below (the schedule of stages, a stage's layer, a ranking), so a change in what executes
+changes one of them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..reduction.counts import fastv_kept, pdrop_kept
 from ..variant import Variant
 from .decoder import Breakdown, LayerFlops, baseline_flops, decoder_layer_breakdown
 from .dims import TextDims
@@ -65,18 +67,6 @@ from .tokens import PrefillTokens, allowed_pair_counts
 
 METHODS = ("fastv", "pdrop")
 RANK_COMPONENTS = ("rank_q_proj", "rank_k_proj", "rank_scores")
-
-
-# ----------------------------------------------------------------------------- kept counts
-
-def fastv_kept(vision: int, keep: float) -> int:
-    """FastV's kept vision tokens of a sample with ``vision`` of them: ceil(R·n)."""
-    return math.ceil(keep * vision)
-
-
-def pdrop_kept(vision: int, keep: float, stage: int) -> int:
-    """PyramidDrop's kept vision tokens after boundary ``stage`` (1-based) of a sample with ``vision``: floor(n·R^s)."""
-    return math.floor(vision * keep ** stage)
 
 
 # ----------------------------------------------------------------------------- stages
