@@ -14,7 +14,8 @@ Modules, a concept each: :mod:`.dims` (:class:`TextDims`, the vision tower), :mo
 (:class:`PrefillTokens`: which positions of a prefill are vision / valid, and its crops),
 :mod:`.decoder` (per-layer formulas, :class:`LayerFlops`, the operators' counts), :mod:`.variants`
 (a :class:`analysis.variant.Variant` or a name -> its layer-FLOPs variant, through the family
-registry), :mod:`.proxyv` (ProxyV's formulas and variant), :mod:`.report` (:func:`count_flops`,
+registry), :mod:`.proxyv` (ProxyV's formulas and variant), :mod:`.reduction` (token reduction:
+FastV's and PyramidDrop's stages, rankings and variant), :mod:`.report` (:func:`count_flops`,
 :class:`FlopsReport`), :mod:`.per_sample` (:func:`mean_flops` of an evaluation), :mod:`.configs`
 (shipped configs), :mod:`.measure` (torch's and fvcore's counts of a real forward), :mod:`.cli`.
 
@@ -61,8 +62,10 @@ Variants: a :class:`analysis.variant.Variant` is counted by its family's ``flops
 (:mod:`analysis.families`): every operator of :mod:`analysis.ops` from its own declaration
 (``skip_attention``, ``skip_ffn``, ``allowed``), so a new operator is counted without a change
 here; ProxyV by :func:`analysis.flops.proxyv.proxyv_flops` (``--op proxyv --proxy-reduce F
-[--proxy-init learned]``), imported on first use, so importing this package does not import
-transformers. Dependencies run one way: this package may import :mod:`analysis.proxyv` (its
+[--proxy-init learned]``), FastV and PyramidDrop by
+:func:`analysis.flops.reduction.reduction_flops` (``--op fastv --start-layer K --keep R``,
+``--op pdrop --layers K1,K2,... --keep R``), each imported on first use, so importing this package does
+not import transformers. Dependencies run one way: this package may import :mod:`analysis.proxyv` (its
 shapes), never the runner, the sweep or the experiments; :mod:`analysis.proxyv` never imports it.
 """
 

@@ -47,10 +47,9 @@ which for a pruned forward is the last stage's B·N rows (:meth:`ReductionFlops.
 ``positions`` (PyramidDrop's renumbered or original position ids) changes no FLOPs. A batch without any
 vision token executes the baseline (nothing to rank or drop).
 
-Kept counts are the execution's own exact rules (:mod:`analysis.reduction.counts`: ``keep`` read as the
-decimal it is written as, so ``ceil(0.3·10) = 3``, not float's 4). Each other piece of the model is one
-small function below (the schedule of stages, a stage's layer, a ranking), so a change in what executes
-changes one of them.
+Kept counts are the execution's own functions (:mod:`analysis.reduction.counts`, imported: the two cannot
+disagree, float rounding included). Each other piece of the model is one small function below (the
+schedule of stages, a stage's layer, a ranking), so a change in what executes changes one of them.
 """
 
 from __future__ import annotations
