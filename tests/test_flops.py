@@ -306,7 +306,7 @@ def test_cli_table(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--start-layer", "32"], "start_layer=32 is out of range"),
-    (["--op", "skip_everything"], "unknown op 'skip_everything'; known ops: drop_v2t, mask_v2v, none"),
+    (["--op", "skip_everything"], "unknown op 'skip_everything'; known ops: drop_v2t, fastv, mask_v2v, none, pdrop"),
     (["--vision-tokens", "2881", "--tokens-per-crop", "576"], "not a whole number of crops"),
     (["--config", "llava-9000"], "shipped: llava-1.5-13b"),
     (["--start-layer", "4", "--end-layer", "4"], "end_layer=4 must be in 5..32"),
