@@ -110,7 +110,7 @@ def sweep_tag(argv: list[str]) -> str:
              and a.split("=", 1)[0].lstrip("+~") not in ("model", "eval")]
     if not parts:
         return ""
-    text = "-".join(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", p) for p in parts)
+    text = "-".join(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", p.lstrip("+~")) for p in parts)
     if len(text) > 80:
         text = f"{text[:60]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
     return f"-{text}"
