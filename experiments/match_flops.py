@@ -44,7 +44,7 @@ def main() -> None:
                             proxyv.variant)["reduction"]
         fastv = match_param(base.model.config, prompts, "fastv", "keep", target, start_layer=args.fastv_start)
         pdrop = match_param(base.model.config, prompts, "pdrop", "keep", target)
-        print(f"{'L' + str(start):<10}{target:>8.1%}  {fastv[0]:>16.3f}{fastv[1]:>8.1%}  {pdrop[0]:>12.3f}{pdrop[1]:>8.1%}")
+        print(f"{'L' + str(start):<10}{target:>8.1%}  {fastv[0]:>16.4f}{fastv[1]:>8.1%}  {pdrop[0]:>12.4f}{pdrop[1]:>8.1%}")
 
 
 if __name__ == "__main__":

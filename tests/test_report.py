@@ -456,7 +456,7 @@ def test_proxyv_vs_token_reduction_section(tmp_path):
     line = next(l for l in section.splitlines() if l.startswith("- `proxyv L16–32"))
     assert "`fastv L2–32 (keep=0.25)` (24.0% saved) keeps" in line and "pdrop" not in line
     assert "largest per-twin gap: synth_docvqa 0.500 vs 0.800" in line
-    assert "ProxyV keeps more than 1 of 1 matched run(s)" in line
+    assert "ProxyV's relative score is higher than that of 1 of the 1 matched run(s)" in line
     rows = [l for l in section.splitlines() if l.startswith("| ") and "variant" not in l]
     assert [r.split(" | ")[1] for r in rows] == ["baseline", "proxyv", "reduction", "reduction"]
     # a group without token-reduction runs has no such section

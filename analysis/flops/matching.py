@@ -9,6 +9,7 @@ match holds for the evaluated prompts themselves, not for a nominal prompt lengt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 from ..variant import resolve_variant
@@ -26,23 +27,25 @@ def saved_by(config, prompts: list[Mapping], method: str, **settings) -> float:
 
 
 def match_param(config, prompts: Iterable[Mapping], method: str, param: str, target: float, low: float = 0.01,
-                high: float = 1.0, steps: int = 30, **settings) -> tuple[float, float]:
-    """(value, FLOPs saved): the value of ``param`` in [low, high] whose saving is closest to ``target``, by
-    bisection (saving decreases as e.g. ``keep`` grows); ``settings`` fix everything else."""
+                high: float = 1.0, decimals: int = 4, **settings) -> tuple[float, float]:
+    """(value, FLOPs saved): the value of ``param`` in [low, high], on a grid of ``decimals`` decimals (so the
+    printed value is the one that was counted), whose saving is closest to ``target``, by bisection (saving
+    decreases as e.g. ``keep`` grows); ``settings`` fix everything else."""
     prompts = list(prompts)
+    scale = 10 ** decimals
 
-    def saving(value: float) -> float:
-        return saved_by(config, prompts, method, **settings, **{param: value})
+    def saving(i: int) -> float:
+        return saved_by(config, prompts, method, **settings, **{param: i / scale})
 
-    lo, hi = low, high
+    lo, hi = math.ceil(low * scale), math.floor(high * scale)
     if not saving(hi) <= target <= saving(lo):
         raise ValueError(f"{method}: no {param} in [{low}, {high}] saves {target:.1%} "
                          f"(it saves {saving(hi):.1%} .. {saving(lo):.1%})")
-    for _ in range(steps):
-        mid = (lo + hi) / 2
+    while hi - lo > 1:  # saving(lo) >= target >= saving(hi)
+        mid = (lo + hi) // 2
         if saving(mid) > target:
             lo = mid
         else:
             hi = mid
-    best = min((lo, hi), key=lambda v: abs(saving(v) - target))
-    return best, saving(best)
+    best = min((lo, hi), key=lambda i: abs(saving(i) - target))
+    return best / scale, saving(best)

@@ -73,8 +73,8 @@ def matched_sentences(rows, tasks: list[str]) -> list[str]:
             parts.append(f"`{r['label']}` ({r['flops_reduction']:.1%} saved) keeps {r['relative_score']:.3f} "
                          f"({'+' if diff >= 0 else '−'}{abs(diff):.3f} vs ProxyV{worst})")
         better = sum(r["relative_score"] < p["relative_score"] for _, r in matched.iterrows())
-        verdict = (f"ProxyV keeps more than {better} of {len(matched)} matched run(s)" if better
-                   else f"no matched run keeps less than ProxyV")
+        verdict = (f"ProxyV's relative score is higher than that of {better} of the {len(matched)} matched run(s)"
+                   if better else "no matched run scores below ProxyV")
         lines.append(f"{head}; at matched FLOPs {'; '.join(parts)}: {verdict}.")
     return lines
 
