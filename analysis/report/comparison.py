@@ -98,11 +98,13 @@ def draw_comparison(fig, group: Group, rows, threshold: float = THRESHOLD) -> No
         marker = "*" if row["op"] == "none" else markers.get(row["family"], "o")
         ax.scatter(100 * row["flops_reduction"], row["relative_score"], color=colors[method], marker=marker,
                    s=70 if row["op"] == "none" else 36, zorder=3)
-        if row["op"] != "none":
-            ax.annotate(row["label"], (100 * row["flops_reduction"], row["relative_score"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")
+        if row["op"] != "none":  # parameters on a second line, so labels stay inside the axes
+            ax.annotate(row["label"].replace(" (", "\n("), (100 * row["flops_reduction"], row["relative_score"]),
+                        fontsize=6, xytext=(4, 3), textcoords="offset points")
+    right = 100 * float(rows["flops_reduction"].max())
+    ax.set_xlim(-1, right * 1.45 + 2)
     for family, marker in markers.items():
-        ax.scatter([], [], marker=marker, color="grey", label=family)
+        ax.scatter([], [], marker=marker, facecolor="none", edgecolor="black", label=family)
     ax.axhline(threshold, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("decoder prefill FLOPs saved (%)")
     ax.set_ylabel("relative score (variant / baseline)")
