@@ -106,7 +106,7 @@ def test_clean_keeps_the_model_and_latency(lm):
 
 
 def test_variant_validation_and_blind(lm):
-    with pytest.raises(ValueError, match="unknown op 'skip'; known ops: drop_v2t, mask_v2v, none"):
+    with pytest.raises(ValueError, match="unknown op 'skip'; known ops: drop_v2t, fastv, mask_v2v, none"):
         lm.set_variant("skip")
     with pytest.raises(ValueError, match="start_layer=4 is out of range: the model has 4 decoder layers"):
         lm.set_variant("skip_ffn", start_layer=4)

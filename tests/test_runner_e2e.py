@@ -158,7 +158,7 @@ def test_two_identical_sweeps_at_once_compute_each_run_once(workdir, tmp_path):
 def test_bad_overrides_fail_with_one_line(workdir, tmp_path):
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}
     cases = {
-        "op": (["op=skip_fn"], "error: unknown op 'skip_fn'; known: drop_v2t, mask_v2v, none, proxyv, skip_attn"),
+        "op": (["op=skip_fn"], "error: unknown op 'skip_fn'; known: drop_v2t, fastv, mask_v2v, none, pdrop, proxyv, skip_attn"),
         "depth": (["-m", "op=skip_ffn", "start_layer=8,40"],  # the valid job first: nothing may run before the check
                   "error: start_layer=40 is out of range: the model has 32 decoder layers (valid 0..31)"),
         "weights": (["model=llava-1.5-13b"], "error: model llava-1.5-13b: weights not found (no directory "
