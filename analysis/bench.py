@@ -1,8 +1,9 @@
-"""Shared helpers of the CPU benchmarks (``experiments/bench_ops.py``, ``experiments/bench_proxyv.py``).
+"""Shared helpers of the CPU benchmarks (``experiments/bench_ops.py``, ``bench_proxyv.py``, ``bench_reduction.py``).
 
 * **Paired timing** (:func:`paired`, :func:`paired_decode`): the two variants run interleaved, one
   pair at a time, so that drift in machine load hits both alike; each figure is a median, and the
-  ratio is the median of the per-pair ratios.
+  ratio is the median of the per-pair ratios (:func:`paired_rounds`: several variants against one
+  baseline, a round = the baseline then each variant).
 * **Peak memory** (:func:`peak_in_fresh_process`): in a fresh process per variant, the resident-set
   high-water mark (VmHWM, reset through /proc/self/clear_refs) during one call after a warm-up, minus
   the resident set before it (:func:`peak_mib`); glibc is told from the start to serve every buffer
@@ -172,3 +173,14 @@ def bench_batch(kind: str, grid: int, text: int, crops_per_side: int = 1):
     pixels = np.random.RandomState(0).randint(0, 255, (size, size, 3), dtype=np.uint8)
     prompt = "USER: <image>\n" + "x" * max(text - 20, 1) + " ASSISTANT:"
     return processor(images=[Image.fromarray(pixels)], text=[prompt], return_tensors="pt")
+
+
+def paired_rounds(measure_a: Callable[[], float], measures_b: list[Callable[[], float]], repeats: int,
+                  warmup: int = 1) -> list[Paired]:
+    """As :func:`paired` for several b's against one a: each round runs a, then every b in turn
+    (``warmup`` rounds unrecorded); per b, the medians and the median of its per-round b / a."""
+    for _ in range(warmup):
+        measure_a(), [m() for m in measures_b]
+    rounds = [(measure_a(), [m() for m in measures_b]) for _ in range(repeats)]
+    return [Paired(statistics.median(a for a, _ in rounds), statistics.median(bs[i] for _, bs in rounds),
+                   statistics.median(bs[i] / a for a, bs in rounds)) for i in range(len(measures_b))]
