@@ -1,7 +1,8 @@
 """Computation redundancy of vision tokens in LLaVA-style models, and ProxyV.
 
 Public API (imported lazily, so that torch-free modules such as ``analysis.report`` stay light):
-    ablate(model, op, layers=...)  -- scoped, exact removal of computations on vision tokens
+    ablate(model, op, layers=...)  -- scoped, exact removal of computations on vision tokens (or token reduction)
+    Variant, resolve_variant       -- what a run changes, resolved once (analysis.variant)
     OPERATORS, get_operator        -- the operator registry
     compute_layout                 -- where the vision tokens of a batch are
 """
@@ -19,6 +20,8 @@ _EXPORTS = {
     "Operator": "analysis.ops",
     "get_operator": "analysis.ops",
     "register_operator": "analysis.ops",
+    "Variant": "analysis.variant",
+    "resolve_variant": "analysis.variant",
 }
 __all__ = sorted(_EXPORTS)
 

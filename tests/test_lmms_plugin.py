@@ -121,6 +121,22 @@ def test_variant_validation_and_blind(lm):
     lm.set_variant("none")
 
 
+def test_method_parameters_are_model_args():
+    """A token-reduction method takes its parameters as model_args (keep=...), batched like the ops."""
+    model, processor = _tiny()
+    lm = LlavaAblate(model=model, processor=processor, batch_size=3, progress=False, op="fastv", start_layer=1,
+                     keep=0.5)
+    assert lm.variant.label == "fastv L1–4 (keep=0.5)"
+    batched = lm.generate_until(_requests(lm))
+    lm.batch_size_per_gpu = 1
+    assert lm.generate_until(_requests(lm)) == batched  # each sample ranks its own tokens
+    assert all(shape["mask"].count("v") == 64 for shape in lm.prompt_shapes)
+    with pytest.raises(TypeError, match=r"unknown model_args \['kep'\] \(op=fastv takes keep\)"):
+        LlavaAblate(model=model, processor=processor, op="fastv", start_layer=1, kep=0.5)
+    with pytest.raises(TypeError, match=r"unknown model_args \['keep'\]$"):
+        LlavaAblate(model=model, processor=processor, op="skip_ffn", start_layer=1, keep=0.5)
+
+
 def test_proxyv_checkpoint_loads_with_its_modules(tmp_path):
     from analysis.proxyv import apply_proxyv
 
