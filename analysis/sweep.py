@@ -105,9 +105,11 @@ def sweep_tag(argv: list[str]) -> str:
     ``-m op=skip_ffn start_layer=8,12,16`` -> "-op=skip_ffn-start_layer=8,12,16". ``model=`` and ``eval=``
     are already in the folder's name; ``run.*`` and ``hydra*`` change how, not what. The same command
     gives the same folder, so re-running it resumes."""
+    def key(arg: str) -> str:
+        return arg.split("=", 1)[0].lstrip("+~")
+
     parts = [a for a in argv if "=" in a and not a.startswith("-")
-             and not a.split("=", 1)[0].lstrip("+~").startswith(("run.", "hydra", "model=", "eval="))
-             and a.split("=", 1)[0].lstrip("+~") not in ("model", "eval")]
+             and not key(a).startswith(("run.", "hydra")) and key(a) not in ("model", "eval")]
     if not parts:
         return ""
     text = "-".join(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", p.lstrip("+~")) for p in parts)
@@ -134,10 +136,7 @@ def _quit(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-try:
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-except ImportError:  # pragma: no cover -- hydra-core is pinned
-    BasicSweeper = object
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: E402 -- the sweeper it extends
 
 
 class VariantSweeper(BasicSweeper):
