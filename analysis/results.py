@@ -172,14 +172,6 @@ def _note_unreadable(path: Path, unreadable: list[Path] | None) -> None:
         unreadable.append(Path(path))
 
 
-def find_finished(root: str | Path, key: str) -> dict | None:
-    """The ``ok`` record under ``root`` whose ``config_hash`` is ``key``, if any (failed runs are redone)."""
-    for record in iter_records(root):
-        if record.get("config_hash") == key and record.get("status") == "ok":
-            return record
-    return None
-
-
 def load_records(*roots: str | Path, include_baselines: bool = True, dedupe: bool = True,
                  unreadable: list[Path] | None = None) -> list[dict]:
     """Records under ``roots``; one per ``config_hash`` (the latest finished), failed ones included.
