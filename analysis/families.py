@@ -13,7 +13,6 @@ from __future__ import annotations
 from .layers import resolve_layers
 from .variant import Family, register_family
 
-
 # ----------------------------------------------------------------------------- ablation operators
 
 def _operator_methods() -> dict[str, dict]:
@@ -91,7 +90,9 @@ PDROP_POSITIONS = ("renumber", "original")
 def _reduction_methods() -> dict[str, dict]:
     # pdrop's `layers`: its stage boundaries as a parameter (the runner's op.layers); null = the official
     # four equal stages (8, 16, 24 of 32 layers)
-    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber", "layers": None}}
+    # visionzip: D dominant tokens (the CLS token included) + C contextual tokens per image, before the LLM
+    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber", "layers": None},
+            "visionzip": {"dominant": 54, "contextual": 10}}
 
 
 def _keep(method: str, keep) -> float:
@@ -102,7 +103,10 @@ def _keep(method: str, keep) -> float:
 
 def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers):
     """FastV: ``start_layer`` K (1 <= K < depth), pruned in layers K.. (the variant's layers); PyramidDrop:
-    ``layers`` = the increasing stage boundaries K_1 < K_2 < ..., each in 1..depth-1."""
+    ``layers`` = the increasing stage boundaries K_1 < K_2 < ..., each in 1..depth-1; VisionZip: no layer (it
+    merges before the LLM), ``dominant`` D >= 1 (the CLS token included) and ``contextual`` C >= 0."""
+    if method == "visionzip":
+        return (), _visionzip_params(params, start_layer, end_layer, layers)
     keep = _keep(method, params.get("keep"))
     if method == "fastv":
         if layers is not None:
@@ -131,6 +135,16 @@ def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers
     if positions not in PDROP_POSITIONS:
         raise ValueError(f"pdrop: positions must be one of {', '.join(PDROP_POSITIONS)}, got {positions!r}")
     return tuple(boundaries), {"keep": keep, "positions": positions}
+
+
+def _visionzip_params(params, start_layer, end_layer, layers) -> dict:
+    if start_layer is not None or end_layer is not None or layers is not None:
+        raise ValueError("visionzip merges vision tokens before the LLM; it takes no layers, start_layer or end_layer")
+    dominant, contextual = params.get("dominant"), params.get("contextual")
+    for name, value, low in (("dominant", dominant, 1), ("contextual", contextual, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"visionzip: {name} must be an integer >= {low}, got {value!r}")
+    return {"dominant": dominant, "contextual": contextual}
 
 
 REDUCTION = register_family(Family(

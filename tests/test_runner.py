@@ -61,7 +61,7 @@ def test_op_group_is_the_variant_registry():
     from analysis.ops import OPERATORS
     from analysis.variant import methods
 
-    assert set(sweep.group_choices("op")) == set(methods()) == {*OPERATORS, "proxyv", "fastv", "pdrop"}
+    assert set(sweep.group_choices("op")) == set(methods()) == {*OPERATORS, "proxyv", "fastv", "pdrop", "visionzip"}
     assert _compose("op=proxyv").op == {"name": "proxyv", "reduce_factor": None, "init": None, "light_width": None}
     assert not list((sweep.CONF_DIR / "op").glob("*.yaml"))  # registered once, in analysis/families.py
 

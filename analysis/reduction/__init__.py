@@ -21,6 +21,10 @@ __all__ = ["fastv_kept", "kept_per_stage", "pdrop_kept", "reduction_context"]
 def reduction_context(model, variant, newline_tokens: str = "vision"):
     """The context manager in which ``model`` computes the reduction ``variant`` (registered as this
     family's execution in :mod:`analysis.families`); it yields a :class:`.runtime.Reduction`."""
+    if getattr(variant, "method", None) == "visionzip":
+        from .visionzip import visionzip_context
+
+        return visionzip_context(model, variant, newline_tokens=newline_tokens)
     from .runtime import reduction_context as context
 
     return context(model, variant, newline_tokens=newline_tokens)
