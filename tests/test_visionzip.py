@@ -184,3 +184,12 @@ def test_full_strategy_allows_every_tower_token():
                       return_tensors="pt", padding=True)
     assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [17, 17]
     assert_matches_reference(model, batch, 10, 7)
+
+
+def test_flops_are_refused_clearly():
+    from analysis.flops import PrefillTokens, count_flops
+
+    model = model_for("llava-llama")
+    tokens = PrefillTokens.from_batch(make_batch("llava"), model.config)
+    with pytest.raises(NotImplementedError, match="FLOPs model of visionzip is not implemented yet"):
+        count_flops(model.config, tokens, "visionzip", dominant=D, contextual=C)
