@@ -154,5 +154,5 @@ REDUCTION = register_family(Family(
     execute="analysis.reduction:reduction_context",
     flops="analysis.flops.reduction:reduction_flops",
     label_params=("keep", "positions"),
-    param_layers=("pdrop",),
+    param_layers=("pdrop", "visionzip"),
 ))

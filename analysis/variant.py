@@ -131,8 +131,9 @@ class Family:
         trained: the variant is a trained checkpoint (listed per start layer in the model config under
             the family's name); its baseline is the model it was made from.
         label_params: the parameters its label shows.
-        param_layers: the methods whose layers are a parameter (``op.layers``, e.g. PyramidDrop's stage
-            boundaries), not selected by the runner's ``start_layer`` / ``end_layer``.
+        param_layers: the methods the runner's ``start_layer`` / ``end_layer`` do not apply to: their layers
+            are a parameter (``op.layers``, e.g. PyramidDrop's stage boundaries) or they have none (VisionZip
+            merges before the LLM).
     """
 
     name: str

@@ -240,6 +240,17 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
     return variant, model, base
 
 
+def _check_countable(variant: Variant) -> None:
+    """A run records its FLOPs: a variant whose family cannot count it fails here, before any evaluation."""
+    from ..flops.variants import flops_of
+
+    try:
+        flops_of(variant)
+    except NotImplementedError as error:
+        raise ConfigError(f"op={variant.method}: {error}; the runner records FLOPs with every result, so run it "
+                          "with analysis.ablate() directly until then") from None
+
+
 def prepare(cfg: DictConfig | dict) -> RunSpec:
     """Validate a composed config and resolve it into a :class:`RunSpec`; raises :class:`ConfigError`."""
     if isinstance(cfg, DictConfig):
@@ -253,6 +264,7 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     hf_config = _hf_config(model)
     num_layers = hf_config.text_config.num_hidden_layers
     variant, model, base = _variant(cfg, model, num_layers, hf_config)
+    _check_countable(variant)
     ev = cfg["eval"]
     tasks = ev["tasks"]
     if not isinstance(tasks, dict) or not tasks:
