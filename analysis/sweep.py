@@ -118,6 +118,17 @@ def sweep_tag(argv: list[str]) -> str:
     return f"-{text}"
 
 
+def hydra_argv(argv: list[str]) -> list[str]:
+    """The command line as Hydra should see it: ``op.<param>=`` becomes ``++op.<param>=`` (set or add), since in a
+    sweep over ``op`` Hydra first composes the default op, which may not declare that parameter (each job's
+    own op is checked: an op that does not take it is a one-line error); an ad-hoc sweep gets its folder tag."""
+    out = [f"++{a}" if a.startswith("op.") and "=" in a else a for a in argv]
+    tag = sweep_tag(argv)
+    if tag and not any(a.lstrip("+").startswith(("run.sweep_name=", "run.sweep_tag=")) for a in argv):
+        out.append(f"run.sweep_tag='{tag}'")
+    return out
+
+
 # ----------------------------------------------------------------------------- the sweeper
 
 _PROGRESS: dict[str, Any] = {"bar": None}

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 from analysis.runner import run_one  # noqa: E402
-from analysis.sweep import CONF_DIR, ConfigError, check_overrides, sweep_tag  # noqa: E402
+from analysis.sweep import CONF_DIR, ConfigError, check_overrides, hydra_argv  # noqa: E402
 
 # conf/hydra/launcher/submitit_*.yaml set our defaults on the plugin's schemas of the same name, on purpose.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
@@ -43,7 +43,5 @@ if __name__ == "__main__":
         check_overrides(argv)  # unknown group options, before Hydra prints its multi-line error
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    tag = sweep_tag(argv)
-    if tag and not any(a.startswith("run.sweep_name=") or a.startswith("run.sweep_tag=") for a in argv):
-        sys.argv.append(f"run.sweep_tag='{tag}'")
+    sys.argv[1:] = hydra_argv(argv)  # op parameters in a sweep over op; the ad-hoc sweep's own folder
     main()

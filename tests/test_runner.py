@@ -83,6 +83,10 @@ def test_ad_hoc_sweeps_get_their_own_folder():
     assert len(long) <= 70 and long == sweep.sweep_tag(["-m", "op=" + ",".join(["skip_ffn"] * 20)])
     cfg = _compose("run.sweep_tag='-op=skip_ffn'")
     assert cfg.run.sweep_name == "tiny-synthetic-op=skip_ffn"
+    assert sweep.hydra_argv(["-m", "op=fastv,pdrop", "op.keep=0.5"]) == \
+        ["-m", "op=fastv,pdrop", "++op.keep=0.5", "run.sweep_tag='-op=fastv,pdrop-op.keep=0.5'"]
+    assert sweep.hydra_argv(["run.sweep_name=mine", "op=fastv"]) == ["run.sweep_name=mine", "op=fastv"]
+    assert sweep.hydra_argv([]) == []
 
 
 def test_unknown_group_option_is_one_line():

@@ -179,3 +179,18 @@ def test_bad_overrides_fail_with_one_line(workdir, tmp_path):
         assert errors[0].startswith(cases[name][1]), (name, errors)
         assert "Traceback" not in stdout + stderr
     assert not list((tmp_path / "runs").rglob(results.RESULT_FILE))  # nothing ran
+
+
+def test_token_reduction_in_a_sweep(workdir, tmp_path):
+    """The reduction family, registered once, runs through the whole main job: records, FLOPs, report."""
+    runs = tmp_path / "runs"
+    cmd = _command(workdir, runs, "-m", "op=fastv,pdrop", "start_layer=2", "op.keep=0.5")
+    out = _run(cmd, tmp_path, tmp_path / "reduction.log")
+    assert out.returncode == 0, out.stdout[-3000:]
+    records = {r["variant"]["label"]: r for r in results.load_records(runs / _sweep_name(cmd)) if r["op"] != "none"}
+    assert sorted(records) == ["fastv L2–32 (keep=0.5)", "pdrop L8,16,24 (keep=0.5, positions=renumber)"]
+    for record in records.values():
+        assert record["status"] == "ok" and record["variant"]["family"] == "reduction"
+        assert 0 < record["flops"]["reduction"] < 1 and record["n_samples"] == 8
+    report = (tmp_path / "reports" / _sweep_name(cmd) / "report.md").read_text()
+    assert "fastv L2–32 (keep=0.5)" in report and "ProxyV vs token reduction" not in report  # no ProxyV rows here
