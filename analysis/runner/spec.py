@@ -236,7 +236,8 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
         variant = resolve_variant(method, num_layers, start_layer=start, end_layer=end, params=op, blind=blind,
                                   checkpoint=checkpoint)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{error} (model {cfg['model']['name']}; set start_layer / end_layer)") from None
+        hint = "; set start_layer / end_layer" if "layer" in str(error) else ""
+        raise ConfigError(f"{error} (model {cfg['model']['name']}{hint})") from None
     return variant, model, base
 
 
