@@ -24,7 +24,7 @@ import torch
 from .attention import check_backend, split_attention
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
-from .models import decoder_layers, llava_core, text_config_of
+from .models import decoder_layers, llava_core, patch_instance, text_config_of
 from .ops import OPERATORS, Operator, get_operator
 from .rows import gather_rows, scatter_add_rows, select_rows
 
@@ -69,16 +69,7 @@ class VisionTracker:
             self.encoded_image_sizes = kwargs.get("image_sizes")
             return original(*args, **kwargs)
 
-        previous = vars(core).get("get_image_features")  # e.g. ProxyV's own recorder: put it back on exit
-        core.get_image_features = get_image_features
-
-        def undo():
-            if previous is None:
-                del core.get_image_features
-            else:
-                core.get_image_features = previous
-
-        return undo
+        return patch_instance(core, "get_image_features", get_image_features)  # undo puts back ProxyV's recorder
 
     def pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

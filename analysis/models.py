@@ -58,3 +58,19 @@ def decoder_layers(core):
             raise TypeError(f"decoder layer {type(layer).__name__} lacks {missing}; "
                             f"supported backbones: {', '.join(SUPPORTED_BACKBONES)}")
     return layers
+
+
+def patch_instance(obj, name: str, value):
+    """Set ``obj.<name> = value`` on this instance only (never its class); returns an undo that puts back what
+    the instance had: its own earlier attribute (e.g. ProxyV's image-size recorder), or none, so that the
+    class's attribute shows again."""
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def undo() -> None:
+        if previous is None:
+            vars(obj).pop(name, None)
+        else:
+            setattr(obj, name, previous)
+
+    return undo

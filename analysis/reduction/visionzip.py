@@ -22,7 +22,7 @@ import functools
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..models import llava_core
+from ..models import llava_core, patch_instance
 
 FILLER_ID = 0  # input id of the filler slots a shortened batch may need (attention mask 0)
 
@@ -244,21 +244,12 @@ def visionzip_context(model, variant, newline_tokens: str = "vision"):
     undo = []
     try:
         original = core.get_image_features
-        previous = vars(core).get("get_image_features")
 
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
             return state.encode(*args, **kwargs)
 
-        core.get_image_features = get_image_features
-
-        def restore():
-            if previous is None:
-                del core.get_image_features
-            else:
-                core.get_image_features = previous
-
-        undo.append(restore)
+        undo.append(patch_instance(core, "get_image_features", get_image_features))
         undo.append(core.register_forward_pre_hook(state.pre_hook, with_kwargs=True).remove)
         yield state
     finally:
