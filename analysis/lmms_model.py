@@ -190,7 +190,7 @@ class LlavaAblate(lmms):
         if settings:  # the loaded model is a trained ProxyV checkpoint
             if op not in ("none", "proxyv"):
                 raise ValueError(f"{self.pretrained} is a ProxyV checkpoint: use op=none (or op=proxyv), not op={op}")
-            params = {k: settings[k] for k in ("reduce_factor", "init", "light_width") if k in settings}
+            params = family_of("proxyv").checkpoint_params("proxyv", settings)
             return resolve_variant("proxyv", self.num_layers, start_layer=settings["start_layer"], params=params,
                                    blind=blind, checkpoint=self.pretrained)
         return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,

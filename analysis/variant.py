@@ -146,6 +146,10 @@ class Family:
     param_layers: tuple[str, ...] = ()
     _loaded: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def checkpoint_params(self, method: str, settings: dict) -> dict:
+        """The parameters of ``method`` as a trained checkpoint's saved ``settings`` give them."""
+        return {k: settings[k] for k in self.methods()[method] if k in settings}
+
     def load(self, what: str):
         """The callable named by ``execute`` or ``flops`` (imported on first use)."""
         if what not in self._loaded:

@@ -318,6 +318,8 @@ def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, s
         runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=8", listed))
     with pytest.raises(ConfigError, match="is a ProxyV checkpoint: set model.baseline_model"):
         runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=none"))
+    own = runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=none", "+model.baseline_model=tiny")).variant
+    assert own == v  # a ProxyV checkpoint as the model: the same variant, its settings included
     with pytest.raises(ConfigError, match="run it with op=none"):
         runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=skip_ffn", "+model.baseline_model=tiny"))
 

@@ -220,8 +220,6 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
         method, fam, start, end, settings = "proxyv", family_of("proxyv"), own["start_layer"], None, dict(own)
         checkpoint = model.path
     elif fam.trained:  # op=proxyv start_layer=L: the model's trained checkpoint for L
-        if end is not None and end != num_layers:
-            raise ConfigError(f"op={method} runs from start_layer through the last layer; drop end_layer={end}")
         model, settings = _trained_checkpoint(cfg["model"], fam.name, start)
         checkpoint = model.path
     if fam.trained:
@@ -231,7 +229,7 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
             raise ConfigError(f"op={method}: the checkpoint {checkpoint} has "
                               + ", ".join(f"{k}={have!r}" for k, (_, have) in differs.items())
                               + ", not " + ", ".join(f"op.{k}={want!r}" for k, (want, _) in differs.items()))
-        op = {k: settings[k] for k in op if k in settings}
+        op = fam.checkpoint_params(method, settings)
     try:
         variant = resolve_variant(method, num_layers, start_layer=start, end_layer=end, params=op, blind=blind,
                                   checkpoint=checkpoint)
