@@ -64,11 +64,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 def paired(measure_a: Callable[[], float], measure_b: Callable[[], float], repeats: int, warmup: int = 1) -> Paired:
     """``repeats`` interleaved (a, b) measurements after ``warmup`` unrecorded pairs."""
-    for _ in range(warmup):
-        measure_a(), measure_b()
-    pairs = [(measure_a(), measure_b()) for _ in range(repeats)]
-    return Paired(statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-                  statistics.median(b / a for a, b in pairs))
+    return paired_rounds(measure_a, [measure_b], repeats, warmup)[0]
 
 
 def prefill(model, batch: Mapping):
