@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import results
 from ..eval_bridge import agreement, score_variant, session_for
-from .spec import ConfigError, RunSpec, prepare
+from .spec import ConfigError, RunSpec, prepare, proxyv_field
 
 log = logging.getLogger("analysis.runner")
 logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every import
@@ -46,13 +46,12 @@ def _provenance(spec: RunSpec) -> dict:
 
 def _record(spec: RunSpec, variant, **fields) -> dict:
     """A record with every pinned field (see :mod:`analysis.results`) and the variant's own."""
-    proxyv = {"start_layer": variant.start_layer, **variant.options} if variant.family == "proxyv" else None
     return {
         "status": "ok", "error": None, "config_hash": spec.key, "sweep": spec.sweep_root.name,
         "model": spec.model_name, "model_path": spec.model.path, "op": variant.method, "layers": list(variant.layers),
         "start_layer": variant.start_layer, "end_layer": variant.end_layer, "num_layers": spec.num_layers,
         "eval": spec.eval_name, "tasks": list(spec.tasks), "limit": spec.limit, "blind": variant.blind,
-        "proxyv": proxyv, "variant": variant.to_record(), **fields, **_provenance(spec), "config": spec.cfg,
+        "proxyv": proxyv_field(variant), "variant": variant.to_record(), **fields, **_provenance(spec), "config": spec.cfg,
     }
 
 

@@ -37,6 +37,12 @@ class ModelRef:
         return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, "weights": results.weights_fingerprint(self.path)}
 
 
+def proxyv_field(variant: Variant) -> dict | None:
+    """The pinned ``proxyv`` field of a record (and of a ProxyV run's identity): the checkpoint's start layer and
+    settings; None for other variants."""
+    return {"start_layer": variant.start_layer, **variant.options} if variant.family == "proxyv" else None
+
+
 @dataclass
 class RunSpec:
     """A validated run: what is computed (hashed) and how (``settings``, not hashed).
@@ -79,10 +85,10 @@ class RunSpec:
         if of_baseline:
             return {**cfg, "model": self.base.identity, "op": {"name": "none"}, "layers": []}
         v = self.variant
-        proxyv = {"proxyv": {"start_layer": v.start_layer, **v.options}} if v.family == "proxyv" else {}
-        params = {} if v.family == "proxyv" else v.options  # a checkpoint's settings are its own identity
+        proxyv = proxyv_field(v)
+        params = {} if proxyv else v.options  # a checkpoint's settings are its own identity
         return {**cfg, "model": self.model.identity, "op": {"name": v.method, **params}, "layers": list(v.layers),
-                **proxyv}
+                **({"proxyv": proxyv} if proxyv else {})}
 
     @property
     def key(self) -> str:
