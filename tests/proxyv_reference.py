@@ -101,6 +101,17 @@ def reference_sample(model, embeds, positions, images):
 
     if first_proxyv == len(lm.layers):
         return linear(rms_norm(h, lm.norm.weight, eps), model.lm_head)
+    return proxyv_layers(model, h, positions, images)
+
+
+def proxyv_layers(model, h, positions, images):
+    """Logits (n, V) after the ProxyV layers L.. of one unpadded sequence h (n, D) entering layer L.
+    images: [(start index, [crop grids of indices into h, -1 removed])], start = the image's first token."""
+    lm, config = model.model.language_model, model.config.text_config
+    settings, proxyv = model.config.proxyv, model.model.proxyv
+    L, f, learned = settings["start_layer"], settings["reduce_factor"], settings["init"] == "learned"
+    eps = config.rms_norm_eps
+    n = len(h)
     # Proxies from the start layer's input, in order image -> crop -> row-major block.
     proxies, proxy_pos, proxy_start, owner, splats = [], [], [], {}, {}
     for start, grids in images:

@@ -43,12 +43,14 @@ def choose(probs, alive, vision, count):
 
 
 def reference_sample(lm, lm_head, config, embeds, positions, vision, method, layers, keep, position_mode,
-                     rank_token=None):
+                     rank_token=None, stop_at=None):
     """One sample without padding: embeds (n, D), positions (n,) original position ids, vision (n,) bool.
 
     ``rank_token``: the index of the token whose attention ranks (default the last one; the last prompt
     token when the sequence continues with generated tokens). Returns (logits over the alive tokens in
     order (m, V), their indices into 0..n-1, per stage the sorted indices of the kept vision tokens).
+    ``stop_at``: return (hidden states (m, D) entering that layer after its drop, alive indices, positions)
+    instead.
     """
     n = embeds.shape[0]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -84,6 +86,8 @@ def reference_sample(lm, lm_head, config, embeds, positions, vision, method, lay
                 pos = torch.arange(len(alive))
             else:
                 pos = positions[alive]
+        if index == stop_at:
+            return h, alive, pos
         m = len(alive)
         x = rms_norm(h, layer.input_layernorm.weight, eps)
         q = rotary(linear(x, attn.q_proj).view(m, heads, hd), pos, theta)

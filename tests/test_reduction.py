@@ -257,8 +257,8 @@ def test_unsupported_backend_proxyv_and_sliding_window_are_refused():
     from analysis.proxyv import apply_proxyv
 
     proxyv = apply_proxyv(tiny.build_model("llava", "llama"), start_layer=2, reduce_factor=2, init="spatial", seed=0)
-    with pytest.raises(TypeError, match=r"ProxyV model is not supported \(ProxyV \+ token reduction is later work\)"):
-        enter(proxyv, "fastv", start_layer=2)
+    with pytest.raises(ValueError, match=r"spatial proxies: token reduction breaks the crop grid"):
+        enter(proxyv, "fastv", start_layer=2)  # learned proxies combine: tests/test_proxyv_reduction.py
 
 
 def test_cache_built_outside_the_block_is_refused():

@@ -12,14 +12,16 @@ P = the largest proxy count of a sample, Nv / Nt = the largest count of full-vis
   so the cells a crop keeps form a rectangle. Spatial proxies downsample the crop's full grid with
   removed cells filled by their nearest kept cell (edge replication); a proxy exists only where
   its f x f block holds at least one kept cell. Complete crops get exactly the official proxies.
-  Learned proxies attend over kept cells only; every crop with a kept cell gets n proxies.
+  Learned proxies attend over kept cells only, wherever they are (the kept cells of a crop need not
+  form a rectangle: token reduction before the start layer leaves any subset, see
+  :func:`remap_layout`); every crop with a kept cell gets n proxies.
 * Proxies of a sample are ordered image by image, crop by crop, row-major; proxy k of an image has
   rotary position ``position(image's first token) + k``, as in the official code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -118,8 +120,11 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
                 if not kept.any():
                     image_counts.append(0)
                     continue
-                src_r, src_c = _kept_rectangle(kept)
-                cell_src.append(b * T + positions[src_r][:, src_c].flatten())
+                if learned:  # removed cells are masked out of the softmax: any kept cell fills them
+                    cell_src.append(b * T + torch.where(kept, positions, positions[kept][0]).flatten())
+                else:
+                    src_r, src_c = _kept_rectangle(kept)
+                    cell_src.append(b * T + positions[src_r][:, src_c].flatten())
                 cell_valid.append(kept.flatten())
                 if learned:
                     exists = torch.ones(n, dtype=torch.bool)
@@ -187,3 +192,42 @@ def _put(flat: torch.Tensor, valid: torch.Tensor, device) -> tuple:
     keep = valid.flatten()
     slots = None if bool(keep.all()) else keep.nonzero().flatten().to(device)
     return slots, flat[keep].to(device)
+
+
+def remap_layout(layout, slot_of: torch.Tensor, valid: torch.Tensor):
+    """The layout of a gathered block: ``slot_of`` (B, T) maps each position of ``layout``'s chunk to its
+    slot in a (B, N) block of alive rows (-1: the row is gone), ``valid`` (B, N) the block's real rows.
+
+    Every crop keeps its grid with the cells whose rows are gone removed (-1); an image starts at the slot of
+    its first alive cell (its proxies' rotary positions and their view of the prompt follow from there) and
+    an image with no alive cell is dropped. Token reduction before ProxyV's start layer runs ProxyV on such
+    a block (learned proxies only: the crop grid is broken; see docs/reduction.md).
+    """
+    B, N = valid.shape
+
+    def moved(t: torch.Tensor, b: int) -> torch.Tensor:
+        return torch.where(t >= 0, slot_of[b].to(t.device)[t.clamp(min=0)], -1)
+
+    def alive(t: torch.Tensor, b: int) -> torch.Tensor:
+        t = moved(t, b)
+        return t[t >= 0].sort().values
+
+    samples = []
+    image_mask = torch.zeros(B, N, dtype=torch.bool, device=valid.device)
+    newline_mask = torch.zeros_like(image_mask)
+    for b, sample in enumerate(layout.samples):
+        images = []
+        for image in sample.images:
+            crops = tuple(replace(crop, positions=moved(crop.positions, b)) for crop in image.crops)
+            cells = torch.cat([c.positions.flatten() for c in crops])
+            cells = cells[cells >= 0]
+            if cells.numel():
+                images.append(replace(image, start=int(cells.min()), end=int(cells.max()) + 1, crops=crops,
+                                      newline=alive(image.newline, b), unpadded=None))
+        vision, newline = alive(sample.vision, b), alive(sample.newline, b)
+        image_mask[b, vision] = True
+        newline_mask[b, newline] = True
+        samples.append(replace(sample, images=tuple(images), vision=vision, newline=newline,
+                               text=alive(sample.text, b), padding=(~valid[b]).nonzero().flatten()))
+    return replace(layout, samples=tuple(samples), image_mask=image_mask, newline_mask=newline_mask,
+                   valid_mask=valid)

@@ -107,7 +107,9 @@ class ProxyV(nn.Module):
         else:
             self.initializer = None
         self.state: ForwardState | None = None
+        self.layout = None  # the token layout of the chunk in flight (None without vision cells)
         self.bound: list = []  # (layer, forward) pairs that apply_proxyv attached
+        self.host = None  # a token reduction running the ProxyV layers on its kept rows (analysis.reduction)
         self._key_vision: torch.Tensor | None = None  # (B, K) full-vision mask of every cache position
         self._encoded_image_sizes = None
         self._warned_embeds = False
@@ -118,8 +120,8 @@ class ProxyV(nn.Module):
     # -- hooks on the LLaVA core -----------------------------------------------------------------
     def pre_hook(self, core, args, kwargs):
         """Before the core's forward: build the plan of this chunk (or none), track vision positions."""
-        self.state = None
-        for layer, forward in self.bound:
+        self.state = self.layout = None
+        for layer, forward in self.bound if self.host is None else ():
             if vars(layer).get("forward") is not forward:
                 raise RuntimeError(f"decoder layer {layer.self_attn.layer_idx} no longer runs ProxyV (its forward was "
                                    "replaced, e.g. by ablate()); ablate() and ProxyV do not combine")
@@ -145,7 +147,7 @@ class ProxyV(nn.Module):
             if image_sizes is None and not pixels:
                 image_sizes, self._encoded_image_sizes = self._encoded_image_sizes, None
             chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
-            layout = compute_layout(input_ids, core.config, chunk_mask, image_sizes)
+            layout = self.layout = compute_layout(input_ids, core.config, chunk_mask, image_sizes)
             plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned")
         vision = plan.vision if plan is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if past == 0:
@@ -162,7 +164,7 @@ class ProxyV(nn.Module):
             self.state = ForwardState(plan, plan.allowed(past, valid, self._key_vision))
 
     def post_hook(self, core, args, output):
-        self.state = None  # free the proxies (and their graph) once the forward is done
+        self.state = self.layout = None  # free the proxies (and their graph) once the forward is done
 
     def record_image_sizes(self, image_sizes) -> None:
         self._encoded_image_sizes = image_sizes

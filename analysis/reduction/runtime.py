@@ -18,7 +18,7 @@ import torch
 
 from ..ablation import VisionTracker
 from ..attention import check_backend, split_attention
-from ..models import decoder_layers, llava_core, text_config_of
+from ..models import decoder_layers, llava_core, patch_instance, text_config_of
 from ..rows import gather_rows
 from .counts import fastv_kept, pdrop_kept
 from .prune import Rows, decode_mask, prefill_mask, right_aligned
@@ -64,6 +64,7 @@ class Reduction:
         self.rank_attn = None  # fastv: layer K-1's attention (its q/k are captured)
         self.rows: Rows | None = None
         self.allowed: torch.Tensor | None = None
+        self.proxyv = getattr(core, "proxyv", None)  # a ProxyV model: its layers run on the kept rows
 
     def stage_of(self, layer_index: int) -> int:
         return sum(k <= layer_index for k in self.boundaries)
@@ -156,6 +157,34 @@ class Reduction:
         book.index = torch.cat([book.index, index], dim=1)
         self.rows = Rows(index, new_valid, torch.zeros_like(new_valid), pos, cos, sin)
 
+    # ------------------------------------------------------------------ a ProxyV model
+
+    def proxyv_layer(self, layer, hidden, cache):
+        """A ProxyV layer of a pruned stage: ProxyV's own layer forward on the stage's rows. In a prefill, at the
+        start layer, its proxies are planned over the vision cells still alive (learned proxies); a decode step
+        (no vision row) is the plain pruned layer, as ProxyV's own decode steps are HF's layer."""
+        from ..proxyv.plan import build_plan, remap_layout
+        from ..proxyv.runtime import ForwardState, proxyv_layer_forward
+
+        proxyv, rows = self.proxyv, self.rows
+        if self.prefill and layer.self_attn.layer_idx == proxyv.settings.start_layer:
+            proxyv.state = None
+            if proxyv.layout is not None:
+                slot_of = torch.full(proxyv.layout.image_mask.shape, -1, dtype=torch.long, device=hidden.device)
+                sample, slot = rows.valid.nonzero(as_tuple=True)
+                slot_of[sample, rows.index[sample, slot]] = slot  # fillers map nowhere
+                plan = build_plan(remap_layout(proxyv.layout, slot_of, rows.valid), proxyv.settings.reduce_factor,
+                                  learned=True)
+                if plan is not None:
+                    proxyv.state = ForwardState(plan, plan.allowed(0, rows.valid, plan.vision))
+        if proxyv.state is None:  # a decode step, or no vision cell left: the plain pruned layer
+            rope = (rows.cos, rows.sin)
+            x = layer.input_layernorm(hidden)
+            hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, self.allowed, cache)
+            return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return proxyv_layer_forward(layer, proxyv, self.rotary, hidden, position_ids=rows.pos,
+                                    past_key_values=cache, position_embeddings=(rows.cos, rows.sin))
+
     def release(self):
         self.captured.clear()
         self.rows = self.allowed = self.tracker.chunk = self.tracker.key_vision = None
@@ -173,6 +202,8 @@ def reduced_layer_forward(layer, state: Reduction, stage: int, boundary: bool, h
     if boundary:
         hidden_states = state.enter_stage(layer, stage, hidden_states, position_ids, position_embeddings,
                                           past_key_values)
+    if state.proxyv is not None and layer.self_attn.layer_idx >= state.proxyv.settings.start_layer:
+        return state.proxyv_layer(layer, hidden_states, past_key_values)
     rope = (state.rows.cos, state.rows.sin)
     x = layer.input_layernorm(hidden_states)
     hidden_states = hidden_states + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, past_key_values)
@@ -188,9 +219,10 @@ def _window(attn):
 def _check(core, variant, newline_tokens: str, layers) -> None:
     if getattr(variant, "family", None) != "reduction" or variant.method not in METHODS:
         raise ValueError(f"reduction_context runs the reduction family ({', '.join(METHODS)}), got {variant!r}")
-    if getattr(core, "proxyv", None) is not None:
-        raise TypeError(f"{variant.method} on a ProxyV model is not supported (ProxyV + token reduction is later "
-                        "work); run the reduction on the base model")
+    proxyv = getattr(core, "proxyv", None)
+    if proxyv is not None:
+        check_proxyv(proxyv.settings, variant.method, max(variant.layers if variant.method == "pdrop"
+                                                          else variant.layers[:1]))
     if newline_tokens not in ("vision", "text"):
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
     check_backend(text_config_of(core)._attn_implementation, f"op {variant.method!r}")
@@ -202,6 +234,19 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
         raise ValueError(f"{variant.method}: layers {list(variant.layers)} out of range 1..{len(layers) - 1}")
 
 
+def check_proxyv(settings, method: str, last_boundary: int | None = None) -> None:
+    """Token reduction on a ProxyV model: learned proxies, every drop at or before ProxyV's start layer."""
+    if settings.init != "learned":
+        raise ValueError(f"{method} on a ProxyV model with spatial proxies: token reduction breaks the crop grid "
+                         "that spatial proxies downsample; use a checkpoint with learned proxies (init='learned'), "
+                         "as the paper does")
+    L = settings.start_layer
+    if last_boundary is not None and last_boundary > L:
+        raise ValueError(f"{method} drops vision tokens before layer {last_boundary}, after ProxyV's start layer {L}: "
+                         f"every drop must come at or before layer {L} (ProxyV's proxies are planned over the "
+                         "tokens that remain at its start layer)")
+
+
 @contextlib.contextmanager
 def reduction_context(model, variant, newline_tokens: str = "vision"):
     """The execution of a ``reduction``-family variant; yields the block's :class:`Reduction`."""
@@ -210,9 +255,6 @@ def reduction_context(model, variant, newline_tokens: str = "vision"):
     _check(core, variant, newline_tokens, layers)
     state = Reduction(core, variant, newline_tokens)
     undo = []
-
-    def unpatch(layer):
-        del layer.forward
 
     try:
         undo.append(core.register_forward_pre_hook(state.tracker.pre_hook, with_kwargs=True).remove)
@@ -223,14 +265,16 @@ def reduction_context(model, variant, newline_tokens: str = "vision"):
             state.rank_attn = attn
             undo.append(attn.q_proj.register_forward_hook(state.capture("q")).remove)
             undo.append(attn.k_proj.register_forward_hook(state.capture("k")).remove)
+        if state.proxyv is not None:
+            state.proxyv.host = state
+            undo.append(functools.partial(setattr, state.proxyv, "host", None))
         for i in range(state.boundaries[0], len(layers)):
             layer = layers[i]
-            layer.forward = functools.partial(reduced_layer_forward, layer, state, state.stage_of(i),
-                                              i in state.boundaries)
-            undo.append(functools.partial(unpatch, layer))
+            forward = functools.partial(reduced_layer_forward, layer, state, state.stage_of(i), i in state.boundaries)
+            undo.append(patch_instance(layer, "forward", forward))  # a ProxyV layer gets its ProxyV forward back
         yield state
     finally:
         for step in reversed(undo):
             step()
         state.release()
-        state.rank_attn = None
+        state.rank_attn = state.proxyv = None
