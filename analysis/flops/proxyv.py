@@ -232,9 +232,11 @@ def _check_tokens(shapes: ProxyVShapes, tokens: PrefillTokens) -> None:
                          "PrefillTokens.from_batch(batch, config, newline_tokens='text')")
 
 
-def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int) -> ProxyVShapes | None:
+def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int,
+                  partial: bool = False) -> ProxyVShapes | None:
     """ProxyV shapes from prefill tokens whose vision positions are their crops' cells (module docstring);
-    ``None`` without vision tokens."""
+    ``None`` without vision tokens. ``partial`` (learned proxies only): a sample's cells may be fewer than its
+    crops hold (token reduction before the start layer), each crop assumed to keep at least one cell."""
     cells = tokens.vision & tokens.valid
     per_sample = cells.sum(1).tolist()
     if not any(per_sample):
@@ -253,8 +255,10 @@ def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, ligh
     if learned and side * side < reduce_factor**2:
         raise ValueError(f"reduce_factor={reduce_factor} leaves no proxy for a {side}x{side} crop grid")
     n = side * side // reduce_factor**2 if learned else (side // reduce_factor) ** 2
+    if partial and not learned:
+        raise ValueError("partial crops (token reduction before ProxyV) need learned proxies")
     for b, (count, crops) in enumerate(zip(per_sample, tokens.crop_shapes)):
-        if count != len(crops) * side * side:
+        if count > len(crops) * side * side if partial else count != len(crops) * side * side:
             raise ValueError(
                 f"sample {b}: the tokens mark {count} vision tokens but its {len(crops)} crops hold "
                 f"{len(crops) * side * side} cells; ProxyV counts from tokens need exactly the crop cells as vision "

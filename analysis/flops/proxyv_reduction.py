@@ -1,0 +1,86 @@
+"""FLOPs of token reduction on a ProxyV model: FastV / PyramidDrop whose every drop comes at or before ProxyV's
+start layer L (what :mod:`analysis.reduction` executes on a model with learned proxies).
+
+Layers below L are :class:`~analysis.flops.reduction.ReductionFlops`' (HF layers, pruned layers, rankings).
+From L on, the ProxyV layer of :mod:`analysis.flops.proxyv` runs on the rows of the stage alive at L, a (B, N)
+block: N = that stage's width, fillers first (padding), each sample's kept vision tokens its cells. Its
+shapes are :func:`~analysis.flops.proxyv.derive_shapes` of that block with ``partial=True``: every crop with a
+kept cell gets the learned proxies of a whole crop, and the analytic count ASSUMES every crop keeps at least
+one cell (true unless a crop loses all its tokens; the execution's own plan says, see
+``tests/test_flops_proxyv_reduction.py``). Kept vision tokens are placed as :func:`kept_vision_mask` places them
+(spread over the sample's vision positions), which fixes the theoretical pairs exactly for one image per sample.
+Vision tokens must be crop cells (LLaVA-1.5, or LLaVA-NeXT counted with newline tokens as text) and crops
+square: LLaVA-NeXT's unpadded crops are not counted here (one clear error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoder import LayerFlops
+from .dims import TextDims
+from .proxyv import DEFAULT_REDUCE_FACTOR, ProxyVFlops, derive_shapes
+from .reduction import ReductionFlops, Rows, kept_vision_mask
+from .tokens import PrefillTokens
+
+
+def block_tokens(tokens: PrefillTokens, rows: Rows) -> PrefillTokens:
+    """The (B, N) block of a stage as prefill tokens: each sample's kept sequence right-aligned, fillers first."""
+    B, N = rows.batch, rows.width
+    vision = torch.zeros(B, N, dtype=torch.bool)
+    valid = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        kept = kept_vision_mask(tokens.vision[b][tokens.valid[b]], rows.vision[b])
+        vision[b, N - len(kept):] = kept
+        valid[b, N - len(kept):] = True
+    return PrefillTokens(vision, valid, tokens.crop_shapes)
+
+
+class ProxyVReductionFlops(ReductionFlops):
+    """FastV (``layers`` = K..L-1) or PyramidDrop (its boundaries) on a ProxyV model with ``proxyv`` settings
+    (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width)."""
+
+    def __init__(self, method: str, layers, keep: float, proxyv: dict):
+        super().__init__(method, layers, keep)
+        if proxyv.get("init") != "learned":
+            raise ValueError(f"{method} on a ProxyV model needs learned proxies (spatial proxies need the whole crop "
+                             f"grid), got init={proxyv.get('init')!r}")
+        self.start = proxyv["start_layer"]
+        boundaries = self.layers[:1] if method == "fastv" else self.layers
+        if max(boundaries) > self.start:
+            raise ValueError(f"{method} drops vision tokens before layer {max(boundaries)}, after ProxyV's start layer "
+                             f"{self.start}: every drop must come at or before layer {self.start}")
+        self.reduce_factor = proxyv.get("reduce_factor") or DEFAULT_REDUCE_FACTOR
+        self.light_width = proxyv.get("light_width") or None
+        self._proxy: tuple | None = None  # (tokens, block, ProxyVFlops) of the last tokens counted
+
+    def _proxyv(self, dims: TextDims, tokens: PrefillTokens):
+        if self._proxy is None or self._proxy[0] is not tokens:
+            rows = self.schedule(tokens).rows_at(self.start)
+            cells = [sum(r * c for r, c in crops) for crops in tokens.crop_shapes]
+            if len(cells) != tokens.batch or any(v > c for v, c in zip(sample_vision(tokens), cells)):
+                raise ValueError("counting token reduction on a ProxyV model needs the vision tokens to be crop cells "
+                                 "(count LLaVA-NeXT with newline tokens as text) and the tokens' crop shapes")
+            block = block_tokens(tokens, rows)
+            width = self.light_width or dims.hidden // 4
+            shapes = derive_shapes(block, self.reduce_factor, True, width, partial=True)
+            counted = None if shapes is None else ProxyVFlops(range(self.start, dims.layers), self.reduce_factor,
+                                                              "learned", self.light_width, shapes=shapes)
+            self._proxy = (tokens, block, counted)
+        return self._proxy[1], self._proxy[2]
+
+    def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:
+        counted = super().layer_flops(layer, dims, tokens)
+        if layer < self.start or not self.active(tokens):
+            return counted
+        block, proxyv = self._proxyv(dims, tokens)
+        if proxyv is None:  # no vision token left at L: the pruned layer
+            return counted
+        own = proxyv.layer_flops(layer, dims, block)
+        ranking = {k: v for k, v in counted.executed.items() if k.startswith("rank_")}
+        ranking_theory = {k: v for k, v in counted.theoretical.items() if k.startswith("rank_")}
+        return LayerFlops(layer, True, {**own.executed, **ranking}, {**own.theoretical, **ranking_theory})
+
+
+def sample_vision(tokens: PrefillTokens) -> list[int]:
+    return (tokens.vision & tokens.valid).sum(1).tolist()
