@@ -91,8 +91,25 @@ def _reduction_methods() -> dict[str, dict]:
     # pdrop's `layers`: its stage boundaries as a parameter (the runner's op.layers); null = the official
     # four equal stages (8, 16, 24 of 32 layers)
     # visionzip: D dominant tokens (the CLS token included) + C contextual tokens per image, before the LLM
-    return {"fastv": {"keep": 0.5}, "pdrop": {"keep": 0.5, "positions": "renumber", "layers": None},
-            "visionzip": {"dominant": 54, "contextual": 10}}
+    # proxyv: null, or the start layer of the model's trained ProxyV checkpoint (learned proxies) the reduction
+    # runs on (ProxyV + token reduction; the runner loads that checkpoint, see docs/reduction.md)
+    return {"fastv": {"keep": 0.5, "proxyv": None},
+            "pdrop": {"keep": 0.5, "positions": "renumber", "layers": None, "proxyv": None},
+            "visionzip": {"dominant": 54, "contextual": 10, "proxyv": None}}
+
+
+def _on_proxyv(method: str, params, boundaries=()) -> dict:
+    """``{"proxyv": L}`` when the reduction runs on a ProxyV checkpoint starting at layer L, else ``{}``."""
+    start = params.get("proxyv")
+    if start is None:
+        return {}
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"{method}: proxyv must be the start layer of a trained ProxyV checkpoint (an integer >= 0) "
+                         f"or null, got {start!r}")
+    if boundaries and max(boundaries) > start:
+        raise ValueError(f"{method} drops vision tokens before layer {max(boundaries)}, after ProxyV's start layer "
+                         f"{start}: every drop must come at or before layer {start}")
+    return {"proxyv": start}
 
 
 def _keep(method: str, keep) -> float:
@@ -106,7 +123,7 @@ def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers
     ``layers`` = the increasing stage boundaries K_1 < K_2 < ..., each in 1..depth-1; VisionZip: no layer (it
     merges before the LLM), ``dominant`` D >= 1 (the CLS token included) and ``contextual`` C >= 0."""
     if method == "visionzip":
-        return (), _visionzip_params(params, start_layer, end_layer, layers)
+        return (), {**_visionzip_params(params, start_layer, end_layer, layers), **_on_proxyv(method, params)}
     keep = _keep(method, params.get("keep"))
     if method == "fastv":
         if layers is not None:
@@ -117,7 +134,7 @@ def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers
                              f"attention), got {start_layer!r}")
         if end_layer is not None and end_layer != num_layers:
             raise ValueError(f"fastv prunes through the last layer; drop end_layer={end_layer}")
-        return tuple(range(start_layer, num_layers)), {"keep": keep}
+        return tuple(range(start_layer, num_layers)), {"keep": keep, **_on_proxyv(method, params, [start_layer])}
     if start_layer is not None or end_layer is not None:
         raise ValueError("pdrop takes its stage boundaries as layers=[K1, K2, ...], not start_layer / end_layer")
     if layers is None:
@@ -134,7 +151,7 @@ def _reduction_layers(method, params, num_layers, start_layer, end_layer, layers
     positions = params.get("positions")
     if positions not in PDROP_POSITIONS:
         raise ValueError(f"pdrop: positions must be one of {', '.join(PDROP_POSITIONS)}, got {positions!r}")
-    return tuple(boundaries), {"keep": keep, "positions": positions}
+    return tuple(boundaries), {"keep": keep, "positions": positions, **_on_proxyv(method, params, boundaries)}
 
 
 def _visionzip_params(params, start_layer, end_layer, layers) -> dict:
@@ -153,6 +170,6 @@ REDUCTION = register_family(Family(
     resolve=_reduction_layers,
     execute="analysis.reduction:reduction_context",
     flops="analysis.flops.reduction:reduction_flops",
-    label_params=("keep", "positions"),
+    label_params=("keep", "positions", "dominant", "contextual", "proxyv"),
     param_layers=("pdrop", "visionzip"),
 ))

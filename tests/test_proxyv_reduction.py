@@ -129,3 +129,17 @@ def test_unsupported_combinations_are_one_clear_error():
     with pytest.raises(TypeError, match=r"ablate\(\) on a ProxyV model is not supported"), \
             ablate(early, "skip_ffn", layers=[2]):
         pass
+
+
+def test_a_variant_naming_a_proxyv_checkpoint_checks_the_model():
+    plain = build("llava-llama", start_layer=L, reduce_factor=2, init="learned")
+    with torch.no_grad(), ablate(plain, "fastv", start_layer=2, keep=0.5, proxyv=L):  # the model it names
+        plain(**batch_of("llava"))
+    with pytest.raises(ValueError, match="this model's ProxyV starts at layer 3"), \
+            ablate(plain, "fastv", start_layer=2, keep=0.5, proxyv=2):
+        pass
+    from conftest import model_for
+
+    with pytest.raises(TypeError, match="this model has no ProxyV"), \
+            ablate(model_for("llava-llama"), "fastv", start_layer=2, keep=0.5, proxyv=L):
+        pass

@@ -220,6 +220,7 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
     if getattr(variant, "family", None) != "reduction" or variant.method not in METHODS:
         raise ValueError(f"reduction_context runs the reduction family ({', '.join(METHODS)}), got {variant!r}")
     proxyv = getattr(core, "proxyv", None)
+    check_model(proxyv, variant)
     if proxyv is not None:
         check_proxyv(proxyv.settings, variant.method, max(variant.layers if variant.method == "pdrop"
                                                           else variant.layers[:1]))
@@ -232,6 +233,19 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
                                   "by token reduction; use a backbone without sliding_window")
     if not variant.layers or not 1 <= variant.layers[0] < len(layers):
         raise ValueError(f"{variant.method}: layers {list(variant.layers)} out of range 1..{len(layers) - 1}")
+
+
+def check_model(proxyv, variant) -> None:
+    """A variant that names a ProxyV checkpoint (``proxyv=L``) runs on a ProxyV model starting at layer L."""
+    wanted = variant.options.get("proxyv")
+    if wanted is None:
+        return
+    if proxyv is None:
+        raise TypeError(f"{variant.label} runs on a ProxyV checkpoint starting at layer {wanted}; this model has no "
+                        "ProxyV (load the checkpoint with analysis.proxyv.load_proxyv)")
+    if proxyv.settings.start_layer != wanted:
+        raise ValueError(f"{variant.label} runs on a ProxyV checkpoint starting at layer {wanted}; this model's "
+                         f"ProxyV starts at layer {proxyv.settings.start_layer}")
 
 
 def check_proxyv(settings, method: str, last_boundary: int | None = None) -> None:
