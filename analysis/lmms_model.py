@@ -187,9 +187,17 @@ class LlavaAblate(lmms):
 
     def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool, params: dict) -> Variant:
         settings = getattr(self._model.config, "proxyv", None)
+        if settings and op in family("reduction").methods():  # token reduction on the ProxyV checkpoint
+            if params.get("proxyv") not in (None, settings["start_layer"]):
+                raise ValueError(f"{self.pretrained} is a ProxyV checkpoint starting at layer {settings['start_layer']}, "
+                                 f"not proxyv={params['proxyv']}")
+            params = {**params, "proxyv": settings["start_layer"]}
+            return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,
+                                   params=params, blind=blind, checkpoint=self.pretrained)
         if settings:  # the loaded model is a trained ProxyV checkpoint
             if op not in ("none", "proxyv"):
-                raise ValueError(f"{self.pretrained} is a ProxyV checkpoint: use op=none (or op=proxyv), not op={op}")
+                raise ValueError(f"{self.pretrained} is a ProxyV checkpoint: use op=none, op=proxyv or a token "
+                                 f"reduction (fastv, pdrop, visionzip), not op={op}")
             params = family_of("proxyv").checkpoint_params("proxyv", settings)
             return resolve_variant("proxyv", self.num_layers, start_layer=settings["start_layer"], params=params,
                                    blind=blind, checkpoint=self.pretrained)

@@ -131,7 +131,7 @@ def test_method_parameters_are_model_args():
     lm.batch_size_per_gpu = 1
     assert lm.generate_until(_requests(lm)) == batched  # each sample ranks its own tokens
     assert all(shape["mask"].count("v") == 64 for shape in lm.prompt_shapes)
-    with pytest.raises(TypeError, match=r"unknown model_args \['kep'\] \(op=fastv takes keep\)"):
+    with pytest.raises(TypeError, match=r"unknown model_args \['kep'\] \(op=fastv takes keep, proxyv\)"):
         LlavaAblate(model=model, processor=processor, op="fastv", start_layer=1, kep=0.5)
     with pytest.raises(TypeError, match=r"unknown model_args \['keep'\]$"):
         LlavaAblate(model=model, processor=processor, op="skip_ffn", start_layer=1, keep=0.5)
@@ -148,6 +148,25 @@ def test_proxyv_checkpoint_loads_with_its_modules(tmp_path):
     loaded = LlavaAblate(str(tmp_path), batch_size=3, progress=False, device="cpu")
     assert hasattr(loaded.model.model, "proxyv")
     assert loaded.generate_until(_requests(loaded)) == in_memory.generate_until(_requests(in_memory))
+
+
+def test_token_reduction_on_a_learned_proxyv_checkpoint(tmp_path):
+    """op=fastv on a ProxyV checkpoint is the reduction on its ProxyV layers; its FLOPs count them."""
+    from analysis.flops import mean_flops
+    from analysis.proxyv import apply_proxyv
+
+    model, processor = _tiny()
+    apply_proxyv(model, start_layer=2, reduce_factor=2, init="learned", seed=0)
+    lm = LlavaAblate(model=model, processor=processor, batch_size=3, progress=False, op="fastv", start_layer=1,
+                     keep=0.5)
+    assert lm.variant.label == "fastv L1–4 (keep=0.5, proxyv=2)" and lm.variant.options["proxyv"] == 2
+    lm.generate_until(_requests(lm))
+    on_proxyv = mean_flops(model.config, lm.prompt_shapes, lm.variant)
+    plain = mean_flops(_tiny()[0].config, lm.prompt_shapes, resolve_variant("fastv", 4, start_layer=1,
+                                                                             params={"keep": 0.5}))
+    assert on_proxyv["baseline"] == plain["baseline"] and on_proxyv["total"] != plain["total"]
+    with pytest.raises(ValueError, match="ProxyV checkpoint starting at layer 2, not proxyv=3"):
+        lm.set_variant("fastv", start_layer=1, keep=0.5, proxyv=3)
 
 
 def test_device_per_process(monkeypatch):

@@ -307,7 +307,8 @@ def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, s
     assert spec.model.path == str(proxyv_config_only) == v.checkpoint
     assert spec.base.path == str(config_only) and v.options == {"reduce_factor": 4, "init": "spatial", "light_width": 16}
     assert v.label == "proxyv L16–32 (init=spatial, reduce_factor=4)"
-    with pytest.raises(ConfigError, match=r"has reduce_factor=4, not op.reduce_factor=2"):
+    with pytest.raises(ConfigError, match=r"no trained proxyv checkpoint for start_layer=16 has op.reduce_factor=2: "
+                                          r".* has reduce_factor=4"):
         runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed, "op.reduce_factor=2"))
     ablation = runner.prepare(_cfg(tmp_path, config_only, "op=skip_ffn", "start_layer=16", listed))
     assert spec.baseline_key == ablation.baseline_key and spec.key != ablation.key  # one baseline for both
@@ -368,3 +369,33 @@ def test_unwritable_runs_dir_is_one_line_unless_everything_is_finished(tmp_path,
     message = str(info.value)
     assert message.startswith(f"error: the runs dir {unfinished.sweep_root} is not writable and 1 of 2 runs are not "
                               "finished; make it writable or set run.runs_dir=") and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def learned_config_only(tmp_path_factory) -> Path:
+    """A config.json as a learned-proxy ProxyV checkpoint from layer 16 saves it."""
+    path = tmp_path_factory.mktemp("proxyv16learned")
+    config = tiny.build_config("llava", "llama", image_size=64, patch_size=8, num_layers=32)
+    config.proxyv = {"start_layer": 16, "reduce_factor": 4, "init": "learned", "light_width": 16, "format": 1}
+    config.save_pretrained(path)
+    return path
+
+
+def test_token_reduction_runs_on_the_learned_proxyv_checkpoint(tmp_path, config_only, proxyv_config_only,
+                                                                learned_config_only):
+    listed = f"model.proxyv={{16:[{proxyv_config_only},{learned_config_only}]}}"
+    first = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed))
+    assert first.model.path == str(proxyv_config_only)  # the first listed, as the default sweep takes it
+    learned = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed, "++op.init=learned"))
+    assert learned.model.path == str(learned_config_only) and learned.variant.options["init"] == "learned"
+    fastv = runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.5", "op.proxyv=16",
+                                listed))
+    v = fastv.variant
+    assert (v.family, v.method, v.options) == ("reduction", "fastv", {"keep": 0.5, "proxyv": 16})
+    assert fastv.model.path == str(learned_config_only) == v.checkpoint and fastv.base.path == str(config_only)
+    assert v.label == "fastv L2–32 (keep=0.5, proxyv=16)" and fastv.baseline_key == first.baseline_key
+    with pytest.raises(ConfigError, match=r"pdrop drops vision tokens before layer 24, after ProxyV's start layer 16"):
+        runner.prepare(_cfg(tmp_path, config_only, "op=pdrop", "op.keep=0.5", "op.proxyv=16", listed))
+    with pytest.raises(ConfigError, match=r"has op.init='learned': .* has init='spatial'"):
+        runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.5", "op.proxyv=16",
+                            f"model.proxyv={{16:{proxyv_config_only}}}"))

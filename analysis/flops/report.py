@@ -127,6 +127,7 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
     dims = TextDims.from_config(config)
     if lm_head not in ("all", "last"):
         raise ValueError(f"lm_head must be 'all' or 'last', got {lm_head!r}")
+    options = {**_model_extras(config, variant), **options}
     counted = make_variant(variant, dims.layers, layers, start_layer=start_layer, end_layer=end_layer, **options)
     baseline = baseline_flops()
     if lm_head == "last":
@@ -144,3 +145,18 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         batch=tokens.batch,
         seq_len=tokens.seq_len,
     )
+
+
+def _model_extras(config, variant) -> dict:
+    """What the model itself adds to a variant's count: a ProxyV checkpoint's settings for token reduction
+    (the reduction runs on its ProxyV layers)."""
+    settings = getattr(config, "proxyv", None)
+    if not settings or hasattr(variant, "layer_flops"):
+        return {}
+    from ..variant import family_of
+
+    name = variant.method if isinstance(variant, Variant) else getattr(variant, "name", variant)
+    try:
+        return {"proxyv": dict(settings)} if family_of(name).name == "reduction" else {}
+    except ValueError:
+        return {}

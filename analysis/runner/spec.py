@@ -177,21 +177,32 @@ def _base_model(model_cfg: dict) -> ModelRef:
     return ModelRef(base_cfg["name"], resolve_weights(base_cfg), base_cfg)
 
 
-def _trained_checkpoint(model_cfg: dict, family: str, start: int | None) -> tuple[ModelRef, dict]:
-    """(ModelRef, settings) of the trained checkpoint of ``family`` listed for ``start`` in ``model.<family>``."""
+def _trained_checkpoint(model_cfg: dict, family: str, start: int | None,
+                        wanted: dict | None = None) -> tuple[ModelRef, dict]:
+    """(ModelRef, settings) of the trained checkpoint of ``family`` listed for ``start`` in ``model.<family>``
+    (a directory, or a list of them, e.g. spatial and learned proxies from one start layer): the first listed
+    whose saved settings have every ``wanted`` value."""
     available = {int(k): v for k, v in (model_cfg.get(family) or {}).items()}
     if start not in available:
         listed = ", ".join(map(str, sorted(available))) or "none"
         raise ConfigError(f"model {model_cfg['name']} has no trained {family} checkpoint for start_layer={start} "
                           f"(listed in model.{family}: {listed}); train one with experiments/train_tiny.py's "
                           f"ProxyV variant and add it to conf/model/{model_cfg['name']}.yaml")
-    ref = ModelRef(model_cfg["name"], resolve_weights({**model_cfg, "pretrained": available[start], "hub_id": None}),
-                   model_cfg)
-    settings = getattr(_hf_config(ref), family, None)
-    if not settings or settings.get("start_layer") != start:
-        raise ConfigError(f"{ref.path} is not a {family} checkpoint starting at layer {start} "
-                          f"(its config.json has {family}={settings})")
-    return ref, dict(settings)
+    paths = available[start] if isinstance(available[start], (list, tuple)) else [available[start]]
+    wanted = {k: v for k, v in (wanted or {}).items() if v is not None}
+    seen = []
+    for path in paths:
+        ref = ModelRef(model_cfg["name"], resolve_weights({**model_cfg, "pretrained": path, "hub_id": None}),
+                       model_cfg)
+        settings = getattr(_hf_config(ref), family, None)
+        if not settings or settings.get("start_layer") != start:
+            raise ConfigError(f"{ref.path} is not a {family} checkpoint starting at layer {start} "
+                              f"(its config.json has {family}={settings})")
+        if all(settings.get(k) == v for k, v in wanted.items()):
+            return ref, dict(settings)
+        seen.append(f"{ref.path} has " + ", ".join(f"{k}={settings.get(k)!r}" for k in wanted))
+    asked = ", ".join(f"op.{k}={v!r}" for k, v in wanted.items())
+    raise ConfigError(f"no trained {family} checkpoint for start_layer={start} has {asked}: " + "; ".join(seen))
 
 
 # ----------------------------------------------------------------------------- the variant
@@ -218,15 +229,24 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
     blind = bool(cfg["eval"].get("blind", False))
     base, checkpoint = model, None
     own = getattr(hf_config, "proxyv", None)  # the model is itself a trained ProxyV checkpoint
-    if own:
+    on_proxyv = fam.name == "reduction"  # token reduction may run on a ProxyV checkpoint (op.proxyv=L)
+    if own and on_proxyv:
+        if op.get("proxyv") not in (None, own["start_layer"]):
+            raise ConfigError(f"model {model.name} is a ProxyV checkpoint starting at layer {own['start_layer']}, "
+                              f"not op.proxyv={op['proxyv']}")
+        op["proxyv"], base, checkpoint = own["start_layer"], _base_model(cfg["model"]), model.path
+    elif own:
         if method not in ("none", "proxyv"):
-            raise ConfigError(f"model {model.name} is a ProxyV checkpoint; run it with op=none (or op=proxyv), "
-                              f"not op={method}")
+            raise ConfigError(f"model {model.name} is a ProxyV checkpoint; run it with op=none, op=proxyv or a token "
+                              f"reduction (fastv, pdrop, visionzip), not op={method}")
         base = _base_model(cfg["model"])
         method, fam, start, end, settings = "proxyv", family_of("proxyv"), own["start_layer"], None, dict(own)
         checkpoint = model.path
-    elif fam.trained:  # op=proxyv start_layer=L: the model's trained checkpoint for L
-        model, settings = _trained_checkpoint(cfg["model"], fam.name, start)
+    elif fam.trained:  # op=proxyv start_layer=L: the model's trained checkpoint for L (matching op's settings)
+        model, settings = _trained_checkpoint(cfg["model"], fam.name, start, op)
+        checkpoint = model.path
+    elif on_proxyv and op.get("proxyv") is not None:  # op=fastv ... op.proxyv=L: the learned checkpoint for L
+        model, _ = _trained_checkpoint(cfg["model"], "proxyv", op["proxyv"], {"init": "learned"})
         checkpoint = model.path
     if fam.trained:
         asked = {k: v for k, v in op.items() if v is not None}
@@ -240,20 +260,23 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
         variant = resolve_variant(method, num_layers, start_layer=start, end_layer=end, params=op, blind=blind,
                                   checkpoint=checkpoint)
     except (ValueError, TypeError) as error:
-        hint = "; set start_layer / end_layer" if "layer" in str(error) else ""
+        hint = "; set start_layer / end_layer" if "start_layer" in str(error) or "end_layer" in str(error) else ""
         raise ConfigError(f"{error} (model {cfg['model']['name']}{hint})") from None
     return variant, model, base
 
 
-def _check_countable(variant: Variant) -> None:
+def _check_countable(variant: Variant, model: ModelRef) -> None:
     """A run records its FLOPs: a variant whose family cannot count it fails here, before any evaluation."""
     from ..flops.variants import flops_of
 
+    settings = getattr(_hf_config(model), "proxyv", None) if variant.options.get("proxyv") is not None else None
     try:
-        flops_of(variant)
+        flops_of(variant, **({"proxyv": dict(settings)} if settings else {}))
     except NotImplementedError as error:
         raise ConfigError(f"op={variant.method}: {error}; the runner records FLOPs with every result, so run it "
                           "with analysis.ablate() directly until then") from None
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{error} (model {model.name})") from None
 
 
 def prepare(cfg: DictConfig | dict) -> RunSpec:
@@ -269,7 +292,7 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     hf_config = _hf_config(model)
     num_layers = hf_config.text_config.num_hidden_layers
     variant, model, base = _variant(cfg, model, num_layers, hf_config)
-    _check_countable(variant)
+    _check_countable(variant, model)
     ev = cfg["eval"]
     tasks = ev["tasks"]
     if not isinstance(tasks, dict) or not tasks:
