@@ -11,6 +11,7 @@ Re-running the same command resumes from --work after an interruption.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -44,6 +45,9 @@ def main() -> None:
     p.add_argument("--proxyv-start", type=int, help="train a ProxyV model from this decoder layer on")
     p.add_argument("--proxyv-init", default="spatial", choices=["spatial", "learned"])
     p.add_argument("--proxyv-reduce", type=int, default=4)
+    p.add_argument("--with-reduction", metavar="OP:K=V,...",
+                   help="fine-tune with a token reduction applied to every forward (and evaluate with it), e.g. "
+                        "'pdrop:layers=8/16,keep=0.7211' or 'fastv:start_layer=2,keep=0.6251'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
@@ -63,16 +67,34 @@ def main() -> None:
 
         apply_proxyv(model, start_layer=args.proxyv_start, reduce_factor=args.proxyv_reduce, init=args.proxyv_init,
                      seed=args.seed)
+    context = reduction_context(model, args.with_reduction)
     model = train_llava(model, processor, work / "llava", args.steps, args.batch, args.lr, args.seed,
-                        evaluate=lambda m: ev.score_twins(m, processor, n=args.eval_n), eval_every=args.eval_every)
+                        evaluate=lambda m: ev.score_twins(m, processor, n=args.eval_n), eval_every=args.eval_every,
+                        context=context)
 
-    final = {"scores": ev.score_twins(model, processor)}
+    with (context or contextlib.nullcontext)():
+        final = {"scores": ev.score_twins(model, processor)}
     if args.proxyv_start is None:  # the blind check is about the base model reading the image at all
         final["blind"] = ev.score_twins(model, processor, blind=True)
     record = {"command": " ".join(sys.argv), "args": vars(args), "seed": args.seed, "wall_s": time.time() - started,
               "torch": torch.__version__, "python": platform.python_version(), **final}
     ship_checkpoint(model, processor, work, out, record)
     print(json.dumps(final, indent=2))
+
+
+def reduction_context(model, spec: str | None):
+    """``'pdrop:layers=8/16,keep=0.72'`` -> a zero-argument callable giving ``ablate(model, "pdrop", ...)``."""
+    if not spec:
+        return None
+    from analysis import ablate
+
+    op, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = [int(v) for v in value.split("/")] if key == "layers" else (
+            int(value) if key == "start_layer" else float(value) if key == "keep" else value)
+    return lambda: ablate(model, op, **kwargs)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,24 @@ def test_cache_built_outside_the_block_is_refused():
                 "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}
         with pytest.raises(RuntimeError, match="inside the same `with ablate"), reduced(model, "fastv"):
             model(**step, past_key_values=out.past_key_values)
+
+
+def test_output_labels_give_the_training_loss_of_the_kept_rows():
+    """Under a reduction the forward outputs fewer rows; output_labels() gathers each row's label, so that with
+    every vision token kept the loss equals the plain model's, and with fewer it is the loss of the kept rows."""
+    model = model_for("llava-llama")
+    batch = make_batch("llava", PAIR, padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(labels == model.config.image_token_id, -100)
+    with torch.no_grad():
+        plain = model(**batch, labels=labels).loss
+        with ablate(model, "pdrop", layers=[1, 2], keep=1.0) as state:
+            logits = model(**batch).logits
+            kept = state.output_labels(labels)
+        assert logits.shape[1] == kept.shape[1] < labels.shape[1] + 1
+        torch.testing.assert_close(model.loss_function(logits=logits, labels=kept, vocab_size=logits.shape[-1]), plain)
+        with ablate(model, "fastv", start_layer=2, keep=0.5) as state:
+            logits = model(**batch).logits
+            kept = state.output_labels(labels)
+        text = (labels != -100).sum()  # minus each sample's first token, which nothing predicts
+        assert (kept != -100).sum() == text - 2 and logits.shape[1] == kept.shape[1] < labels.shape[1]

@@ -157,6 +157,17 @@ class Reduction:
         book.index = torch.cat([book.index, index], dim=1)
         self.rows = Rows(index, new_valid, torch.zeros_like(new_valid), pos, cos, sin)
 
+    def output_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` (B, T) of the last prefill, gathered to the rows its forward output (B, N_S): each slot's
+        original token's label; -100 on filler slots and on a sample's first real slot (fillers come first: the
+        slot before it is a filler, which must predict nothing), for a causal-LM loss under the reduction."""
+        if not self.active or self.rows is None:
+            return labels
+        valid = self.rows.valid.to(labels.device)
+        predicted = torch.cat([valid.new_zeros(valid.shape[0], 1), valid[:, :-1]], dim=1)  # a real slot before it
+        out = torch.gather(labels, 1, self.rows.index.to(labels.device))
+        return out.masked_fill(~(valid & predicted), -100)
+
     # ------------------------------------------------------------------ a ProxyV model
 
     def proxyv_layer(self, layer, hidden, cache):

@@ -48,8 +48,11 @@ def train_tower(config, processor, out: Path, steps: int, batch: int, lr: float,
 
 
 def train_llava(model: LlavaForConditionalGeneration, processor, out: Path, steps: int, batch: int, lr: float,
-                seed: int, trainable=None, evaluate=None, eval_every: int = 0, desc: str = "stage B (LLaVA)"):
-    """Stage B: next-token loss on the answers; only ``trainable`` parameters (default: all but the tower)."""
+                seed: int, trainable=None, evaluate=None, eval_every: int = 0, desc: str = "stage B (LLaVA)",
+                context=None):
+    """Stage B: next-token loss on the answers; only ``trainable`` parameters (default: all but the tower).
+    ``context``: a zero-argument callable giving the context every training forward runs in (e.g. a token
+    reduction: ``lambda: ablate(model, "pdrop", layers=[8, 16], keep=0.72)``)."""
     if trainable is None:
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
@@ -71,8 +74,15 @@ def train_llava(model: LlavaForConditionalGeneration, processor, out: Path, step
 
     def loss_fn(step):
         samples = list(itertools.islice(stream, batch))
+        inputs = data.llava_batch(processor, samples)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(**data.llava_batch(processor, samples)).loss, {}
+            if context is None:
+                return model(**inputs).loss, {}
+            labels = inputs.pop("labels")
+            with context() as state:  # a pruned forward outputs fewer rows: the labels of those rows
+                logits = model(**inputs).logits
+                labels = state.output_labels(labels)
+            return model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1]), {}
 
     def evaluate_and_restore():
         model.eval()
