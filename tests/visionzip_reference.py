@@ -1,11 +1,16 @@
-"""An independent reference for VisionZip on LLaVA-1.5.
+"""An independent reference for VisionZip on LLaVA-1.5 and LLaVA-NeXT.
 
-Plain loops from the weights, one image and one sample at a time: the CLIP tower by hand up to the
+Plain loops from the weights, one image (crop) and one sample at a time: the CLIP tower by hand up to the
 feature layer (patch embedding as an explicit patch-by-patch dot product, LayerNorm, per-head attention),
 the CLS row's per-head softmax, the dominant choice by a Python sort, the contextual targets and the
 assignment by explicit cosine similarities, the merge as a running sum, the projector, the shortened
 sequence (text embeddings + D + C features per image, positions 0..m-1), and the decoder of
 tests/reference.py. Shares no code with ``analysis``.
+
+LLaVA-NeXT: image i's crops are ``pixel_values[i][:n_i]`` (n_i from HF's ``image_size_to_num_patches``, the
+count the model itself uses), each zipped alone as above; the image's features are its crops' D + C rows one
+crop after the other (base crop first); in the sequence, an image is a run of consecutive image tokens, of which
+the first n_i * (D + C) hold those features and the rest are dropped.
 """
 
 from __future__ import annotations
@@ -102,9 +107,61 @@ def zip_one(model, pixels, dominant, contextual):
     return features, kept, targets
 
 
+def next_images(model, batch, dominant, contextual):
+    """LLaVA-NeXT: per image (features (n_i * (D + C), d), [(kept, targets) per crop])."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    out = []
+    for pixels, size in zip(batch["pixel_values"], batch["image_sizes"], strict=True):
+        n = image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+        rows, info = [], []
+        for crop in range(n):
+            features, kept, targets = zip_one(model, pixels[crop], dominant, contextual)
+            rows.append(features)
+            info.append((kept, targets))
+        out.append((torch.cat(rows), info))
+    return out
+
+
+def next_shortened_samples(model, batch, dominant, contextual):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_id = model.config.image_token_id
+    table = model.model.language_model.embed_tokens.weight
+    images = next_images(model, batch, dominant, contextual) if "pixel_values" in batch else []
+    image = 0
+    out = []
+    for b in range(ids.shape[0]):
+        rows, where, info = [], [], []
+        features, slot, previous_image = None, 0, False
+        for i in range(ids.shape[1]):
+            if not mask[b, i]:
+                continue
+            is_image = bool(ids[b, i] == image_id)
+            if not is_image:
+                rows.append(table[ids[b, i]])
+                where.append(i)
+            else:
+                if not previous_image:  # a new run of image tokens: the next image
+                    features, crops = images[image]
+                    info.extend(crops)
+                    image += 1
+                    slot = 0
+                if slot < len(features):
+                    rows.append(features[slot])
+                    where.append(i)
+                slot += 1
+            previous_image = is_image
+        out.append((torch.stack(rows), where, info))
+    assert image == len(images)
+    return out
+
+
 def shortened_samples(model, batch, dominant, contextual):
     """Per sample (padding dropped): (embeddings (m, d) of the shortened sequence, the original indices of its
-    tokens, [(kept, targets) per image])."""
+    tokens, [(kept, targets) per image (LLaVA-NeXT: per crop)])."""
+    if model.config.model_type == "llava_next":
+        return next_shortened_samples(model, batch, dominant, contextual)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     image_id = model.config.image_token_id
     vc = model.config.vision_config

@@ -1,14 +1,17 @@
 """VisionZip (pre-LLM dominant + contextual token merging), executed as docs/reduction.md specifies.
 
     with ablate(model, "visionzip", dominant=54, contextual=10) as z:   # 64 tokens per LLaVA-1.5 image
-        model.generate(**batch)
+        model.generate(**batch)                                         # LLaVA-NeXT: 64 per crop
 
 Two per-instance attachments, removed in ``finally``:
 
 * ``core.get_image_features`` (the instance attribute) runs the CLIP tower, selects and merges on the
-  feature layer's hidden states (:func:`zip_image`), then the projector: every image gives D + C features.
-* a forward pre-hook on the core shortens the call: per sample, per image, the first D + C of the image's
-  placeholder positions stay and the rest are dropped from ``input_ids`` / ``attention_mask`` /
+  feature layer's hidden states (:func:`zip_image`), then the projector: every LLaVA-1.5 image gives D + C
+  features; every LLaVA-NeXT image gives ``crops * (D + C)``: its base crop's D + C, then each high-res
+  crop's, in the order the tower encodes them (no ``image_newline`` token, no unpadding).
+* a forward pre-hook on the core shortens the call: per sample, per image, the first D + C (LLaVA-NeXT:
+  ``crops * (D + C)``, the image's span and crops from :func:`analysis.layout.compute_layout`) of the
+  image's placeholder positions stay and the rest are dropped from ``input_ids`` / ``attention_mask`` /
   ``position_ids`` (kept positions renumbered: minus the dropped positions before them). Decode steps
   (``generate()`` extends the mask it was given) get the same shortening of their attention mask and
   position ids, so the LLM sees contiguous positions and its KV cache holds only the kept tokens.
@@ -22,6 +25,7 @@ import functools
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..layout import compute_layout
 from ..models import llava_core, patch_instance
 
 FILLER_ID = 0  # input id of the filler slots a shortened batch may need (attention mask 0)
@@ -32,9 +36,11 @@ class VisionZip:
 
     Attributes:
         dominant, contextual: D (CLS included) and C.
-        tokens_per_image: D + C, the image tokens the LLM sees per image.
-        selected: after an image encoding, per image the tower indices (0 = CLS) of the kept tokens, sorted.
-        targets: per image the tower indices of the C contextual targets, in order.
+        tokens_per_image: D + C, the image tokens the LLM sees per image (LLaVA-NeXT: per crop).
+        selected: after an image encoding, per encoded crop (LLaVA-1.5: per image; LLaVA-NeXT: every crop of
+            every image in the tower's order, base crop first) the tower indices (0 = CLS) of the kept tokens.
+        targets: per encoded crop the tower indices of the C contextual targets, in order.
+        crops: after an image encoding, per image the number of crops encoded (LLaVA-1.5: 1).
         kept_positions: after a prefill with images, (B, T') the original sequence index of every slot of the
             shortened call (-1: a filler slot, attention mask 0).
     """
@@ -46,13 +52,17 @@ class VisionZip:
         config = core.config
         vision = config.vision_config
         self.patches = (vision.image_size // vision.patch_size) ** 2
+        self.anyres = config.model_type == "llava_next"
         strategy = config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise NotImplementedError(f"visionzip: vision_feature_select_strategy {strategy!r} is not supported")
-        self.placeholders = self.patches + (strategy == "full")  # image tokens the processor writes per image
+        # image tokens the processor writes per LLaVA-1.5 image (LLaVA-NeXT: per image from the layout)
+        self.placeholders = self.patches + (strategy == "full")
         self.image_token_id = config.image_token_id
         self.selected: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
+        self.crops: list[int] = []
+        self._image_sizes = None  # LLaVA-NeXT: the image_sizes of the last encoding (generate() drops them)
         self.kept_positions: torch.Tensor | None = None
         self._orig_len = self._short_len = None
         self._dropped: torch.Tensor | None = None  # (B,) positions dropped per sample
@@ -69,30 +79,70 @@ class VisionZip:
             raise ValueError("visionzip: the feature layer is the embedding output; it needs a tower layer's attention")
         return index
 
+    def get_image_features(self, *args, **kwargs):
+        """The core's ``get_image_features`` under the block (LLaVA-NeXT passes ``image_sizes`` second)."""
+        if self.anyres:
+            return self.encode_anyres(*args, **kwargs)
+        return self.encode(*args, **kwargs)
+
     def encode(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
                **kwargs):
         """``get_image_features`` of the block: tower, selection and merge, projector; one (D + C, d) per image."""
         if image_sizes is not None:
             raise ValueError("visionzip: image_sizes is not supported (fixed-size CLIP tower of LLaVA-1.5)")
+        out, features = self._zip_crops(pixel_values, vision_feature_layer)
+        self.crops = [1] * len(features)
+        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                                          pooler_output=list(features))
+
+    def encode_anyres(self, pixel_values, image_sizes=None, vision_feature_layer=None,
+                      vision_feature_select_strategy=None, **kwargs):
+        """LLaVA-NeXT's ``get_image_features`` under the block: each image's crops sliced from ``pixel_values``
+        as HF does (``image_size_to_num_patches``), every crop zipped to D + C tokens, the projector; per image
+        (crops * (D + C), d): [base crop, high-res crop 1, 2, ...], no newline token, no unpadding."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if image_sizes is None:
+            raise ValueError("visionzip on LLaVA-NeXT needs image_sizes (the processor returns them with the batch)")
+        config = self.core.config
+        crops = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                           patch_size=config.vision_config.image_size) for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops, strict=True)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}, expected 4 or 5 dimensions")
+        if pixel_values.shape[0] != sum(crops):
+            raise ValueError(f"visionzip: pixel_values hold {pixel_values.shape[0]} crops, image_sizes imply "
+                             f"{sum(crops)} ({crops})")
+        out, features = self._zip_crops(pixel_values, vision_feature_layer)
+        self.crops = crops
+        self._image_sizes = torch.as_tensor(image_sizes).tolist()
+        per_image = [f.reshape(-1, f.shape[-1]) for f in torch.split(features, crops, dim=0)]
+        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                                          pooler_output=per_image)
+
+    def _zip_crops(self, pixel_values, vision_feature_layer):
+        """The tower on (n, 3, S, S) crops, :func:`zip_image` on each, the projector: (n, D + C, d_text)."""
         tower = self.core.vision_tower
         index = self.feature_layer(vision_feature_layer)
         out = tower(pixel_values, output_hidden_states=True, return_dict=True)
         merged, selected, targets = zip_image(tower.encoder.layers[index - 1], out.hidden_states[index - 1],
                                               out.hidden_states[index], self.dominant, self.contextual)
         self.selected, self.targets = list(selected), list(targets)
-        features = self.core.multi_modal_projector(merged)
-        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
-                                          pooler_output=list(features))
+        return out, self.core.multi_modal_projector(merged)
 
     # ------------------------------------------------------------------ the shortened call
 
     def pre_hook(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if len(args) > 1 or (args and "input_ids" in kwargs):
+            raise ValueError("visionzip: pass the core's arguments other than input_ids by keyword")
+        if args:  # LLaVA-NeXT's generation class passes input_ids positionally
+            kwargs = {**kwargs, "input_ids": args[0]}
+            args = ()
+        input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("visionzip locates image tokens from input_ids; call the model with input_ids "
                              "(as the processor returns them), not inputs_embeds")
-        if args:
-            raise ValueError("visionzip: pass input_ids as a keyword argument")
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
@@ -123,16 +173,50 @@ class VisionZip:
             kwargs["position_ids"] = kwargs["position_ids"] - self._dropped[:, None].to(kwargs["position_ids"].dtype)
         return args, kwargs
 
-    def _shorten_prefill(self, kwargs, input_ids, mask):
-        B, T = input_ids.shape
+    def _kept_tokens(self, kwargs, input_ids, mask):
+        """(B, T) bool: the positions the shortened call keeps (text, and per image its first K placeholders)."""
         K, P = self.tokens_per_image, self.placeholders
         image = input_ids == self.image_token_id
-        occurrence = image.long().cumsum(dim=1) - 1  # index of each image token among the sample's image tokens
-        counts = image.sum(dim=1)
-        if bool((counts % P != 0).any()):
-            raise ValueError(f"visionzip: a sample has {counts.tolist()} image tokens, not a multiple of the "
-                             f"{P} placeholders of one image")
-        keep = ~image | (occurrence % P < K)
+        if not self.anyres:
+            occurrence = image.long().cumsum(dim=1) - 1  # index of each image token among the sample's image tokens
+            counts = image.sum(dim=1)
+            if bool((counts % P != 0).any()):
+                raise ValueError(f"visionzip: a sample has {counts.tolist()} image tokens, not a multiple of the "
+                                 f"{P} placeholders of one image")
+            return ~image | (occurrence % P < K)
+        image_sizes = kwargs.get("image_sizes")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is None:  # generate() encoded the images and dropped image_sizes
+            if encoded is None or self._image_sizes is None:
+                raise ValueError("visionzip on LLaVA-NeXT: image features without image_sizes; encode them inside "
+                                 "the block (generate() does) or pass image_sizes")
+            image_sizes = self._image_sizes if image_sizes is None else image_sizes
+        layout = compute_layout(input_ids, self.core.config, mask, image_sizes)
+        sizes = torch.as_tensor(image_sizes).tolist()
+        keep = ~image
+        index = 0
+        for b, sample in enumerate(layout.samples):
+            for i, img in enumerate(sample.images):
+                crops, placeholders = len(img.crops), img.end - img.start
+                if crops * K > placeholders:
+                    raise ValueError(
+                        f"visionzip: image {i} of sample {b} (size {sizes[index]}) has {crops} crops x (dominant + "
+                        f"contextual = {K}) = {crops * K} tokens, more than its {placeholders} placeholder positions; "
+                        f"the sequence can only be shortened (lower dominant + contextual to at most "
+                        f"{placeholders // crops})")
+                keep[b, img.start:img.start + crops * K] = True
+                index += 1
+        if encoded is not None:  # features encoded before this call: they must be the ones of this layout
+            expected = [len(img.crops) * K for sample in layout.samples for img in sample.images]
+            got = [len(f) for f in encoded.pooler_output]
+            if got != expected:
+                raise RuntimeError(f"visionzip: the image features hold {got} tokens per image, the layout needs "
+                                   f"{expected}; encode the images inside the same `with ablate(...)` block")
+        return keep
+
+    def _shorten_prefill(self, kwargs, input_ids, mask):
+        B, T = input_ids.shape
+        keep = self._kept_tokens(kwargs, input_ids, mask)
         dropped = (~keep).sum(dim=1)
         length = T - dropped
         width = int(length.max())
@@ -206,10 +290,11 @@ def zip_image(layer, layer_input, hidden, dominant: int, contextual: int):
 
 def _check(core, dominant: int, contextual: int) -> None:
     config = core.config
-    if config.model_type != "llava":
-        raise NotImplementedError(
-            f"visionzip runs LLaVA-1.5 (model_type 'llava'), got {config.model_type!r}: LLaVA-NeXT's AnyRes "
-            "(per-crop budgets, newline tokens, unpadding) is not implemented (docs/reduction.md, VisionZip)")
+    if config.model_type not in ("llava", "llava_next"):
+        raise NotImplementedError(f"visionzip runs LLaVA-1.5 and LLaVA-NeXT, got model_type {config.model_type!r}")
+    if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
+        raise NotImplementedError("visionzip on LLaVA-NeXT supports vision_feature_select_strategy 'default' only "
+                                  f"(got {config.vision_feature_select_strategy!r})")
     if getattr(core, "proxyv", None) is not None:
         raise TypeError("visionzip on a ProxyV model is not supported (ProxyV + token reduction is later work); "
                         "run the reduction on the base model")
@@ -218,13 +303,18 @@ def _check(core, dominant: int, contextual: int) -> None:
     if getattr(embeddings, "class_embedding", None) is None or not hasattr(tower, "encoder"):
         raise NotImplementedError(
             f"visionzip needs a vision tower with a CLS token (CLIP): its CLS attention row picks the dominant "
-            f"tokens; {type(tower).__name__} ({config.vision_config.model_type}) has none")
+            f"tokens; {type(tower).__name__} ({config.vision_config.model_type}) has none. VisionZip's fallback for "
+            f"such towers (dominance = the mean attention a token receives) is not implemented; fastv or pdrop "
+            f"rank with the LLM's attention and run on any tower (docs/reduction.md, VisionZip)")
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     placeholders = patches + (config.vision_feature_select_strategy == "full")
     if dominant + contextual > patches + 1:
+        unit = "a crop" if config.model_type == "llava_next" else "an image"
         raise ValueError(f"visionzip: dominant + contextual = {dominant + contextual} exceeds the {patches} patches "
-                         f"+ CLS of an image")
+                         f"+ CLS of {unit}")
+    if config.model_type == "llava_next":
+        return  # the placeholders per image depend on its size: checked per image at the prefill
     if dominant + contextual > placeholders:
         raise ValueError(f"visionzip: dominant + contextual = {dominant + contextual} exceeds the {placeholders} "
                          f"image tokens per image (vision_feature_select_strategy "
@@ -234,7 +324,8 @@ def _check(core, dominant: int, contextual: int) -> None:
 @contextlib.contextmanager
 def visionzip_context(model, variant, newline_tokens: str = "vision"):
     """The execution of the ``visionzip`` variant of the reduction family; yields the block's :class:`VisionZip`.
-    ``newline_tokens`` is accepted for the family's common signature (LLaVA-1.5 has none)."""
+    ``newline_tokens`` is accepted for the family's common signature (no image_newline token reaches the LLM:
+    LLaVA-1.5 has none and VisionZip's LLaVA-NeXT features drop them)."""
     if getattr(variant, "family", None) != "reduction" or variant.method != "visionzip":
         raise ValueError(f"visionzip_context runs the reduction family's visionzip, got {variant!r}")
     core = llava_core(model)
@@ -245,9 +336,9 @@ def visionzip_context(model, variant, newline_tokens: str = "vision"):
     try:
         original = core.get_image_features
 
-        @functools.wraps(original)
+        @functools.wraps(original)  # generate() picks the encoder's arguments by the original's signature
         def get_image_features(*args, **kwargs):
-            return state.encode(*args, **kwargs)
+            return state.get_image_features(*args, **kwargs)
 
         undo.append(patch_instance(core, "get_image_features", get_image_features))
         undo.append(core.register_forward_pre_hook(state.pre_hook, with_kwargs=True).remove)
