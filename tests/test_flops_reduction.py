@@ -219,8 +219,8 @@ def test_cli_table(capsys):
     (["--op", "fastv", "--start-layer", "3", "--keep", "0"], "keep must be in (0, 1]"),
     (["--op", "fastv", "--start-layer", "32"], "start_layer=32 is out of range"),
     (["--op", "fastv", "--start-layer", "0"], "fastv: start_layer must be in 1..31"),
-    (["--dominant", "54", "--contextual", "10"], "visionzip is not implemented yet"),
-    (["--op", "visionzip"], "visionzip is not implemented yet"),
+    (["--dominant", "54", "--contextual", "10"], "--dominant and --contextual apply to --op visionzip only, not --op none"),
+    (["--op", "visionzip", "--start-layer", "3"], "--op visionzip merges vision tokens before the LLM"),
 ])
 def test_cli_bad_input_is_one_line(capsys, args, message):
     assert main(["--config", "llava-1.5-7b", "--text-tokens", "64", *args]) == 2

@@ -4,6 +4,7 @@
         --op skip_ffn --start-layer 12 --json
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op fastv --start-layer 3 --keep 0.5
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op pdrop --layers 8,16,24 --keep 0.5
+    python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op visionzip --dominant 54 --contextual 10
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sys
 
 from .configs import load_config, shipped_configs
-from .dims import tokens_per_crop
+from .dims import tokens_per_crop, vision_flops
 from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR
 from .reduction import METHODS as REDUCTION_METHODS
 from .report import FlopsReport, count_flops
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "PyramidDrop: floor(n·R^s) after boundary s; default 0.5)")
     parser.add_argument("--layers", default=None, metavar="K1,K2,...",
                         help="--op pdrop: its stage boundaries (default: four equal stages, 8,16,24 of 32 layers)")
-    parser.add_argument("--dominant", type=int, default=None, help=argparse.SUPPRESS)  # reserved: VisionZip
-    parser.add_argument("--contextual", type=int, default=None, help=argparse.SUPPRESS)  # reserved: VisionZip
+    parser.add_argument("--dominant", type=int, default=None, metavar="D",
+                        help="--op visionzip: dominant tokens per image / crop, the CLS token included (default 54)")
+    parser.add_argument("--contextual", type=int, default=None, metavar="C",
+                        help="--op visionzip: contextual (merged) tokens per image / crop (default 10)")
     parser.add_argument("--proxy-reduce", type=int, default=None, metavar="F",
                         help=f"--op proxyv: reduce factor, (side/F)^2 proxies per crop (spatial; default "
                              f"{DEFAULT_REDUCE_FACTOR})")
@@ -80,7 +83,7 @@ def _format_table(report: FlopsReport, title: str) -> str:
                  f"{report.theoretical_baseline / 1e12:.4f}, reduction {report.theoretical_reduction:.2%})")
     lines.append(f"LM head              {report.lm_head / 1e12:.4f} TFLOPs")
     if report.vision is not None:
-        lines.append(f"vision tower + proj. {report.vision / 1e12:.4f} TFLOPs")
+        lines.append(f"vision tower + proj. {report.vision / 1e12:.4f} TFLOPs" + _vision_detail(report))
     components = report.components()
     lines.append("executed by component: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in components.items()))
     lines.append("executed by group:     " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in report.groups().items()))
@@ -98,26 +101,33 @@ def main(argv: list[str] | None = None) -> int:
         tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
                                            args.text_before_image, args.newline_as)
         layers = options.pop("layers", None)
-        start = args.start_layer if args.start_layer is not None or args.op == "pdrop" else 0
+        start = args.start_layer if args.start_layer is not None or args.op in ("pdrop", "visionzip") else 0
         report = count_flops(config, tokens, args.op, layers, start_layer=start, end_layer=args.end_layer,
                              lm_head=args.lm_head, **options)
         stages = _stages(config, tokens, args.op, layers, start, args.end_layer, options)
-    except (ValueError, TypeError, OSError) as error:
+        shortened = _shortened(config, tokens, args.op, options)
+    except (ValueError, TypeError, OSError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
         out = {"config": str(args.config), "vision_tokens": vision_tokens, "tokens_per_crop": per_crop,
                "newline_tokens": args.newline_tokens, "text_tokens": args.text_tokens,
                "text_before_image": args.text_before_image,
-               **_proxy_flags(options), **_reduction_flags(options, stages), **report.to_dict()}
+               **_proxy_flags(options), **_reduction_flags(options, stages), **shortened, **report.to_dict()}
         print(json.dumps(out))
     else:
-        flags = {**_proxy_flags(options), **({"keep": options["keep"]} if "keep" in options else {})}
+        flags = {**_proxy_flags(options), **({"keep": options["keep"]} if "keep" in options else {}),
+                 **{k: options[k] for k in ("dominant", "contextual") if k in options}}
         detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in flags.items())
         where = "boundaries" if args.op == "pdrop" else "layers"
-        print(_format_table(report, f"{args.config}: op {report.variant}{detail} at {where} {_span(report.layers)}, "
+        span = "before the LLM" if args.op == "visionzip" else f"at {where} {_span(report.layers)}"
+        print(_format_table(report, f"{args.config}: op {report.variant}{detail} {span}, "
                                     f"{tokens.seq_len} tokens ({vision_tokens} vision, {args.newline_tokens} newline, "
                                     f"{args.text_tokens} text)"))
+        if shortened:
+            short = shortened["shortened"]
+            print(f"decoder sequence:     {short['seq_len']} tokens ({short['vision']} vision, {short['text']} text) "
+                  f"instead of {tokens.seq_len}; vision baseline {shortened['baseline_vision_flops'] / 1e12:.4f} TFLOPs")
         if stages:
             print("rows per stage:       " + ", ".join(
                 f"layers {s['first_layer']}..{s['last_layer']}: {s['rows']} ({s['vision']} vision)" for s in stages))
@@ -129,8 +139,9 @@ def _variant_options(args) -> dict:
     ``args.newline_as``."""
     visionzip = [flag for flag, value in (("--dominant", args.dominant), ("--contextual", args.contextual))
                  if value is not None]
-    if visionzip or args.op == "visionzip":  # it executes (ablate(model, "visionzip", ...)); not counted yet
-        raise ValueError("the FLOPs model of visionzip is not implemented yet")
+    if visionzip and args.op != "visionzip":
+        raise ValueError(f"{' and '.join(visionzip)} {'apply' if len(visionzip) > 1 else 'applies'} to --op visionzip "
+                         f"only, not --op {args.op}")
     if args.op not in REDUCTION_METHODS:
         given = [flag for flag, value in (("--keep", args.keep), ("--layers", args.layers)) if value is not None]
         if given:
@@ -144,6 +155,8 @@ def _variant_options(args) -> dict:
         if given:
             raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op proxyv "
                              f"only, not --op {args.op}")
+        if args.op == "visionzip":
+            return _visionzip_options(args)
         args.newline_as = args.newline_as or "vision"
         return {}
     if args.newline_as == "vision":
@@ -169,6 +182,43 @@ def _reduction_options(args) -> dict:
     if args.op == "fastv" and args.start_layer is None:
         raise ValueError("--op fastv needs --start-layer K (it ranks with layer K-1 and prunes from layer K)")
     return options
+
+
+def _visionzip_options(args) -> dict:
+    """VisionZip's ``dominant`` / ``contextual`` (the family's defaults where not given); no layers."""
+    if args.start_layer is not None or args.end_layer is not None:
+        raise ValueError("--op visionzip merges vision tokens before the LLM; it takes no --start-layer / --end-layer")
+    if args.newline_as == "text":
+        raise ValueError("--op visionzip keeps or drops LLaVA-NeXT newline tokens as image tokens; drop --newline-as text")
+    args.newline_as = "vision"
+    from ..variant import family_of
+
+    defaults = family_of("visionzip").methods()["visionzip"]
+    return {"dominant": defaults["dominant"] if args.dominant is None else args.dominant,
+            "contextual": defaults["contextual"] if args.contextual is None else args.contextual}
+
+
+def _shortened(config, tokens: PrefillTokens, op: str, options: dict) -> dict:
+    """VisionZip's shortened decoder sequence (one sample) and the baseline's vision figure, else {}."""
+    if op != "visionzip":
+        return {}
+    from .dims import TextDims
+
+    counted = make_variant(op, TextDims.from_config(config).layers, **options).with_config(config)
+    short = counted.shortened(tokens)
+    vision = int((short.vision & short.valid).sum())
+    return {"dominant": options["dominant"], "contextual": options["contextual"],
+            "shortened": {"seq_len": short.seq_len, "vision": vision, "text": int(short.valid.sum()) - vision},
+            "baseline_vision_flops": vision_flops(config, tokens.crops)}
+
+
+def _vision_detail(report: FlopsReport) -> str:
+    """VisionZip's split of the vision figure (tower, its selection / merge, projector), else ""."""
+    parts = report.vision_parts
+    if not parts:
+        return ""
+    return (f"  (tower {parts['tower'] / 1e12:.4f}, visionzip selection + merge {parts['visionzip'] / 1e12:.4f}, "
+            f"projector {parts['projector'] / 1e12:.4f})")
 
 
 def _stages(config, tokens: PrefillTokens, op: str, layers, start, end, options) -> list[dict]:

@@ -66,24 +66,42 @@ def vision_flops(config, crops: int) -> int | None:
         projector        2·R·(Dv·n_feature_layers)·D + 2·R·D·D,  R = S - 1 ("default" drops CLS) or S
 
     LLaVA-NeXT runs the tower and projector on every crop (base + high-res) before unpadding.
+    (:func:`tower_flops` and :func:`projector_flops` are the two parts; VisionZip runs the projector on
+    fewer rows, :mod:`analysis.flops.visionzip`.)
     """
-    vision = getattr(config, "vision_config", None)
-    if vision is None:
+    if getattr(config, "vision_config", None) is None:
         return None
+    seq = tower_tokens(config)
+    rows = seq - 1 if config.vision_feature_select_strategy == "default" else seq
+    return tower_flops(config, crops) + crops * projector_flops(config, rows)
+
+
+def tower_tokens(config) -> int:
+    """Tokens of one crop in the tower: its patches, + 1 CLS token for CLIP (SigLIP has none)."""
+    vision = config.vision_config
     kind = getattr(vision, "model_type", None)
     if kind not in ("clip_vision_model", "siglip_vision_model"):
         raise ValueError(f"vision FLOPs support CLIP and SigLIP towers, got {kind!r}")
+    return (vision.image_size // vision.patch_size) ** 2 + (1 if kind == "clip_vision_model" else 0)
+
+
+def tower_flops(config, crops: int) -> int:
+    """The vision tower alone (patch embedding and every layer) on ``crops`` crops (see :func:`vision_flops`)."""
+    vision = config.vision_config
+    seq = tower_tokens(config)
     patches = (vision.image_size // vision.patch_size) ** 2
-    seq = patches + (1 if kind == "clip_vision_model" else 0)
     dv, fv = vision.hidden_size, vision.intermediate_size
     embed = 2 * patches * vision.num_channels * vision.patch_size ** 2 * dv
     layer = 4 * 2 * seq * dv * dv + 2 * 2 * seq * seq * dv + 2 * 2 * seq * dv * fv
+    return crops * (embed + vision.num_hidden_layers * layer)
+
+
+def projector_flops(config, rows: int) -> int:
+    """LLaVA's two-layer projector on ``rows`` feature rows: 2·rows·(Dv·n_feature_layers)·D + 2·rows·D·D."""
     feature_layers = config.vision_feature_layer
     n_features = 1 if isinstance(feature_layers, int) else len(feature_layers)
-    rows = seq - 1 if config.vision_feature_select_strategy == "default" else seq
     d = config.text_config.hidden_size
-    projector = 2 * rows * dv * n_features * d + 2 * rows * d * d
-    return crops * (embed + vision.num_hidden_layers * layer + projector)
+    return 2 * rows * config.vision_config.hidden_size * n_features * d + 2 * rows * d * d
 
 
 def tokens_per_crop(config) -> int | None:

@@ -25,6 +25,7 @@ class FlopsReport:
     vision: int | None
     batch: int
     seq_len: int
+    vision_parts: dict[str, int] | None = None  # where a variant changes the vision side (VisionZip): its parts
 
     @property
     def total(self) -> int:
@@ -90,6 +91,7 @@ class FlopsReport:
             "total_multiply_adds": self.total // 2,  # fvcore's unit
             "lm_head_flops": self.lm_head,
             "vision_flops": self.vision,
+            **({} if self.vision_parts is None else {"vision_parts": dict(self.vision_parts)}),
             "components": self.components(),
             "groups": self.groups(),
             "theoretical_components": self.components(theoretical=True),
@@ -129,21 +131,28 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         raise ValueError(f"lm_head must be 'all' or 'last', got {lm_head!r}")
     options = {**_model_extras(config, variant), **options}
     counted = make_variant(variant, dims.layers, layers, start_layer=start_layer, end_layer=end_layer, **options)
+    if hasattr(counted, "with_config"):  # a variant that reads the model config itself (VisionZip: its tower)
+        counted = counted.with_config(config)
     baseline = baseline_flops()
     if lm_head == "last":
         head_rows = tokens.batch
     else:  # every row the decoder outputs: (B, T), or fewer where the variant drops rows (token reduction)
         output_rows = getattr(counted, "output_rows", None)
         head_rows = tokens.batch * tokens.seq_len if output_rows is None else output_rows(tokens)
+    parts_of = getattr(counted, "vision_parts", None)  # a variant that changes the vision side (VisionZip)
+    parts = None if parts_of is None or getattr(config, "vision_config", None) is None else parts_of(config, tokens)
+    vision = vision_flops(config, tokens.crops) if parts is None else parts["tower"] + parts["visionzip"] + parts[
+        "projector"]
     return FlopsReport(
         variant=counted.name,
         layers=tuple(counted.layers),
         per_layer=tuple(counted.layer_flops(i, dims, tokens) for i in range(dims.layers)),
         baseline_per_layer=tuple(baseline.layer_flops(i, dims, tokens) for i in range(dims.layers)),
         lm_head=2 * head_rows * dims.hidden * dims.vocab,
-        vision=vision_flops(config, tokens.crops),
+        vision=vision,
         batch=tokens.batch,
         seq_len=tokens.seq_len,
+        vision_parts=parts,
     )
 
 
