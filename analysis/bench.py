@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 
@@ -180,3 +181,53 @@ def paired_rounds(measure_a: Callable[[], float], measures_b: list[Callable[[], 
     rounds = [(measure_a(), [m() for m in measures_b]) for _ in range(repeats)]
     return [Paired(statistics.median(a for a, _ in rounds), statistics.median(bs[i] for _, bs in rounds),
                    statistics.median(bs[i] / a for a, bs in rounds)) for i in range(len(measures_b))]
+
+
+# ----------------------------------------------------------------------------- benchmarked variants
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmarked variant: ProxyV from layer ``proxyv`` (learned proxies, fresh random parameters) or
+    none, with ``ablate(model, method, **where, **params)`` or nothing; ``newline_tokens`` as ablate() takes it."""
+
+    proxyv: int | None = None
+    method: str | None = None
+    where: Mapping = dataclass_field(default_factory=dict)
+    params: Mapping = dataclass_field(default_factory=dict)
+    newline_tokens: str = "vision"
+
+    def build(self, base, copy: bool = True):
+        """The model it runs on: ``base`` (a deep copy if ``copy``), with ProxyV applied if it has one."""
+        import copy as copying
+
+        from .proxyv import apply_proxyv
+
+        model = copying.deepcopy(base) if copy or self.proxyv is not None else base
+        return model if self.proxyv is None else apply_proxyv(model, start_layer=self.proxyv, init="learned", seed=0)
+
+    def block(self, model):
+        """The context in which ``model`` computes it."""
+        import contextlib
+
+        from .ablation import ablate
+
+        if self.method is None:
+            return contextlib.nullcontext()
+        return ablate(model, self.method, newline_tokens=self.newline_tokens, **self.where, **self.params)
+
+    def flops(self, model, batch) -> tuple[float, float]:
+        """Executed and theoretical decoder FLOPs of the prefill of ``batch`` relative to the baseline (a ProxyV
+        model's config counts its ProxyV layers under a reduction)."""
+        from .flops import PrefillTokens, count_flops
+        from .variant import resolve_variant
+
+        layers = model.config.text_config.num_hidden_layers
+        tokens = PrefillTokens.from_batch(batch, model.config, newline_tokens=self.newline_tokens)
+        if self.method is None:
+            settings = model.config.proxyv if self.proxyv is not None else {}
+            variant = resolve_variant("proxyv" if settings else "none", layers, start_layer=self.proxyv,
+                                      params={k: settings[k] for k in ("reduce_factor", "init") if k in settings})
+        else:
+            variant = resolve_variant(self.method, layers, **self.where, params=dict(self.params))
+        report = count_flops(model.config, tokens, variant)
+        return report.total / report.baseline, report.theoretical / report.theoretical_baseline

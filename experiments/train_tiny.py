@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.proxyv import apply_proxyv  # noqa: E402
 from analysis.training import evaluate as ev  # noqa: E402
-from analysis.training.model import default_config, default_processor  # noqa: E402
-from analysis.training.stages import ship_checkpoint, train_llava, train_tower  # noqa: E402
+from analysis.training.stages import initial_model, reduction_context, ship_checkpoint, train_llava  # noqa: E402
 
 
 def main() -> None:
@@ -45,26 +44,16 @@ def main() -> None:
     p.add_argument("--proxyv-start", type=int, help="train a ProxyV model from this decoder layer on")
     p.add_argument("--proxyv-init", default="spatial", choices=["spatial", "learned"])
     p.add_argument("--proxyv-reduce", type=int, default=4)
-    p.add_argument("--with-reduction", metavar="OP:K=V,...",
-                   help="fine-tune with a token reduction applied to every forward (and evaluate with it), e.g. "
-                        "'pdrop:layers=8/16,keep=0.7211' or 'fastv:start_layer=2,keep=0.6251'")
+    p.add_argument("--with-reduction", metavar="OP:K=V,...", help="train and evaluate under a token reduction, "
+                   "e.g. 'pdrop:layers=8/16,keep=0.7211' or 'fastv:start_layer=2,keep=0.6251'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     started = time.time()
 
-    if args.init_from:
-        model, processor = ev.load_checkpoint(args.init_from)
-    else:
-        config, processor = default_config(), default_processor()
-        tower = train_tower(config, processor, work / "tower", args.tower_steps, args.tower_batch, args.tower_lr,
-                            args.seed)
-        torch.manual_seed(args.seed)
-        model = LlavaForConditionalGeneration(config)
-        model.model.vision_tower.load_state_dict(tower.state_dict())
+    model, processor = initial_model(args.init_from, work / "tower", args.tower_steps, args.tower_batch,
+                                     args.tower_lr, args.seed)
     if args.proxyv_start is not None:
-        from analysis.proxyv import apply_proxyv
-
         apply_proxyv(model, start_layer=args.proxyv_start, reduce_factor=args.proxyv_reduce, init=args.proxyv_init,
                      seed=args.seed)
     context = reduction_context(model, args.with_reduction)
@@ -80,21 +69,6 @@ def main() -> None:
               "torch": torch.__version__, "python": platform.python_version(), **final}
     ship_checkpoint(model, processor, work, out, record)
     print(json.dumps(final, indent=2))
-
-
-def reduction_context(model, spec: str | None):
-    """``'pdrop:layers=8/16,keep=0.72'`` -> a zero-argument callable giving ``ablate(model, "pdrop", ...)``."""
-    if not spec:
-        return None
-    from analysis import ablate
-
-    op, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        kwargs[key] = [int(v) for v in value.split("/")] if key == "layers" else (
-            int(value) if key == "start_layer" else float(value) if key == "keep" else value)
-    return lambda: ablate(model, op, **kwargs)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,37 @@ def ship_checkpoint(model, processor, work: Path, out: Path, record: dict) -> No
         shutil.copy(work / "tower" / "log.jsonl", out / "training_log_tower.jsonl")
     shutil.copy(work / "llava" / "log.jsonl", out / "training_log.jsonl")
     (out / "training.json").write_text(json.dumps(record, indent=2))
+
+
+def reduction_context(model, spec: str | None):
+    """``'pdrop:layers=8/16,keep=0.72'`` (``experiments/train_tiny.py --with-reduction``) -> a zero-argument
+    callable giving ``ablate(model, "pdrop", layers=[8, 16], keep=0.72)``, for :func:`train_llava`'s ``context``."""
+    if not spec:
+        return None
+    from analysis import ablate
+
+    op, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = [int(v) for v in value.split("/")] if key == "layers" else (
+            int(value) if key == "start_layer" else float(value) if key == "keep" else value)
+    return lambda: ablate(model, op, **kwargs)
+
+
+def initial_model(init_from: str | None, tower_work: Path, tower_steps: int, tower_batch: int, tower_lr: float,
+                  seed: int):
+    """(model, processor) stage B starts from: the checkpoint ``init_from``, or a fresh tiny LLaVA whose tower
+    stage A trains first."""
+    if init_from:
+        from analysis.training.evaluate import load_checkpoint
+
+        return load_checkpoint(init_from)
+    from analysis.training.model import default_config, default_processor
+
+    config, processor = default_config(), default_processor()
+    tower = train_tower(config, processor, tower_work, tower_steps, tower_batch, tower_lr, seed)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    return model, processor
