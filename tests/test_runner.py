@@ -137,11 +137,18 @@ def test_token_reduction_variants_from_the_config(tmp_path, config_only):
     for overrides, message in ((("op=fastv", "op.keep=1.5"), r"fastv: keep must be in \(0, 1\]"),
                                (("op=fastv", "start_layer=0"), "fastv: start_layer must be in 1..31"),
                                (("op=pdrop", "op.layers=[16,8]"), "boundaries must be strictly increasing"),
-                               (("op=visionzip",), "op=visionzip: the FLOPs model of visionzip is not implemented "
-                                                   "yet; the runner records FLOPs")):
+                               (("op=visionzip", "op.dominant=0"), "visionzip: dominant must be an integer >= 1, got 0"),
+                               (("op=visionzip", "op.dominant=61", "op.contextual=4"),
+                                "visionzip: dominant \\+ contextual = 65 exceeds the 64 image tokens per image")):
         with pytest.raises(ConfigError, match=message) as info:
             runner.prepare(_cfg(tmp_path, config_only, *overrides))
         assert "\n" not in str(info.value)
+    # VisionZip is counted (FLOPs of the tower's extras and the shortened prefill): prepare() accepts it
+    zipped = runner.prepare(_cfg(tmp_path, config_only, "op=visionzip", "op.dominant=6", "op.contextual=2")).variant
+    assert (zipped.family, zipped.method, zipped.layers) == ("reduction", "visionzip", ())
+    assert zipped.options == {"dominant": 6, "contextual": 2}
+    assert runner.prepare(_cfg(tmp_path, config_only, "op=visionzip")).variant.options == {"dominant": 54,
+                                                                                        "contextual": 10}
 
 
 # ----------------------------------------------------------------------------- bookkeeping

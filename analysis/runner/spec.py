@@ -269,9 +269,12 @@ def _check_countable(variant: Variant, model: ModelRef) -> None:
     """A run records its FLOPs: a variant whose family cannot count it fails here, before any evaluation."""
     from ..flops.variants import flops_of
 
-    settings = getattr(_hf_config(model), "proxyv", None) if variant.options.get("proxyv") is not None else None
+    hf_config = _hf_config(model)
+    settings = getattr(hf_config, "proxyv", None) if variant.options.get("proxyv") is not None else None
     try:
-        flops_of(variant, **({"proxyv": dict(settings)} if settings else {}))
+        counted = flops_of(variant, **({"proxyv": dict(settings)} if settings else {}))
+        if hasattr(counted, "with_config"):  # a count that reads the model's config (VisionZip: its tower's size)
+            counted.with_config(hf_config)
     except NotImplementedError as error:
         raise ConfigError(f"op={variant.method}: {error}; the runner records FLOPs with every result, so run it "
                           "with analysis.ablate() directly until then") from None
