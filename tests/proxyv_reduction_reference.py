@@ -89,3 +89,39 @@ def reference_greedy(model, batch, method, layers, keep, position_mode, steps, s
                 generated[b].append(int(choice[b]))
             ids = torch.cat([ids, choice[:, None]], dim=1)
     return ids, per_step
+
+
+def visionzip_reference_batch(model, batch, dominant, contextual):
+    """VisionZip on a ProxyV model (learned proxies), per sample: (logits (m, V) of the shortened sequence, the
+    original indices of its tokens). The shortened embeddings come from the VisionZip reference; each crop's
+    D + C tokens are the first D + C cells (row-major) of its grid, the rest removed; then the ProxyV reference."""
+    from proxyv_reference import reference_sample as proxyv_sample
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from visionzip_reference import shortened_samples
+
+    config = model.config
+    K = dominant + contextual
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if config.model_type == "llava_next":
+        crops = [image_size_to_num_patches(s.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+                 for s in batch["image_sizes"]]
+    else:
+        crops = [1] * len(batch.get("pixel_values", []))
+    crops = iter(crops)
+    ids = batch["input_ids"]
+    out = []
+    with torch.no_grad():
+        for b, (embeds, where, _) in enumerate(shortened_samples(model, batch, dominant, contextual)):
+            rows = [i for i, w in enumerate(where) if ids[b, w] == config.image_token_id]  # image rows, in order
+            images, cursor = [], 0
+            while cursor < len(rows):
+                n = next(crops)
+                grids = []
+                for c in range(n):
+                    grid = torch.full((side * side,), -1, dtype=torch.long)
+                    grid[:K] = torch.tensor(rows[cursor + c * K:cursor + (c + 1) * K])
+                    grids.append(grid.view(side, side))
+                images.append((rows[cursor], grids))
+                cursor += n * K
+            out.append((proxyv_sample(model, embeds, torch.arange(len(where)), images), where))
+    return out

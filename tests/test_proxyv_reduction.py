@@ -143,3 +143,47 @@ def test_a_variant_naming_a_proxyv_checkpoint_checks_the_model():
     with pytest.raises(TypeError, match="this model has no ProxyV"), \
             ablate(model_for("llava-llama"), "fastv", start_layer=2, keep=0.5, proxyv=L):
         pass
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind_spec", ["llava-qwen2-gqa", "next-llama"])
+@pytest.mark.parametrize("samples", [PAIR, MULTI], ids=["padded", "multi-and-text-only"])
+def test_visionzip_matches_reference(kind_spec, attn, samples):
+    from proxyv_reduction_reference import visionzip_reference_batch
+
+    model = model_of(kind_spec, attn)
+    batch = batch_of(MODEL_SPECS[kind_spec][0], samples)
+    expected = visionzip_reference_batch(model, batch, 10, 4)
+    with torch.no_grad(), ablate(model, "visionzip", dominant=10, contextual=4) as z:
+        logits = model(**batch, position_ids=position_ids(batch["attention_mask"])).logits
+    for b, (ref, where) in enumerate(expected):
+        assert z.kept_positions[b][-len(where):].tolist() == where
+        torch.testing.assert_close(logits[b, -len(where):], ref, atol=1e-5, rtol=0)
+    assert model.model.proxyv.host is None
+
+
+def test_visionzip_generate_with_cache_on_proxyv():
+    """generate() under VisionZip on a ProxyV model equals greedy recomputation of the shortened prompt."""
+    model = model_of("next-llama")
+    batch = batch_of("llava_next")
+    image_id = model.config.image_token_id
+    with torch.no_grad(), ablate(model, "visionzip", dominant=10, contextual=4):
+        out = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, suppress_tokens=[image_id])
+        steps = []
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for step in range(STEPS):  # recompute the whole (shortened inside the block) sequence each step
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                           image_sizes=batch["image_sizes"], position_ids=position_ids(mask), use_cache=False).logits
+            steps.append(logits[:, -1])
+            ids = torch.cat([ids, out.sequences[:, ids.shape[1]:ids.shape[1] + 1]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    for got, want in zip(out.logits, steps, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_visionzip_on_spatial_proxyv_is_refused():
+    spatial = build("llava-llama", start_layer=L, reduce_factor=2, init="spatial")
+    with pytest.raises(ValueError, match="visionzip on a ProxyV model with spatial proxies"), \
+            ablate(spatial, "visionzip", dominant=10, contextual=4):
+        pass

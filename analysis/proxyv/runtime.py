@@ -147,7 +147,8 @@ class ProxyV(nn.Module):
             if image_sizes is None and not pixels:
                 image_sizes, self._encoded_image_sizes = self._encoded_image_sizes, None
             chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
-            layout = self.layout = compute_layout(input_ids, core.config, chunk_mask, image_sizes)
+            plan_layout = getattr(self.host, "proxyv_layout", compute_layout)  # VisionZip: its merged tokens
+            layout = self.layout = plan_layout(input_ids, core.config, chunk_mask, image_sizes)
             plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned")
         vision = plan.vision if plan is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if past == 0:

@@ -62,6 +62,7 @@ class VisionZip:
         self.selected: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.crops: list[int] = []
+        self.prefill_crops: list[int] = []  # crops per image of the last shortened prefill, in batch order
         self._image_sizes = None  # LLaVA-NeXT: the image_sizes of the last encoding (generate() drops them)
         self.kept_positions: torch.Tensor | None = None
         self._orig_len = self._short_len = None
@@ -183,6 +184,7 @@ class VisionZip:
             if bool((counts % P != 0).any()):
                 raise ValueError(f"visionzip: a sample has {counts.tolist()} image tokens, not a multiple of the "
                                  f"{P} placeholders of one image")
+            self.prefill_crops = [1] * int(counts.sum() // P)
             return ~image | (occurrence % P < K)
         image_sizes = kwargs.get("image_sizes")
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
@@ -193,6 +195,7 @@ class VisionZip:
             image_sizes = self._image_sizes if image_sizes is None else image_sizes
         layout = compute_layout(input_ids, self.core.config, mask, image_sizes)
         sizes = torch.as_tensor(image_sizes).tolist()
+        self.prefill_crops = [len(img.crops) for sample in layout.samples for img in sample.images]
         keep = ~image
         index = 0
         for b, sample in enumerate(layout.samples):
@@ -242,6 +245,36 @@ class VisionZip:
         self._orig_len, self._short_len, self._dropped = T, width, dropped
         self.kept_positions = slots
         return kwargs
+
+    def proxyv_layout(self, input_ids, config, attention_mask=None, image_sizes=None):
+        """The token layout of a shortened chunk for a ProxyV model's plan (``ProxyV.host``): every crop's D + C
+        tokens are the first D + C cells, row-major, of a crop grid whose other cells are removed -- the merged
+        tokens have no place on the patch grid, so only learned proxies use them (docs/reduction.md)."""
+        from ..layout import BatchLayout, CropGrid, ImageLayout, SampleLayout
+
+        B, T = input_ids.shape
+        device = input_ids.device
+        image = input_ids == self.image_token_id
+        valid = torch.ones_like(image) if attention_mask is None else attention_mask.to(device).bool()
+        side, K = int(self.patches ** 0.5), self.tokens_per_image
+        crops = iter(self.prefill_crops)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        samples = []
+        for b in range(B):
+            positions, images, cursor = image[b].nonzero().flatten(), [], 0
+            while cursor < len(positions):
+                n = next(crops)
+                tokens = positions[cursor:cursor + n * K]
+                grids = []
+                for c in range(n):
+                    grid = torch.full((side * side,), -1, dtype=torch.long, device=device)
+                    grid[:K] = tokens[c * K:(c + 1) * K]
+                    grids.append(CropGrid("base" if c == 0 else "highres", grid.view(side, side)))
+                images.append(ImageLayout(int(tokens[0]), int(tokens[-1]) + 1, tuple(grids), empty))
+                cursor += n * K
+            samples.append(SampleLayout(tuple(images), positions, empty, (valid[b] & ~image[b]).nonzero().flatten(),
+                                        (~valid[b]).nonzero().flatten()))
+        return BatchLayout(tuple(samples), image, torch.zeros_like(image), valid)
 
     def release(self):
         self.core = None
@@ -295,9 +328,15 @@ def _check(core, dominant: int, contextual: int) -> None:
     if config.model_type == "llava_next" and config.vision_feature_select_strategy != "default":
         raise NotImplementedError("visionzip on LLaVA-NeXT supports vision_feature_select_strategy 'default' only "
                                   f"(got {config.vision_feature_select_strategy!r})")
-    if getattr(core, "proxyv", None) is not None:
-        raise TypeError("visionzip on a ProxyV model is not supported (ProxyV + token reduction is later work); "
-                        "run the reduction on the base model")
+    proxyv = getattr(core, "proxyv", None)
+    if proxyv is not None:
+        from .runtime import check_proxyv
+
+        check_proxyv(proxyv.settings, "visionzip")
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        if dominant + contextual > side * side:
+            raise ValueError(f"visionzip on a ProxyV model: dominant + contextual = {dominant + contextual} exceeds "
+                             f"the {side * side} cells of a crop its learned proxies attend over")
     tower = core.vision_tower
     embeddings = getattr(tower, "embeddings", None)
     if getattr(embeddings, "class_embedding", None) is None or not hasattr(tower, "encoder"):
@@ -328,8 +367,12 @@ def visionzip_context(model, variant, newline_tokens: str = "vision"):
     LLaVA-1.5 has none and VisionZip's LLaVA-NeXT features drop them)."""
     if getattr(variant, "family", None) != "reduction" or variant.method != "visionzip":
         raise ValueError(f"visionzip_context runs the reduction family's visionzip, got {variant!r}")
+    from .runtime import check_model
+
     core = llava_core(model)
     dominant, contextual = variant.options["dominant"], variant.options["contextual"]
+    proxyv = getattr(core, "proxyv", None)
+    check_model(proxyv, variant)
     _check(core, dominant, contextual)
     state = VisionZip(core, dominant, contextual)
     undo = []
@@ -341,7 +384,11 @@ def visionzip_context(model, variant, newline_tokens: str = "vision"):
             return state.get_image_features(*args, **kwargs)
 
         undo.append(patch_instance(core, "get_image_features", get_image_features))
-        undo.append(core.register_forward_pre_hook(state.pre_hook, with_kwargs=True).remove)
+        # before a ProxyV model's own pre-hook: it plans its proxies over the shortened call (learned proxies)
+        undo.append(core.register_forward_pre_hook(state.pre_hook, with_kwargs=True, prepend=True).remove)
+        if proxyv is not None:
+            proxyv.host = state
+            undo.append(functools.partial(setattr, proxyv, "host", None))
         yield state
     finally:
         for step in reversed(undo):
