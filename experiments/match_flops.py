@@ -4,7 +4,9 @@
 
 For each trained ProxyV checkpoint of the model config, prints the executed decoder FLOPs it saves on
 the twins' eval prompts (the samples the sweep scores) and the FastV / PyramidDrop keep ratios that
-save the same; conf/experiment/table5.yaml states the result.
+save the same, and the VisionZip budget (D dominant + C contextual tokens per image, in the official
+54:10 proportion) whose saving is closest (VisionZip's saving moves in steps of one token per image);
+conf/experiment/table5.yaml states the result.
 """
 
 from __future__ import annotations
@@ -18,11 +20,32 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.eval_bridge import twin_prompt_shapes  # noqa: E402
 from analysis.flops import mean_flops  # noqa: E402
-from analysis.flops.matching import match_param  # noqa: E402
+from analysis.flops.matching import match_param, saved_by  # noqa: E402
+from analysis.flops.visionzip import placeholders_per_image  # noqa: E402
 from analysis.lmms_model import LlavaAblate  # noqa: E402
 from analysis.runner.spec import REPO_ROOT  # noqa: E402
 
 TASKS = ("synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa")
+VISIONZIP_RATIO = (54, 10)  # the official LLaVA-1.5 budget: 54 dominant (CLS included) + 10 contextual
+
+
+def visionzip_budget(tokens: int) -> tuple[int, int]:
+    """(D, C) of ``tokens`` = D + C tokens per image in the official 54:10 proportion (D >= 1)."""
+    dominant = max(1, round(tokens * VISIONZIP_RATIO[0] / sum(VISIONZIP_RATIO)))
+    return dominant, tokens - dominant
+
+
+def match_visionzip(config, prompts, target: float) -> tuple[int, int, float]:
+    """(D, C, saved): the VisionZip budget in the 54:10 proportion whose executed decoder saving on ``prompts``
+    is closest to ``target``. The decoder's FLOPs depend on D + C only (the sequence keeps D + C tokens per
+    image), so every total from 1 to the image's placeholders is tried."""
+    savings = {}
+    for tokens in range(1, placeholders_per_image(config) + 1):
+        dominant, contextual = visionzip_budget(tokens)
+        savings[(dominant, contextual)] = saved_by(config, prompts, "visionzip", dominant=dominant,
+                                                   contextual=contextual)
+    (dominant, contextual), saved = min(savings.items(), key=lambda item: abs(item[1] - target))
+    return dominant, contextual, saved
 
 
 def main() -> None:
@@ -37,14 +60,18 @@ def main() -> None:
     print(f"{len(prompts)} prompts; mean vision tokens {sum(p['mask'].count('v') for p in prompts) / len(prompts):.1f},"
           f" mean length {sum(len(p['mask']) for p in prompts) / len(prompts):.1f}")
     print(f"{'ProxyV':<10}{'saved':>8}  {'FastV K=' + str(args.fastv_start) + ' keep':>16}{'saved':>8}"
-          f"  {'PDrop keep':>12}{'saved':>8}")
+          f"  {'PDrop keep':>12}{'saved':>8}  {'VisionZip D+C':>14}{'saved':>8}")
     for start, path in sorted((int(k), v) for k, v in (model_cfg.get("proxyv") or {}).items()):
+        if not isinstance(path, str):  # several checkpoints for a start layer: the first, as the sweep's default
+            path = path[0]
         proxyv = LlavaAblate(str(REPO_ROOT / path), device="cpu", progress=False)
         target = mean_flops(proxyv.model.config, twin_prompt_shapes(proxyv, TASKS, args.limit),
                             proxyv.variant)["reduction"]
         fastv = match_param(base.model.config, prompts, "fastv", "keep", target, start_layer=args.fastv_start)
         pdrop = match_param(base.model.config, prompts, "pdrop", "keep", target)
-        print(f"{'L' + str(start):<10}{target:>8.1%}  {fastv[0]:>16.4f}{fastv[1]:>8.1%}  {pdrop[0]:>12.4f}{pdrop[1]:>8.1%}")
+        dominant, contextual, zipped = match_visionzip(base.model.config, prompts, target)
+        print(f"{'L' + str(start):<10}{target:>8.1%}  {fastv[0]:>16.4f}{fastv[1]:>8.1%}  {pdrop[0]:>12.4f}{pdrop[1]:>8.1%}"
+              f"  {f'{dominant}+{contextual}':>14}{zipped:>8.1%}")
 
 
 if __name__ == "__main__":
