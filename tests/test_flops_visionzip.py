@@ -250,3 +250,37 @@ def test_cli_bad_input_is_one_line(capsys, args, message):
     assert main(["--config", "llava-1.5-7b", "--text-tokens", "64", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT: every crop zipped
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("spec", ["next-llama", "next-mistral-gqa"])
+@pytest.mark.parametrize("samples", [PAIR, MULTI], ids=["padded-pair", "two-images-and-text-only"])
+def test_next_analytic_equals_torch_counter(spec, attn, samples):
+    """Per image: the tower on every crop, the extras per crop, the projector on crops·(D + C) rows, the decoder
+    on crops·(D + C) vision tokens (no newline token); several images of one sample told apart by their sizes."""
+    model = model_for(spec, attn)
+    batch = make_batch("llava_next", samples)
+    tokens = PrefillTokens.from_batch(batch, model.config)
+    for dominant, contextual in ((4, 3), (1, 0), (2, 3)):
+        report, state = assert_exact(model, batch, dominant, contextual)
+        assert state.crops == [len(c) for c in tokens.crop_shapes if c] or samples is MULTI  # one image a sample
+        assert sum(state.crops) == tokens.crops
+        assert len(state.selected) == tokens.crops  # every crop zipped
+        short = independently_shortened(batch, state.kept_positions, model.config)
+        assert int((short.vision & short.valid).sum()) == tokens.crops * (dominant + contextual)
+        assert report.per_layer == count_flops(model.config, short, "none").per_layer
+        assert report.theoretical < report.theoretical_baseline
+
+
+def test_next_published_config():
+    """llava-v1.6-vicuna-7b, 5 crops (2880 crop + 48 newline tokens) + 64 text: 5·64 vision tokens remain."""
+    config = load_config("llava-v1.6-vicuna-7b")
+    tokens = PrefillTokens.from_counts(2880, 64, 576, newline_tokens=48)
+    report = count_flops(config, tokens, "visionzip", dominant=54, contextual=10)
+    assert report.per_layer == count_flops(config, PrefillTokens.from_counts(320, 64, 64), "none").per_layer
+    assert report.vision_parts["projector"] == 5 * (2 * 64 * 1024 * 4096 + 2 * 64 * 4096 * 4096)
+    assert report.vision_parts["tower"] == vision_flops(config, 5) - 5 * (2 * 576 * 1024 * 4096 + 2 * 576 * 4096 ** 2)
+    with pytest.raises(ValueError, match="exceeds the 576 patches \\+ CLS"):
+        count_flops(config, tokens, "visionzip", dominant=570, contextual=8)

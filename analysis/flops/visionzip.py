@@ -42,7 +42,6 @@ from .dims import TextDims, projector_flops, tower_flops, tower_tokens
 from .tokens import PrefillTokens
 
 METHOD = "visionzip"
-NEXT_EXECUTES = False  # LLaVA-NeXT: counted as specified (per crop), once the execution runs it
 ZIP_COMPONENTS = ("zip_q_proj", "zip_k_proj", "zip_cls_scores", "zip_similarity", "zip_merge")
 
 
@@ -228,9 +227,6 @@ class VisionZipFlops:
         return VisionZipFlops(self.dominant, self.contextual, config)
 
     def _check(self, config) -> None:
-        if getattr(config, "model_type", None) == "llava_next" and not NEXT_EXECUTES:
-            raise NotImplementedError("visionzip FLOPs on LLaVA-NeXT wait for VisionZip's LLaVA-NeXT execution "
-                                      "(analysis/reduction/visionzip.py refuses LLaVA-NeXT); LLaVA-1.5 is counted")
         tower = TowerDims.from_config(config)
         if self.per_crop > tower.tokens:
             raise ValueError(f"visionzip: dominant + contextual = {self.per_crop} exceeds the {tower.tokens - 1} "
