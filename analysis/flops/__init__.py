@@ -15,7 +15,7 @@ Modules, a concept each: :mod:`.dims` (:class:`TextDims`, the vision tower), :mo
 :mod:`.decoder` (per-layer formulas, :class:`LayerFlops`, the operators' counts), :mod:`.variants`
 (a :class:`analysis.variant.Variant` or a name -> its layer-FLOPs variant, through the family
 registry), :mod:`.proxyv` (ProxyV's formulas and variant), :mod:`.reduction` (token reduction:
-FastV's and PyramidDrop's stages, rankings and variant), :mod:`.report` (:func:`count_flops`,
+FastV's and PyramidDrop's stages, rankings and variant), :mod:`.visionzip` (VisionZip's), :mod:`.report` (:func:`count_flops`,
 :class:`FlopsReport`), :mod:`.per_sample` (:func:`mean_flops` of an evaluation), :mod:`.configs`
 (shipped configs), :mod:`.measure` (torch's and fvcore's counts of a real forward), :mod:`.cli`.
 
@@ -64,7 +64,9 @@ Variants: a :class:`analysis.variant.Variant` is counted by its family's ``flops
 here; ProxyV by :func:`analysis.flops.proxyv.proxyv_flops` (``--op proxyv --proxy-reduce F
 [--proxy-init learned]``), FastV and PyramidDrop by
 :func:`analysis.flops.reduction.reduction_flops` (``--op fastv --start-layer K --keep R``,
-``--op pdrop --layers K1,K2,... --keep R``), each imported on first use, so importing this package does
+``--op pdrop --layers K1,K2,... --keep R``; VisionZip, ``--op visionzip --dominant D --contextual C``, by
+:mod:`analysis.flops.visionzip`: its tower extras and projector in the vision figure, the decoder on the shortened
+prompt), each imported on first use, so importing this package does
 not import transformers. Dependencies run one way: this package may import :mod:`analysis.proxyv` (its
 shapes), never the runner, the sweep or the experiments; :mod:`analysis.proxyv` never imports it.
 """
