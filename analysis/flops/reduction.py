@@ -238,7 +238,8 @@ def reduction_flops(variant: Variant, proxyv: dict | None = None, **extra) -> Re
         raise ValueError(f"{variant.label}: the ProxyV settings given start at layer {proxyv.get('start_layer')}")
     if variant.method == "visionzip":  # before the LLM: the tower's extras and a shortened prefill
         if proxyv is not None:
-            raise NotImplementedError(f"{variant.label}: VisionZip on a ProxyV checkpoint is not counted (nor run)")
+            raise NotImplementedError(f"{variant.label}: VisionZip on a ProxyV checkpoint executes, but its FLOPs are "
+                                      "not counted yet")
         from .visionzip import visionzip_flops
 
         return visionzip_flops(variant, **extra)

@@ -125,6 +125,10 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
             ``generate()``'s prefill with ``logits_to_keep=1``).
         options: with a name, the method's parameters (e.g. ProxyV's ``reduce_factor``); otherwise, and
             for anything a method does not declare, extras for its family's FLOPs (ProxyV's ``shapes``).
+
+    A variant that reads the model config binds it (``with_config``, VisionZip: its tower and placeholders); one
+    that changes the vision side gives the vision figure as parts (``vision_parts(config, tokens)``: ``tower``,
+    ``visionzip``, ``projector``, ...), kept in :attr:`FlopsReport.vision_parts`; the others leave it ``None``.
     """
     dims = TextDims.from_config(config)
     if lm_head not in ("all", "last"):
