@@ -3,6 +3,8 @@ forward, layer by layer; and its refusals."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import MULTI, PAIR
@@ -52,3 +54,56 @@ def test_refusals_name_the_fix():
         ProxyVReductionFlops("fastv", [2, 3], 0.5, spatial)
     with pytest.raises(ValueError, match="every drop must come at or before layer 2"):
         ProxyVReductionFlops("pdrop", [1, 3], 0.5, {**spatial, "init": "learned", "start_layer": 2})
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind_spec", ["llava-llama", "next-llama"])
+@pytest.mark.parametrize("samples", [PAIR, MULTI], ids=["padded", "multi-and-text-only"])
+def test_visionzip_on_proxyv_equals_torch_counter_layer_by_layer(kind_spec, attn, samples):
+    from conftest import MODEL_SPECS
+
+    from analysis.flops import count_flops
+
+    model = build(kind_spec, attn, start_layer=L, reduce_factor=2, init="learned")
+    batch = batch_of(MODEL_SPECS[kind_spec][0], samples)
+    tokens = PrefillTokens.from_batch(batch, model.config)  # the original prompt: the count shortens it
+    report = count_flops(model.config, tokens, "visionzip", dominant=10, contextual=4)  # the ProxyV config counts it
+    plain = count_flops(model.config.__class__(**{k: v for k, v in model.config.to_dict().items() if k != "proxyv"}),
+                        tokens, "visionzip", dominant=10, contextual=4)
+    with torch.no_grad(), ablate(model, "visionzip", dominant=10, contextual=4), torch_flop_counter() as counter:
+        logits = model(**batch).logits
+    counts = counter.get_flop_counts()
+    name = type(model).__name__
+    measured = [sum(counts[f"{name}.model.language_model.layers.{i}"].values()) for i in range(4)]
+    assert [layer.total for layer in report.per_layer] == measured
+    assert report.per_layer[L].total != plain.per_layer[L].total  # the ProxyV layers are what is counted
+    assert report.per_layer[0].total == plain.per_layer[0].total and report.vision == plain.vision
+    assert report.lm_head == 2 * logits.shape[0] * logits.shape[1] * model.config.text_config.hidden_size * \
+        model.config.text_config.vocab_size
+
+
+def test_cli_counts_reduction_on_a_proxyv_model(capsys):
+    from analysis.flops import count_flops, load_config, main
+
+    args = ["--config", "llava-1.5-7b", "--vision-tokens", "576", "--text-tokens", "64", "--json"]
+    config = load_config("llava-1.5-7b")
+    tokens = PrefillTokens.from_counts(576, 64, 576)
+    settings = {"start_layer": 16, "reduce_factor": 4, "init": "learned", "light_width": 0}
+    for flags, method, where in ((["--op", "fastv", "--start-layer", "3", "--keep", "0.5"], "fastv",
+                                  {"start_layer": 3, "keep": 0.5}),
+                                 (["--op", "pdrop", "--layers", "4,8,16", "--keep", "0.5"], "pdrop",
+                                  {"layers": [4, 8, 16], "keep": 0.5}),
+                                 (["--op", "visionzip", "--dominant", "54", "--contextual", "10"], "visionzip",
+                                  {"dominant": 54, "contextual": 10})):
+        assert main([*args, *flags, "--on-proxyv", "16"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        want = count_flops(config, tokens, method, proxyv=16, proxyv_settings=settings, **where)
+        plain = count_flops(config, tokens, method, **where)
+        assert got["total_flops"] == want.total < plain.total and got["baseline_flops"] == plain.baseline
+    for flags, message in ((["--op", "fastv", "--start-layer", "20", "--keep", "0.5", "--on-proxyv", "16"],
+                            "every drop must come at or before layer 16"),
+                           (["--op", "skip_ffn", "--on-proxyv", "16"], "--on-proxyv applies to --op fastv"),
+                           (["--op", "fastv", "--start-layer", "3", "--proxy-reduce", "2"], "--proxy-reduce applies")):
+        assert main([*args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

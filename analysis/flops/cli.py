@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_REDUCE_FACTOR})")
     parser.add_argument("--proxy-init", choices=("spatial", "learned"), default=None,
                         help=f"--op proxyv: proxy initialiser (default {DEFAULT_INIT})")
+    parser.add_argument("--on-proxyv", type=int, default=None, metavar="L",
+                        help="--op fastv / pdrop / visionzip on a ProxyV model from layer L (learned proxies, reduce "
+                             "factor --proxy-reduce, default 4): its ProxyV layers are counted")
     parser.add_argument("--end-layer", type=int, default=None, help="exclusive; default the number of layers")
     parser.add_argument("--lm-head", choices=("all", "last"), default="all",
                         help="logits at every position (a forward) or at the last (generate's prefill)")
@@ -101,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
                                            args.text_before_image, args.newline_as)
         layers = options.pop("layers", None)
+        extras = _on_proxyv(args, options)
         start = args.start_layer if args.start_layer is not None or args.op in ("pdrop", "visionzip") else 0
         report = count_flops(config, tokens, args.op, layers, start_layer=start, end_layer=args.end_layer,
-                             lm_head=args.lm_head, **options)
-        stages = _stages(config, tokens, args.op, layers, start, args.end_layer, options)
-        shortened = _shortened(config, tokens, args.op, options)
+                             lm_head=args.lm_head, **options, **extras)
+        plain = {k: v for k, v in options.items() if k != "proxyv"}  # the rows and the shortening: as without ProxyV
+        stages = _stages(config, tokens, args.op, layers, start, args.end_layer, plain)
+        shortened = _shortened(config, tokens, args.op, plain)
+        options = {**plain, **options}  # the defaults the stages filled in (keep)
     except (ValueError, TypeError, OSError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -148,10 +154,12 @@ def _variant_options(args) -> dict:
             raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op "
                              f"{' / '.join(REDUCTION_METHODS)} only, not --op {args.op}")
     else:
+        if args.proxy_reduce is not None and args.on_proxyv is None:
+            raise ValueError("--proxy-reduce applies to --op proxyv, or to a reduction with --on-proxyv L")
         return _reduction_options(args)
     if args.op != "proxyv":
         given = [flag for flag, value in (("--proxy-reduce", args.proxy_reduce), ("--proxy-init", args.proxy_init))
-                 if value is not None]
+                 if value is not None and args.on_proxyv is None]
         if given:
             raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --op proxyv "
                              f"only, not --op {args.op}")
@@ -236,6 +244,22 @@ def _stages(config, tokens: PrefillTokens, op: str, layers, start, end, options)
     ends = [first - 1 for first, _ in stages[1:]] + [depth - 1]
     return [{"first_layer": first, "last_layer": last, "rows": sum(rows.alive), "vision": sum(rows.vision)}
             for (first, rows), last in zip(stages, ends)]
+
+
+def _on_proxyv(args, options: dict) -> dict:
+    """``--on-proxyv L``: the reduction's ``proxyv`` parameter and the FLOPs extra ``proxyv_settings`` (learned)."""
+    if args.on_proxyv is None:
+        return {}
+    if args.op not in (*REDUCTION_METHODS, "visionzip"):
+        raise ValueError(f"--on-proxyv applies to --op {' / '.join(REDUCTION_METHODS)} / visionzip, not --op {args.op}")
+    if args.proxy_init not in (None, "learned"):
+        raise ValueError("token reduction runs on ProxyV models with learned proxies only; drop --proxy-init spatial")
+    if args.op != "visionzip" and args.newline_as == "vision" and args.newline_tokens:
+        raise ValueError("on a ProxyV model, newline tokens are text (ProxyV's cells are the patches): drop "
+                         "--newline-as vision")
+    options["proxyv"] = args.on_proxyv
+    return {"proxyv_settings": {"start_layer": args.on_proxyv, "reduce_factor": args.proxy_reduce or DEFAULT_REDUCE_FACTOR,
+                                "init": "learned", "light_width": 0}}
 
 
 def _proxy_flags(options: dict) -> dict:

@@ -1,5 +1,6 @@
-"""FLOPs of token reduction on a ProxyV model: FastV / PyramidDrop whose every drop comes at or before ProxyV's
-start layer L (what :mod:`analysis.reduction` executes on a model with learned proxies).
+"""FLOPs of token reduction on a ProxyV model (learned proxies), as :mod:`analysis.reduction` executes it:
+FastV / PyramidDrop whose every drop comes at or before ProxyV's start layer L (:class:`ProxyVReductionFlops`),
+and VisionZip (:class:`VisionZipProxyVFlops`).
 
 Layers below L are :class:`~analysis.flops.reduction.ReductionFlops`' (HF layers, pruned layers, rankings).
 From L on, the ProxyV layer of :mod:`analysis.flops.proxyv` runs on the rows of the stage alive at L, a (B, N)
@@ -11,6 +12,11 @@ one cell (true unless a crop loses all its tokens; the execution's own plan says
 (spread over the sample's vision positions), which fixes the theoretical pairs exactly for one image per sample.
 Vision tokens must be crop cells (LLaVA-1.5, or LLaVA-NeXT counted with newline tokens as text) and crops
 square: LLaVA-NeXT's unpadded crops are not counted here (one clear error).
+
+VisionZip: the shortened prefill of :class:`~analysis.flops.visionzip.VisionZipFlops` (its tower, selection and
+projector as the vision figure), its baseline layers below L, and from L ProxyV's layer on it: every crop's
+D + C merged tokens are cells of a side x side grid (the rest removed), each crop with its learned proxies --
+exact, no assumption (every crop keeps D + C >= 1 tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .decoder import LayerFlops
 from .dims import TextDims
 from .proxyv import DEFAULT_REDUCE_FACTOR, ProxyVFlops, derive_shapes
 from .reduction import ReductionFlops, Rows, kept_vision_mask
+from .visionzip import VisionZipFlops
 from .tokens import PrefillTokens
 
 
@@ -84,3 +91,42 @@ class ProxyVReductionFlops(ReductionFlops):
 
 def sample_vision(tokens: PrefillTokens) -> list[int]:
     return (tokens.vision & tokens.valid).sum(1).tolist()
+
+
+class VisionZipProxyVFlops(VisionZipFlops):
+    """VisionZip (``dominant`` D, ``contextual`` C) on a ProxyV model with ``proxyv`` settings (learned)."""
+
+    def __init__(self, dominant: int, contextual: int, proxyv: dict, config=None):
+        if proxyv.get("init") != "learned":
+            raise ValueError(f"visionzip on a ProxyV model needs learned proxies (spatial proxies need the whole crop "
+                             f"grid), got init={proxyv.get('init')!r}")
+        self.proxyv = dict(proxyv)
+        self.start = proxyv["start_layer"]
+        self._proxy: tuple | None = None
+        super().__init__(dominant, contextual, config)
+
+    def with_config(self, config) -> VisionZipProxyVFlops:
+        return VisionZipProxyVFlops(self.dominant, self.contextual, self.proxyv, config)
+
+    def _proxyv(self, dims: TextDims, tokens: PrefillTokens):
+        if self._proxy is None or self._proxy[0] is not tokens:
+            vision = self._need_config().vision_config
+            side = vision.image_size // vision.patch_size
+            if self.per_crop > side * side:
+                raise ValueError(f"visionzip on a ProxyV model: dominant + contextual = {self.per_crop} exceeds the "
+                                 f"{side * side} cells of a crop its learned proxies attend over")
+            crops = [sum(c for _, c in images) for images in self._prepared(tokens)[2]]
+            short = self.shortened(tokens)
+            block = PrefillTokens(short.vision, short.valid, tuple(((side, side),) * c for c in crops))
+            f, width = self.proxyv.get("reduce_factor") or DEFAULT_REDUCE_FACTOR, self.proxyv.get("light_width") or None
+            shapes = derive_shapes(block, f, True, width or dims.hidden // 4, partial=True)
+            counted = None if shapes is None else ProxyVFlops(range(self.start, dims.layers), f, "learned", width,
+                                                              shapes=shapes)
+            self._proxy = (tokens, block, counted)
+        return self._proxy[1], self._proxy[2]
+
+    def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:
+        if layer < self.start or not self.active(tokens):
+            return super().layer_flops(layer, dims, tokens)
+        block, proxyv = self._proxyv(dims, tokens)
+        return super().layer_flops(layer, dims, tokens) if proxyv is None else proxyv.layer_flops(layer, dims, block)

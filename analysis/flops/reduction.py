@@ -222,27 +222,30 @@ RANKINGS = {"fastv": fastv_ranking, "pdrop": pdrop_ranking}
 
 # ----------------------------------------------------------------------------- the family's FLOPs variant
 
-def reduction_flops(variant: Variant, proxyv: dict | None = None, **extra) -> ReductionFlops:
+def reduction_flops(variant: Variant, proxyv_settings: dict | None = None, **extra) -> ReductionFlops:
     """The layer-FLOPs variant of a ``reduction`` :class:`~analysis.variant.Variant` (the family registry's
     ``flops``): FastV pruned in its layers K..L-1, PyramidDrop with its layers as stage boundaries, VisionZip by
     :func:`analysis.flops.visionzip.visionzip_flops` (``extra``: its ``config``; no other family extra).
 
-    ``proxyv``: the ProxyV settings of the model it runs on (``config.proxyv`` of a ProxyV checkpoint; what
+    ``proxyv_settings``: the ProxyV settings of the model it runs on (``config.proxyv`` of a ProxyV checkpoint; what
     :func:`analysis.flops.count_flops` passes for such a config): counted by
-    :class:`analysis.flops.proxyv_reduction.ProxyVReductionFlops`."""
+    :class:`analysis.flops.proxyv_reduction.ProxyVReductionFlops` (VisionZip: ``VisionZipProxyVFlops``)."""
     named = variant.options.get("proxyv")
+    proxyv = proxyv_settings
     if named is not None and proxyv is None:
         raise ValueError(f"{variant.label} runs on a ProxyV checkpoint: count it with that checkpoint's config "
-                         "(count_flops(checkpoint.config, ...)) or pass proxyv=<its config.proxyv settings>")
+                         "(count_flops(checkpoint.config, ...)) or pass proxyv_settings=<its config.proxyv>")
     if proxyv is not None and named is not None and proxyv.get("start_layer") != named:
         raise ValueError(f"{variant.label}: the ProxyV settings given start at layer {proxyv.get('start_layer')}")
     if variant.method == "visionzip":  # before the LLM: the tower's extras and a shortened prefill
-        if proxyv is not None:
-            raise NotImplementedError(f"{variant.label}: VisionZip on a ProxyV checkpoint executes, but its FLOPs are "
-                                      "not counted yet")
         from .visionzip import visionzip_flops
 
-        return visionzip_flops(variant, **extra)
+        counted = visionzip_flops(variant, **extra)
+        if proxyv is None:
+            return counted
+        from .proxyv_reduction import VisionZipProxyVFlops
+
+        return VisionZipProxyVFlops(counted.dominant, counted.contextual, proxyv, counted.config)
     if extra:
         raise ValueError(f"op {variant.method!r} takes no options, got {sorted(extra)}")
     if proxyv is not None:

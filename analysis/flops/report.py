@@ -170,6 +170,6 @@ def _model_extras(config, variant) -> dict:
 
     name = variant.method if isinstance(variant, Variant) else getattr(variant, "name", variant)
     try:
-        return {"proxyv": dict(settings)} if family_of(name).name == "reduction" else {}
+        return {"proxyv_settings": dict(settings)} if family_of(name).name == "reduction" else {}
     except ValueError:
         return {}

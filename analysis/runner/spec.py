@@ -272,7 +272,7 @@ def _check_countable(variant: Variant, model: ModelRef) -> None:
     hf_config = _hf_config(model)
     settings = getattr(hf_config, "proxyv", None) if variant.options.get("proxyv") is not None else None
     try:
-        counted = flops_of(variant, **({"proxyv": dict(settings)} if settings else {}))
+        counted = flops_of(variant, **({"proxyv_settings": dict(settings)} if settings else {}))
         if hasattr(counted, "with_config"):  # a count that reads the model's config (VisionZip: its tower's size)
             counted.with_config(hf_config)
     except NotImplementedError as error:
