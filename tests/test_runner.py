@@ -406,3 +406,14 @@ def test_token_reduction_runs_on_the_learned_proxyv_checkpoint(tmp_path, config_
     with pytest.raises(ConfigError, match=r"has op.init='learned': .* has init='spatial'"):
         runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.5", "op.proxyv=16",
                             f"model.proxyv={{16:{proxyv_config_only}}}"))
+
+
+def test_two_fine_tunes_of_one_architecture_are_different_weights(tmp_path):
+    """Same config.json, same file sizes, different weights: a run of one is never reused for the other."""
+    for name, seed in (("a", 0), ("b", 1), ("a_moved", 0)):
+        tiny.build_model("llava", "llama", num_layers=2, seed=seed).save_pretrained(tmp_path / name)
+    a, b, moved = (results.weights_fingerprint(tmp_path / n) for n in ("a", "b", "a_moved"))
+    sizes = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("a", "b")}
+    assert sizes["a"] == sizes["b"] and (tmp_path / "a" / "config.json").read_text() == \
+        (tmp_path / "b" / "config.json").read_text()
+    assert a != b and a == moved
