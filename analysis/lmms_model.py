@@ -128,7 +128,7 @@ class LlavaAblate(lmms):
             model, processor = load_llava(pretrained, device, dtype, attn_implementation)
         self._model, self.processor = model, processor
         self.processor.tokenizer.padding_side = "left"
-        self.pretrained = str(pretrained)
+        self.pretrained = None if pretrained is None else str(pretrained)  # None: a model passed in memory
         self._device = next(model.parameters()).device
         self.batch_size_per_gpu = int(batch_size or 1)
         self.max_new_tokens = int(max_new_tokens)

@@ -401,7 +401,8 @@ def user_path(path: str | Path) -> Path:
 TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "status", "score", "relative_score",
                  "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples",
                  "label", "method", "family", "layer_text", "series", "tasks", "limit", "seed", "baseline_hash",
-                 "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "finished_at")
+                 "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "finished_at",
+                 "checkpoint")
 
 
 def records_table(records: list[dict]):
@@ -437,6 +438,7 @@ def _table_row(r: dict) -> dict:
         "theoretical_reduction": flops.get("theoretical_reduction"), "latency_ms": latency["median_ms"],
         "agreement": r.get("agreement"), "n_samples": r.get("n_samples"),
         "label": label, "method": variant["method"], "family": variant["family"], "layer_text": text,
+        "checkpoint": variant.get("checkpoint"),
         "series": label.replace(f" L{text}", "", 1) if layers else label,
         "tasks": ",".join(sample_key(r)[2] or ()), "limit": r.get("limit"), "seed": r.get("seed"),
         "baseline_hash": baseline_hash(r), "n_per_task": r.get("n_per_task"),

@@ -78,11 +78,15 @@ class Variant:
     @property
     def label(self) -> str:
         """One readable name, the same in logs, records, tables and figures: ``'skip_ffn L16–32'``,
-        ``'proxyv L16–32 (init=spatial, reduce_factor=4)'``, ``'none (blind)'``."""
+        ``'proxyv L16–32 (init=spatial, reduce_factor=4)'``, ``'none (blind)'``; a variant of an untrained family
+        run on a checkpoint names it: ``'fastv L2–32 (keep=0.5, proxyv=16) on tiny-llava-proxyv-L16-learned'``."""
         text = self.method + (f" L{self.layer_text}" if self.layers else "")
-        shown = [f"{k}={v}" for k, v in self.params if k in family(self.family).label_params]
+        fam = family(self.family)
+        shown = [f"{k}={v}" for k, v in self.params if k in fam.label_params]
         if shown:
             text += f" ({', '.join(shown)})"
+        if self.checkpoint and not fam.trained:  # e.g. token reduction on a ProxyV checkpoint: which weights
+            text += f" on {str(self.checkpoint).rstrip('/').rsplit('/', 1)[-1]}"
         return text + (" (blind)" if self.blind else "")
 
     def with_blind(self, blind: bool) -> Variant:

@@ -442,12 +442,20 @@ def test_proxyv_vs_token_reduction_section(tmp_path):
     base = _variant_record(baseline(), 1.0, 0.0, "base0")
     base.pop("baseline")
     results.write_record(root / "none", base)
-    proxyv = resolve_variant("proxyv", NUM_LAYERS, start_layer=16, params={"reduce_factor": 4, "init": "spatial"})
+    proxyv = resolve_variant("proxyv", NUM_LAYERS, start_layer=16, params={"reduce_factor": 4, "init": "learned"},
+                             checkpoint="checkpoints/ckpt-L16-learned")
     results.write_record(root / "p16", _variant_record(proxyv, 1.0, 0.225, "p16"))
     fastv = resolve_variant("fastv", NUM_LAYERS, start_layer=2, params={"keep": 0.25})
     results.write_record(root / "fastv", _variant_record(fastv, 0.95, 0.24, "fv", docvqa=0.5))
     pdrop = resolve_variant("pdrop", NUM_LAYERS, params={"keep": 0.5})
     results.write_record(root / "pdrop", _variant_record(pdrop, 0.9, 0.40, "pd"))
+    # ProxyV + reduction: on the checkpoint above, and on another one (same label without its checkpoint)
+    on = dict(params={"keep": 0.25, "proxyv": 16})
+    combined = resolve_variant("fastv", NUM_LAYERS, start_layer=2, checkpoint="checkpoints/ckpt-L16-learned", **on)
+    tuned = resolve_variant("fastv", NUM_LAYERS, start_layer=2, checkpoint="checkpoints/ckpt-L16-tuned", **on)
+    assert combined.label == "fastv L2–32 (keep=0.25, proxyv=16) on ckpt-L16-learned" != tuned.label
+    results.write_record(root / "combined", _variant_record(combined, 0.5, 0.35, "c1"))
+    results.write_record(root / "tuned", _variant_record(tuned, 0.7, 0.35, "c2"))
     out = tmp_path / "report"
     text = report.write_report(root, out).read_text()
     section = text.split("### ProxyV vs token reduction at matched FLOPs", 1)[1]
@@ -458,7 +466,15 @@ def test_proxyv_vs_token_reduction_section(tmp_path):
     assert "largest per-twin gap: synth_docvqa 0.500 vs 0.800" in line
     assert "ProxyV's relative score is higher than that of 1 of the 1 matched run(s)" in line
     rows = [l for l in section.splitlines() if l.startswith("| ") and "variant" not in l]
-    assert [r.split(" | ")[1] for r in rows] == ["baseline", "proxyv", "reduction", "reduction"]
+    assert [r.split(" | ")[1] for r in rows] == ["baseline", "proxyv", "reduction", "reduction",
+                                                 "proxyv + reduction", "proxyv + reduction"]
+    assert "(35.0% saved) keeps" not in line  # combined runs are never the matched token reduction
+    combined_line = next(l for l in section.splitlines() if l.startswith(f"- `{combined.label}`"))
+    assert ("saves 35.0% and keeps 0.500; the same checkpoint alone (`proxyv L16–32 (init=learned, reduce_factor=4)`)"
+            " saves 22.5% and keeps 1.000: the reduction on top saves 12.5 more points of FLOPs at −0.500") \
+        in combined_line
+    assert f"- `{tuned.label}` saves 35.0% and keeps 0.700; its checkpoint has no run without" in section
+    assert "squares: token reduction on a checkpoint" in section and "duplicate" not in text.lower()
     # a group without token-reduction runs has no such section
     results.write_record(tmp_path / "plain" / "none", base)
     results.write_record(tmp_path / "plain" / "p16", _variant_record(proxyv, 1.0, 0.225, "p16"))

@@ -400,7 +400,8 @@ def test_token_reduction_runs_on_the_learned_proxyv_checkpoint(tmp_path, config_
     v = fastv.variant
     assert (v.family, v.method, v.options) == ("reduction", "fastv", {"keep": 0.5, "proxyv": 16})
     assert fastv.model.path == str(learned_config_only) == v.checkpoint and fastv.base.path == str(config_only)
-    assert v.label == "fastv L2–32 (keep=0.5, proxyv=16)" and fastv.baseline_key == first.baseline_key
+    assert v.label == f"fastv L2–32 (keep=0.5, proxyv=16) on {learned_config_only.name}"
+    assert fastv.baseline_key == first.baseline_key
     with pytest.raises(ConfigError, match=r"pdrop drops vision tokens before layer 24, after ProxyV's start layer 16"):
         runner.prepare(_cfg(tmp_path, config_only, "op=pdrop", "op.keep=0.5", "op.proxyv=16", listed))
     with pytest.raises(ConfigError, match=r"has op.init='learned': .* has init='spatial'"):

@@ -21,24 +21,38 @@ FAMILIES = ("proxyv", "reduction")
 STEM = "proxyv_vs_reduction"
 
 
+COMBINED = "proxyv + reduction"  # a token reduction run on a (ProxyV) checkpoint
+KINDS = {"baseline": 0, "proxyv": 1, "reduction": 2, COMBINED: 3}
+MARKERS = {"proxyv": "D", "reduction": "^", COMBINED: "s"}
+
+
+def _kind(row) -> str:
+    if row["op"] == "none":
+        return "baseline"
+    checkpoint = row.get("checkpoint")
+    if row["family"] == "reduction" and isinstance(checkpoint, str) and checkpoint:
+        return COMBINED
+    return row["family"]
+
+
 def comparison_rows(group: Group):
-    """The baseline and the drawn ok rows of the two families, sorted by family then FLOPs saved."""
+    """The baseline and the drawn ok rows of the two families (``kind``: baseline, proxyv, reduction, or a
+    reduction on a ProxyV checkpoint), sorted by kind then FLOPs saved."""
     rows = group.drawn
     rows = rows[(rows["status"] == "ok") & (rows["family"].isin(FAMILIES) | (rows["op"] == "none"))]
     rows = rows.dropna(subset=["relative_score"])
     if not all((rows["family"] == fam).any() for fam in FAMILIES):
         return None
-    order = {"ablation": 0, "proxyv": 1, "reduction": 2}
-    return rows.assign(_order=rows["family"].map(order).fillna(3)).sort_values(
+    rows = rows.assign(kind=[_kind(row) for _, row in rows.iterrows()])
+    return rows.assign(_order=rows["kind"].map(KINDS)).sort_values(
         ["_order", "flops_reduction", "label"]).drop(columns="_order")
 
 
 def _table(rows, tasks: list[str]) -> str:
-    header = ["variant", "family", "FLOPs saved", *[t.split(":", 1)[1] for t in tasks], "score", "relative"]
+    header = ["variant", "kind", "FLOPs saved", *[t.split(":", 1)[1] for t in tasks], "score", "relative"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in rows.iterrows():
-        family = "baseline" if row["op"] == "none" else row["family"]
-        cells = [row["label"], family, fmt(row["flops_reduction"], "{:.1%}"),
+        cells = [row["label"], row["kind"], fmt(row["flops_reduction"], "{:.1%}"),
                  *[fmt(row[t], "{:.3f}") for t in tasks], fmt(row["score"], "{:.3f}"),
                  fmt(row["relative_score"], "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -48,8 +62,8 @@ def _table(rows, tasks: list[str]) -> str:
 def matched_sentences(rows, tasks: list[str]) -> list[str]:
     """Per ProxyV run: the token-reduction runs within MATCH_POINTS of its FLOPs saved, and how they compare
     (relative score, and the twin where the gap is largest); the nearest one when none is matched."""
-    proxyv = rows[rows["family"] == "proxyv"]
-    reduction = rows[rows["family"] == "reduction"].dropna(subset=["flops_reduction"])
+    proxyv = rows[rows["kind"] == "proxyv"]
+    reduction = rows[rows["kind"] == "reduction"].dropna(subset=["flops_reduction"])
     lines = [f"Matched: executed decoder FLOPs saved within ±{MATCH_POINTS:g} percentage points; relative scores "
              "against the baseline above, on the same samples."]
     for _, p in proxyv.iterrows():
@@ -76,6 +90,25 @@ def matched_sentences(rows, tasks: list[str]) -> list[str]:
         verdict = (f"ProxyV's relative score is higher than that of {better} of the {len(matched)} matched run(s)"
                    if better else "no matched run scores below ProxyV")
         lines.append(f"{head}; at matched FLOPs {'; '.join(parts)}: {verdict}.")
+    return lines + combined_sentences(rows)
+
+
+def combined_sentences(rows) -> list[str]:
+    """Per token-reduction run on a checkpoint: what it saves and keeps, beside that checkpoint run alone."""
+    alone = rows[rows["kind"] == "proxyv"]
+    lines = []
+    for _, c in rows[rows["kind"] == COMBINED].iterrows():
+        head = f"`{c['label']}` saves {c['flops_reduction']:.1%} and keeps {c['relative_score']:.3f}"
+        same = alone[alone["checkpoint"] == c["checkpoint"]]
+        if same.empty:
+            lines.append(f"{head}; its checkpoint has no run without the reduction in this group.")
+            continue
+        p = same.iloc[0]
+        diff = c["relative_score"] - p["relative_score"]
+        lines.append(f"{head}; the same checkpoint alone (`{p['label']}`) saves {p['flops_reduction']:.1%} and keeps "
+                     f"{p['relative_score']:.3f}: the reduction on top saves "
+                     f"{100 * (c['flops_reduction'] - p['flops_reduction']):.1f} more points of FLOPs at "
+                     f"{'+' if diff >= 0 else '−'}{abs(diff):.3f} relative score.")
     return lines
 
 
@@ -92,10 +125,10 @@ def draw_comparison(fig, group: Group, rows, threshold: float = THRESHOLD) -> No
     """Relative score vs executed FLOPs saved, ProxyV and token reduction (and the baseline), each run labelled."""
     ax = fig.add_subplot(1, 1, 1)
     colors = group_colors(group)
-    markers = {"proxyv": "D", "reduction": "^"}
+    markers = {kind: marker for kind, marker in MARKERS.items() if (rows["kind"] == kind).any()}
     for _, row in rows.iterrows():
         method = row["method"]
-        marker = "*" if row["op"] == "none" else markers.get(row["family"], "o")
+        marker = "*" if row["op"] == "none" else MARKERS.get(row["kind"], "o")
         ax.scatter(100 * row["flops_reduction"], row["relative_score"], color=colors[method], marker=marker,
                    s=70 if row["op"] == "none" else 36, zorder=3)
         if row["op"] != "none":  # parameters on a second line, so labels stay inside the axes
@@ -126,5 +159,6 @@ def comparison_section(group: Group, out_dir: Path, suffix: str, tasks: list[str
             *(f"- {line}" for line in matched_sentences(rows, tasks)), "",
             _table(rows, tasks), "",
             f"![ProxyV vs token reduction]({path.name})", "",
-            f"*{group.n_text()}. Diamonds: ProxyV (trained checkpoints); triangles: token reduction (no training); "
-            f"star: the baseline; dotted: {threshold:.0%}.*", ""]
+            f"*{group.n_text()}. Diamonds: ProxyV (trained checkpoints); triangles: token reduction (no training)"
+            + ("; squares: token reduction on a checkpoint (ProxyV + reduction)" if (rows["kind"] == COMBINED).any()
+               else "") + f"; star: the baseline; dotted: {threshold:.0%}.*", ""]
