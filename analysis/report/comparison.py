@@ -132,10 +132,11 @@ def draw_comparison(fig, group: Group, rows, threshold: float = THRESHOLD) -> No
         ax.scatter(100 * row["flops_reduction"], row["relative_score"], color=colors[method], marker=marker,
                    s=70 if row["op"] == "none" else 36, zorder=3)
         if row["op"] != "none":  # parameters on a second line, so labels stay inside the axes
-            ax.annotate(row["label"].replace(" (", "\n("), (100 * row["flops_reduction"], row["relative_score"]),
+            text = row["label"].replace(" (", "\n(").replace(" on ", "\non ")
+            ax.annotate(text, (100 * row["flops_reduction"], row["relative_score"]),
                         fontsize=6, xytext=(4, 3), textcoords="offset points")
     right = 100 * float(rows["flops_reduction"].max())
-    ax.set_xlim(-1, right * 1.45 + 2)
+    ax.set_xlim(-1, right * 1.6 + 2)
     for family, marker in markers.items():
         ax.scatter([], [], marker=marker, facecolor="none", edgecolor="black", label=family)
     ax.axhline(threshold, color="grey", lw=0.8, ls=":")
@@ -152,7 +153,7 @@ def comparison_section(group: Group, out_dir: Path, suffix: str, tasks: list[str
     rows = comparison_rows(group)
     if rows is None:
         return []
-    fig = new_figure(6.4, 4.4)
+    fig = new_figure(7.6, 5.0)
     draw_comparison(fig, group, rows, threshold)
     path = save_figure(fig, out_dir / f"{STEM}{suffix}.png")
     return ["### ProxyV vs token reduction at matched FLOPs", "",
