@@ -44,6 +44,15 @@ def project_kv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return rope(key, cos, sin), value
 
 
+def _is_causal(allowed: torch.Tensor) -> bool:
+    """Whether ``allowed`` (B, Nq, K) is, for every sample, the square lower-triangular (causal) pattern."""
+    B, Nq, K = allowed.shape
+    if Nq != K or Nq < 2:
+        return False
+    causal = torch.ones(Nq, K, dtype=torch.bool, device=allowed.device).tril()
+    return bool((allowed == causal).all())
+
+
 def _kernel(attn):
     implementation = attn.config._attn_implementation
     check_backend(implementation, "this attention")
@@ -95,6 +104,12 @@ def split_attention(
         value = torch.cat([value, extra_kv[1]], dim=2)
     if allowed.shape[-1] != key.shape[2]:
         raise ValueError(f"mask covers {allowed.shape[-1]} keys but attention has {key.shape[2]}")
+    if implementation == "sdpa" and _is_causal(allowed):
+        # Exactly the causal pattern (e.g. a batch-1 pruned layer): sdpa's causal kernel skips the upper
+        # triangle, as HF's own layer does, instead of computing the rectangle under an explicit mask.
+        out, _ = kernel(attn, query, key, value, None, dropout=attn.attention_dropout if attn.training else 0.0,
+                        scaling=attn.scaling, is_causal=True)
+        return attn.o_proj(out.reshape(*queries.shape[:-1], -1))
     mask = allowed[:, None]  # (B, 1, Nq, K)
     if implementation == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(

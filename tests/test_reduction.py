@@ -291,3 +291,25 @@ def test_output_labels_give_the_training_loss_of_the_kept_rows():
             kept = state.output_labels(labels)
         text = (labels != -100).sum()  # minus each sample's first token, which nothing predicts
         assert (kept != -100).sum() == text - 2 and logits.shape[1] == kept.shape[1] < labels.shape[1]
+
+
+def test_a_causal_mask_runs_sdpa_causal_kernel_with_the_same_result(monkeypatch):
+    """A batch-1 pruned layer's mask is exactly causal: split_attention hands it to sdpa's causal kernel
+    (as HF's own layers run), with the logits of the explicit-mask path."""
+    from analysis import attention
+
+    assert attention._is_causal(torch.ones(1, 5, 5, dtype=torch.bool).tril())
+    assert not attention._is_causal(torch.ones(1, 5, 6, dtype=torch.bool).tril())
+    assert not attention._is_causal(torch.ones(2, 5, 5, dtype=torch.bool).tril().index_fill(1, torch.tensor([0]), True))
+    model = model_for("llava-llama", "sdpa")
+    batch = make_batch("llava", PAIR[:1])
+    calls = []
+    real = attention._is_causal
+    monkeypatch.setattr(attention, "_is_causal", lambda allowed: calls.append(real(allowed)) or calls[-1])
+    with torch.no_grad(), reduced(model, "fastv"):
+        fast = model(**batch).logits
+    assert calls and all(calls)  # every pruned layer took the causal kernel
+    monkeypatch.setattr(attention, "_is_causal", lambda allowed: False)
+    with torch.no_grad(), reduced(model, "fastv"):
+        masked = model(**batch).logits
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=0)
