@@ -418,3 +418,15 @@ def test_two_fine_tunes_of_one_architecture_are_different_weights(tmp_path):
     assert sizes["a"] == sizes["b"] and (tmp_path / "a" / "config.json").read_text() == \
         (tmp_path / "b" / "config.json").read_text()
     assert a != b and a == moved
+
+
+def test_reduction_on_a_next_proxyv_checkpoint_is_refused_before_evaluating(tmp_path, config_only):
+    """Its FLOPs are not counted (unpadded AnyRes crops), so the runner says so before any evaluation."""
+    path = tmp_path / "next16"
+    config = tiny.build_config("llava_next", "llama", num_layers=32)
+    config.proxyv = {"start_layer": 16, "reduce_factor": 4, "init": "learned", "light_width": 16, "format": 1}
+    config.save_pretrained(path)
+    with pytest.raises(ConfigError, match=r"op=fastv on a LLaVA-NeXT ProxyV checkpoint executes, but its FLOPs are "
+                                          r"not counted"):
+        runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.5", "op.proxyv=16",
+                            f"model.proxyv={{16:{path}}}"))

@@ -271,6 +271,10 @@ def _check_countable(variant: Variant, model: ModelRef) -> None:
 
     hf_config = _hf_config(model)
     settings = getattr(hf_config, "proxyv", None) if variant.options.get("proxyv") is not None else None
+    if settings and variant.method in ("fastv", "pdrop") and hf_config.model_type == "llava_next":
+        raise ConfigError(f"op={variant.method} on a LLaVA-NeXT ProxyV checkpoint executes, but its FLOPs are not "
+                          "counted (AnyRes unpadding leaves crops that are not square: analysis.flops.proxyv_reduction) "
+                          "and the runner records FLOPs with every result; run it with analysis.ablate() directly")
     try:
         counted = flops_of(variant, **({"proxyv_settings": dict(settings)} if settings else {}))
         if hasattr(counted, "with_config"):  # a count that reads the model's config (VisionZip: its tower's size)
