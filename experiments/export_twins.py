@@ -1,8 +1,8 @@
 """Export the synthetic twins as LLaVA conversation JSON + a PNG image folder, the format the
 training data path reads (analysis/training/llava_data.py), so the tiny model trains through it.
 
-    python experiments/export_twins.py --out data/llava-twins --n 500 --split train --seed 0
-    # -> data/llava-twins/train.json, data/llava-twins/images/*.png  (image folder: data/llava-twins)
+    python experiments/export_twins.py --out outputs/llava-twins --n 500 --split train --seed 0
+    # -> outputs/llava-twins/train.json, outputs/llava-twins/images/*.png  (image folder: outputs/llava-twins)
 """
 
 from __future__ import annotations
