@@ -11,6 +11,7 @@ Imports no torch: execution and FLOPs are imported when first used.
 from __future__ import annotations
 
 from .layers import resolve_layers
+from .reduction.rules import check_on_proxyv
 from .variant import Family, register_family
 
 # ----------------------------------------------------------------------------- ablation operators
@@ -106,9 +107,7 @@ def _on_proxyv(method: str, params, boundaries=()) -> dict:
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"{method}: proxyv must be the start layer of a trained ProxyV checkpoint (an integer >= 0) "
                          f"or null, got {start!r}")
-    if boundaries and max(boundaries) > start:
-        raise ValueError(f"{method} drops vision tokens before layer {max(boundaries)}, after ProxyV's start layer "
-                         f"{start}: every drop must come at or before layer {start}")
+    check_on_proxyv(method, start, boundaries)
     return {"proxyv": start}
 
 

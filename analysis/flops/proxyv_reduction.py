@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import torch
 
+from ..reduction.rules import check_on_proxyv, drops
 from .decoder import LayerFlops
 from .dims import TextDims
 from .proxyv import DEFAULT_REDUCE_FACTOR, ProxyVFlops, derive_shapes
-from .reduction import ReductionFlops, Rows, kept_vision_mask
-from .visionzip import VisionZipFlops
+from .reduction import ReductionFlops, Rows, kept_vision_mask, sample_counts
 from .tokens import PrefillTokens
+from .visionzip import VisionZipFlops
 
 
 def block_tokens(tokens: PrefillTokens, rows: Rows) -> PrefillTokens:
@@ -43,37 +44,36 @@ def block_tokens(tokens: PrefillTokens, rows: Rows) -> PrefillTokens:
     return PrefillTokens(vision, valid, tokens.crop_shapes)
 
 
+def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> ProxyVFlops | None:
+    """ProxyV's layer-FLOPs variant (learned proxies, ``settings`` as ``config.proxyv`` holds them) on the ``block``
+    a reduction leaves: its vision tokens are cells of its crops, possibly fewer than a crop holds; ``None``
+    without a vision token."""
+    factor, width = settings.get("reduce_factor") or DEFAULT_REDUCE_FACTOR, settings.get("light_width") or None
+    shapes = derive_shapes(block, factor, True, width or dims.hidden // 4, partial=True)
+    if shapes is None:
+        return None
+    return ProxyVFlops(range(settings["start_layer"], dims.layers), factor, "learned", width, shapes=shapes)
+
+
 class ProxyVReductionFlops(ReductionFlops):
     """FastV (``layers`` = K..L-1) or PyramidDrop (its boundaries) on a ProxyV model with ``proxyv`` settings
     (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width)."""
 
     def __init__(self, method: str, layers, keep: float, proxyv: dict):
         super().__init__(method, layers, keep)
-        if proxyv.get("init") != "learned":
-            raise ValueError(f"{method} on a ProxyV model needs learned proxies (spatial proxies need the whole crop "
-                             f"grid), got init={proxyv.get('init')!r}")
+        check_on_proxyv(method, proxyv["start_layer"], drops(method, self.layers), proxyv.get("init"))
+        self.proxyv = dict(proxyv)
         self.start = proxyv["start_layer"]
-        boundaries = self.layers[:1] if method == "fastv" else self.layers
-        if max(boundaries) > self.start:
-            raise ValueError(f"{method} drops vision tokens before layer {max(boundaries)}, after ProxyV's start layer "
-                             f"{self.start}: every drop must come at or before layer {self.start}")
-        self.reduce_factor = proxyv.get("reduce_factor") or DEFAULT_REDUCE_FACTOR
-        self.light_width = proxyv.get("light_width") or None
         self._proxy: tuple | None = None  # (tokens, block, ProxyVFlops) of the last tokens counted
 
     def _proxyv(self, dims: TextDims, tokens: PrefillTokens):
         if self._proxy is None or self._proxy[0] is not tokens:
-            rows = self.schedule(tokens).rows_at(self.start)
             cells = [sum(r * c for r, c in crops) for crops in tokens.crop_shapes]
-            if len(cells) != tokens.batch or any(v > c for v, c in zip(sample_vision(tokens), cells)):
+            if len(cells) != tokens.batch or any(v > c for v, c in zip(sample_counts(tokens)[0], cells)):
                 raise ValueError("counting token reduction on a ProxyV model needs the vision tokens to be crop cells "
                                  "(count LLaVA-NeXT with newline tokens as text) and the tokens' crop shapes")
-            block = block_tokens(tokens, rows)
-            width = self.light_width or dims.hidden // 4
-            shapes = derive_shapes(block, self.reduce_factor, True, width, partial=True)
-            counted = None if shapes is None else ProxyVFlops(range(self.start, dims.layers), self.reduce_factor,
-                                                              "learned", self.light_width, shapes=shapes)
-            self._proxy = (tokens, block, counted)
+            block = block_tokens(tokens, self.schedule(tokens).rows_at(self.start))
+            self._proxy = (tokens, block, proxyv_on_block(block, self.proxyv, dims))
         return self._proxy[1], self._proxy[2]
 
     def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:
@@ -89,17 +89,11 @@ class ProxyVReductionFlops(ReductionFlops):
         return LayerFlops(layer, True, {**own.executed, **ranking}, {**own.theoretical, **ranking_theory})
 
 
-def sample_vision(tokens: PrefillTokens) -> list[int]:
-    return (tokens.vision & tokens.valid).sum(1).tolist()
-
-
 class VisionZipProxyVFlops(VisionZipFlops):
     """VisionZip (``dominant`` D, ``contextual`` C) on a ProxyV model with ``proxyv`` settings (learned)."""
 
     def __init__(self, dominant: int, contextual: int, proxyv: dict, config=None):
-        if proxyv.get("init") != "learned":
-            raise ValueError(f"visionzip on a ProxyV model needs learned proxies (spatial proxies need the whole crop "
-                             f"grid), got init={proxyv.get('init')!r}")
+        check_on_proxyv("visionzip", proxyv["start_layer"], init=proxyv.get("init"))
         self.proxyv = dict(proxyv)
         self.start = proxyv["start_layer"]
         self._proxy: tuple | None = None
@@ -118,11 +112,7 @@ class VisionZipProxyVFlops(VisionZipFlops):
             crops = [sum(c for _, c in images) for images in self._prepared(tokens)[2]]
             short = self.shortened(tokens)
             block = PrefillTokens(short.vision, short.valid, tuple(((side, side),) * c for c in crops))
-            f, width = self.proxyv.get("reduce_factor") or DEFAULT_REDUCE_FACTOR, self.proxyv.get("light_width") or None
-            shapes = derive_shapes(block, f, True, width or dims.hidden // 4, partial=True)
-            counted = None if shapes is None else ProxyVFlops(range(self.start, dims.layers), f, "learned", width,
-                                                              shapes=shapes)
-            self._proxy = (tokens, block, counted)
+            self._proxy = (tokens, block, proxyv_on_block(block, self.proxyv, dims))
         return self._proxy[1], self._proxy[2]
 
     def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:

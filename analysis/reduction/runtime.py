@@ -23,6 +23,7 @@ from ..rows import gather_rows
 from .counts import fastv_kept, pdrop_kept
 from .prune import Rows, decode_mask, prefill_mask, right_aligned
 from .ranking import fastv_scores, pdrop_scores, top_vision
+from .rules import check_on_proxyv, drops
 
 METHODS = ("fastv", "pdrop")
 
@@ -53,7 +54,7 @@ class Reduction:
         self.keep = options["keep"]
         self.positions = options.get("positions", "original") if self.method == "pdrop" else "original"
         self.layers = tuple(variant.layers)
-        self.boundaries = self.layers[:1] if self.method == "fastv" else self.layers
+        self.boundaries = drops(self.method, self.layers)
         self.tracker = VisionTracker(core.config, newline_tokens)
         self.rotary = core.language_model.rotary_emb
         self.kept_vision: list[list[torch.Tensor]] = []
@@ -189,10 +190,7 @@ class Reduction:
                 if plan is not None:
                     proxyv.state = ForwardState(plan, plan.allowed(0, rows.valid, plan.vision))
         if proxyv.state is None:  # a decode step, or no vision cell left: the plain pruned layer
-            rope = (rows.cos, rows.sin)
-            x = layer.input_layernorm(hidden)
-            hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, self.allowed, cache)
-            return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            return pruned_layer(layer, self, hidden, cache)
         return proxyv_layer_forward(layer, proxyv, self.rotary, hidden, position_ids=rows.pos,
                                     past_key_values=cache, position_embeddings=(rows.cos, rows.sin))
 
@@ -215,10 +213,15 @@ def reduced_layer_forward(layer, state: Reduction, stage: int, boundary: bool, h
                                           past_key_values)
     if state.proxyv is not None and layer.self_attn.layer_idx >= state.proxyv.settings.start_layer:
         return state.proxyv_layer(layer, hidden_states, past_key_values)
+    return pruned_layer(layer, state, hidden_states, past_key_values)
+
+
+def pruned_layer(layer, state: Reduction, hidden, cache):
+    """The layer on the stage's rows only: every component on them, attention under the stage's mask."""
     rope = (state.rows.cos, state.rows.sin)
-    x = layer.input_layernorm(hidden_states)
-    hidden_states = hidden_states + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, past_key_values)
-    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+    x = layer.input_layernorm(hidden)
+    hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, cache)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _window(attn):
@@ -233,8 +236,8 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
     proxyv = getattr(core, "proxyv", None)
     check_model(proxyv, variant)
     if proxyv is not None:
-        check_proxyv(proxyv.settings, variant.method, max(variant.layers if variant.method == "pdrop"
-                                                          else variant.layers[:1]))
+        check_on_proxyv(variant.method, proxyv.settings.start_layer, drops(variant.method, variant.layers),
+                        proxyv.settings.init)
     if newline_tokens not in ("vision", "text"):
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
     check_backend(text_config_of(core)._attn_implementation, f"op {variant.method!r}")
@@ -257,19 +260,6 @@ def check_model(proxyv, variant) -> None:
     if proxyv.settings.start_layer != wanted:
         raise ValueError(f"{variant.label} runs on a ProxyV checkpoint starting at layer {wanted}; this model's "
                          f"ProxyV starts at layer {proxyv.settings.start_layer}")
-
-
-def check_proxyv(settings, method: str, last_boundary: int | None = None) -> None:
-    """Token reduction on a ProxyV model: learned proxies, every drop at or before ProxyV's start layer."""
-    if settings.init != "learned":
-        raise ValueError(f"{method} on a ProxyV model with spatial proxies: token reduction breaks the crop grid "
-                         "that spatial proxies downsample; use a checkpoint with learned proxies (init='learned'), "
-                         "as the paper does")
-    L = settings.start_layer
-    if last_boundary is not None and last_boundary > L:
-        raise ValueError(f"{method} drops vision tokens before layer {last_boundary}, after ProxyV's start layer {L}: "
-                         f"every drop must come at or before layer {L} (ProxyV's proxies are planned over the "
-                         "tokens that remain at its start layer)")
 
 
 @contextlib.contextmanager

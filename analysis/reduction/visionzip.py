@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..layout import compute_layout
 from ..models import llava_core, patch_instance
+from .rules import check_on_proxyv
 
 FILLER_ID = 0  # input id of the filler slots a shortened batch may need (attention mask 0)
 
@@ -330,9 +331,7 @@ def _check(core, dominant: int, contextual: int) -> None:
                                   f"(got {config.vision_feature_select_strategy!r})")
     proxyv = getattr(core, "proxyv", None)
     if proxyv is not None:
-        from .runtime import check_proxyv
-
-        check_proxyv(proxyv.settings, "visionzip")
+        check_on_proxyv("visionzip", proxyv.settings.start_layer, init=proxyv.settings.init)
         side = config.vision_config.image_size // config.vision_config.patch_size
         if dominant + contextual > side * side:
             raise ValueError(f"visionzip on a ProxyV model: dominant + contextual = {dominant + contextual} exceeds "
