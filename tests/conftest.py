@@ -93,3 +93,30 @@ def greedy_recomputation(model, batch, steps: int, context=contextlib.nullcontex
         ids = torch.cat([ids, next_ids.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids, step_logits
+
+
+def assert_unchanged_after_blocks(model, batch, blocks):
+    """Forward and generate inside each of ``blocks`` (zero-argument context factories), and an exception inside
+    the first, leave the model as it was: same logits, same weights, the same hooks (HF installs its own on a
+    first call: those stay), no per-instance ``get_image_features``."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def hooks():
+        return {name: (list(m._forward_hooks.values()), list(m._forward_pre_hooks.values()))
+                for name, m in model.named_modules()}
+
+    with torch.no_grad():
+        vanilla = model(**batch).logits
+        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        before = hooks()
+        for block in blocks:
+            with block():
+                model(**batch)
+                model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        with pytest.raises(KeyError), blocks[0]():
+            raise KeyError("boom")
+        after = model(**batch).logits
+    assert torch.equal(vanilla, after)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert hooks() == before
+    assert "get_image_features" not in vars(model.model)

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from conftest import MULTI, PAIR, make_batch, model_for, position_ids
+from conftest import MULTI, PAIR, assert_unchanged_after_blocks, make_batch, model_for, position_ids
 from visionzip_reference import reference_batch, reference_greedy
 
 from analysis import ablate, tiny
@@ -115,27 +115,7 @@ def test_generate_with_cache_equals_stepwise_recomputation(spec_name, samples, a
 
 def test_model_is_bit_identical_after_exit():
     model = model_for("llava-llama")
-    batch = make_batch("llava")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def hooks():
-        return {name: (list(m._forward_hooks.values()), list(m._forward_pre_hooks.values()))
-                for name, m in model.named_modules()}
-
-    with torch.no_grad():
-        vanilla = model(**batch).logits
-        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        before = hooks()
-        with zipped(model):
-            model(**batch)
-            model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        with pytest.raises(KeyError), zipped(model):
-            raise KeyError("boom")
-        after = model(**batch).logits
-    assert torch.equal(vanilla, after)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert hooks() == before
-    assert "get_image_features" not in vars(model.model)
+    assert_unchanged_after_blocks(model, make_batch("llava"), [lambda: zipped(model)])
 
 
 def test_text_only_batch_is_vanilla():
@@ -305,19 +285,7 @@ def test_next_generate_with_cache_equals_stepwise_recomputation(backbone, attn, 
 
 def test_next_model_is_bit_identical_after_exit():
     model = next_model("llama")
-    batch = make_batch("llava_next", MULTI)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        vanilla = model(**batch).logits
-        with zipped(model):
-            model(**batch)
-            model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        with pytest.raises(KeyError), zipped(model):
-            raise KeyError("boom")
-        after = model(**batch).logits
-    assert torch.equal(vanilla, after)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert "get_image_features" not in vars(model.model)
+    assert_unchanged_after_blocks(model, make_batch("llava_next", MULTI), [lambda: zipped(model)])
     assert not model.model._forward_pre_hooks
 
 
