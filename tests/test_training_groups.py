@@ -53,6 +53,8 @@ def test_recipes_must_be_explicit_and_complete():
         parameter_groups(model, {"proxyv": None, "projector": 1e-3})
     with pytest.raises(ValueError, match=r"no parameter in group\(s\) \['proxyv'\]"):
         parameter_groups(model, {"proxyv": 1e-4, "projector": 1e-3, "llm": None})
+    with pytest.raises(ValueError, match=r"every group is frozen \(all learning rates None\)"):
+        parameter_groups(model, {"proxyv": None, "projector": None, "llm": None})
     with pytest.raises(ValueError, match="must be a positive number or None"):
         parameter_groups(model, {"proxyv": None, "projector": 0, "llm": None})
     model.extra = torch.nn.Linear(2, 2)

@@ -51,6 +51,8 @@ def parameter_groups(model, lrs: Mapping[str, float | None]) -> list[dict]:
     if missing or unknown:
         raise ValueError(f"learning rates must name exactly the groups {', '.join(GROUPS)} (None freezes one); "
                          f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if all(lr is None for lr in lrs.values()):
+        raise ValueError("every group is frozen (all learning rates None): nothing would train")
     for group, lr in lrs.items():
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
             raise ValueError(f"learning rate of {group} must be a positive number or None, got {lr!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .groups import parameter_groups
 from .llava_data import LlavaConversations, collate, export_twins, load_records
 from .trainer import GroupedTrainer
 
@@ -87,6 +88,7 @@ def train(cfg: dict, model_path: str) -> Path:
     out = Path(t["output_dir"])
     model, processor = load_model(model_path)
     lrs, context = variant_context(model, cfg)
+    parameter_groups(model, lrs)  # a recipe that trains nothing is one line, before the data is prepared
     data = dataset(cfg, processor, out)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=int(t["max_steps"]),
