@@ -28,7 +28,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         path = resolve_weights(OmegaConf.to_container(cfg.model, resolve=True))
-        final = train(OmegaConf.to_container(cfg, resolve=True), path)
+        from hydra.core.hydra_config import HydraConfig
+
+        final = train(OmegaConf.to_container(cfg, resolve=True), path, list(HydraConfig.get().overrides.task))
     except (ConfigError, ValueError, TypeError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     print(f"saved {final}")

@@ -193,7 +193,12 @@ class ImageSizeRecorder:
 
 def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention_mask=None, position_ids=None,
                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """A decoder layer's forward under ProxyV (bound per instance with ``functools.partial``)."""
+    """A decoder layer's forward under ProxyV (bound per instance with ``functools.partial``).
+
+    Under HF gradient checkpointing (``model.gradient_checkpointing_enable()``, training mode) the layer's work
+    runs in the layer's checkpoint function with the proxies as an explicit input and output, so the backward
+    pass recomputes it from this layer's own inputs (not from the proxies the last layer left in the state).
+    """
     state = proxyv.state
     if state is None:
         return type(layer).forward(
@@ -206,7 +211,22 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
         state.start(hidden_states, position_ids, position_embeddings, rotary, proxyv.initializer)
     elif state.proxies is None:
         raise RuntimeError(f"ProxyV layer {index} ran before the start layer {proxyv.settings.start_layer}")
-    plan, h, p = state.plan, hidden_states, state.proxies
+    guide: GuidedUpdate = proxyv.layers[str(index)]
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        # HF drops the cache in a checkpointed layer too (a recomputation would write it twice)
+        step = functools.partial(_layer_step, layer, guide, state, position_embeddings, None)
+        new, state.proxies = layer._gradient_checkpointing_func(step, hidden_states, state.proxies)
+    else:
+        new, state.proxies = _layer_step(layer, guide, state, position_embeddings, past_key_values, hidden_states,
+                                         state.proxies)
+    return new
+
+
+def _layer_step(layer, guide: GuidedUpdate, state: ForwardState, position_embeddings, past_key_values,
+                h: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ProxyV layer on sequence ``h`` (B, T, D) and proxies ``p`` (B, P, D): (new sequence, new proxies).
+    Reads only the forward's fixed plan and rotary from ``state``, so it can be recomputed."""
+    plan = state.plan
     B, T, D = h.shape
     P, Nt, Nv = p.shape[1], plan.text_rows.shape[1], plan.vision_rows.shape[1]
     attn = layer.self_attn
@@ -223,12 +243,10 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
     p = p + ffn[:, :P]
     text = text + ffn[:, P:]
 
-    guide: GuidedUpdate = proxyv.layers[str(index)]
     context = state.context(guide.context_proj(p))  # (B, Nv, I)
     vision = guide(take(h, plan.vision_flat, Nv), context)  # (B, Nv, D)
     # Every row is a text row or a vision row: write both into a fresh tensor.
     new = torch.empty_like(h).view(B * T, D)
     put(new, plan.text_put, text)
     put(new, plan.vision_put, vision)
-    state.proxies = p
-    return new.view(B, T, D)
+    return new.view(B, T, D), p

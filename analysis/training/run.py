@@ -1,10 +1,15 @@
 """One training run from a composed ``conf/train.yaml`` (``experiments/train.py``): model, variant, data,
-:class:`~analysis.training.trainer.GroupedTrainer`, save. Issue 11 groundwork: one process; the shipped
-DeepSpeed / FSDP configs, multi-process equivalence and the retrained checkpoints are not here yet.
+:class:`~analysis.training.trainer.GroupedTrainer`, save.
 
-Variants: ``proxyv`` (``apply_proxyv`` from ``start_layer``), ``none`` (the control), or an operator of
-:mod:`analysis.ops` applied during training from ``start_layer`` (the model is saved as a plain checkpoint,
-loaded with ``from_pretrained``). A run resumes from the last checkpoint in ``train.output_dir``.
+Variants: ``proxyv`` (``apply_proxyv`` from ``start_layer``; or continue a ProxyV checkpoint given as the model,
+stage 2), ``none`` (the control), or an operator of :mod:`analysis.ops` applied during training from
+``start_layer`` (saved as a plain checkpoint, loaded with ``from_pretrained``). ``reduction`` trains under a
+token reduction (FastV / PyramidDrop; the loss on the rows the pruned forward still predicts).
+
+Scale: the same code runs under ``accelerate launch`` / ``torchrun`` (DDP, FSDP via an accelerate config) and
+DeepSpeed (``train.deepspeed``: a JSON such as ``conf/deepspeed/zero3.json``). ``TrainingArguments`` are built
+before the model is loaded, so ZeRO-3 loads it partitioned. A run resumes from the last checkpoint in
+``train.output_dir``.
 """
 
 from __future__ import annotations
@@ -20,15 +25,24 @@ from .groups import parameter_groups
 from .llava_data import LlavaConversations, collate, export_twins, load_records
 from .trainer import GroupedTrainer
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REDUCTIONS = ("fastv", "pdrop")  # training under VisionZip would need the merged rows' labels: not supported
 
-def load_model(path: str):
-    """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint, fp32, for training."""
+
+def load_model(path: str, attn_implementation: str | None = None):
+    """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint (a ProxyV one through ``load_proxyv``), fp32."""
     from transformers import AutoConfig, AutoProcessor
 
     from ..models import generation_class
 
     config = AutoConfig.from_pretrained(path)
-    model = generation_class(config.model_type, path).from_pretrained(path, dtype=torch.float32)
+    kwargs = {"dtype": torch.float32, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
+    if getattr(config, "proxyv", None) is not None:
+        from ..proxyv import load_proxyv
+
+        model = load_proxyv(path, **kwargs)
+    else:
+        model = generation_class(config.model_type, path).from_pretrained(path, **kwargs)
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -45,68 +59,162 @@ def dataset(cfg, processor, output_dir: Path) -> LlavaConversations:
                               on_bad=data.get("on_bad", "skip"))
 
 
-def variant_context(model, cfg):
-    """(lrs adjusted to the variant, the context every training forward runs in)."""
+def learning_rates(cfg) -> dict:
+    """The groups' learning rates for the variant (no ``proxyv`` group unless the variant is ProxyV)."""
     lrs = dict(cfg["train"]["lr"])
+    if cfg["variant"] != "proxyv":
+        lrs["proxyv"] = None
+    if all(v is None for v in lrs.values()):
+        raise ValueError(f"train.lr freezes every group the variant {cfg['variant']!r} trains ({lrs}); give at least "
+                         "one of proxyv / projector / llm a learning rate")
+    return lrs
+
+
+def check_config(cfg) -> None:
+    """Problems visible in the config alone: one line each, before anything is loaded."""
+    variant, reduction = cfg["variant"], cfg.get("reduction")
+    if variant not in ("proxyv", "none"):
+        from ..ops import get_operator
+
+        get_operator(variant)  # an unknown op is one line
+        if reduction:
+            raise ValueError(f"variant {variant!r} (an ablation op) and reduction {reduction['method']!r} do not "
+                             "combine in one training run; use variant=none or variant=proxyv with a reduction")
+    if reduction:
+        if not isinstance(reduction, dict) or reduction.get("method") not in REDUCTIONS:
+            raise ValueError(f"reduction must be null or {{method: {'|'.join(REDUCTIONS)}, ...its parameters}}, "
+                             f"got {reduction!r}")
+    dtype = cfg["train"].get("save_dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"train.save_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    learning_rates(cfg)
+
+
+def apply_variant(model, cfg):
+    """Make ``model`` the variant (ProxyV applied or checked); returns the context every training forward runs in
+    (an ablation op or a token reduction), or None."""
     variant, start = cfg["variant"], int(cfg["start_layer"])
+    from ..models import llava_core
+
+    present = getattr(llava_core(model), "proxyv", None)
     if variant == "proxyv":
-        from ..proxyv import apply_proxyv
-
         options = cfg["proxyv"]
-        apply_proxyv(model, start_layer=start, reduce_factor=int(options["reduce_factor"]), init=options["init"],
-                     seed=int(cfg["train"]["seed"]))
-        return lrs, None
-    lrs["proxyv"] = None
-    if variant == "none":
-        return lrs, None
-    from ..ablation import ablate
-    from ..ops import get_operator
+        wanted = {"start_layer": start, "reduce_factor": int(options["reduce_factor"]), "init": options["init"]}
+        if present is None:
+            from ..proxyv import apply_proxyv
 
-    get_operator(variant)  # an unknown op is one line, before any training
-    return lrs, lambda: ablate(model, variant, start_layer=start)
+            apply_proxyv(model, **wanted, seed=int(cfg["train"]["seed"]))
+        else:
+            have = {k: getattr(present.settings, k) for k in wanted}
+            if have != wanted:
+                raise ValueError(f"the model is a ProxyV checkpoint with {have}, the config asks for {wanted}; "
+                                 "set start_layer / proxyv.* to the checkpoint's to continue training it")
+    elif present is not None:
+        raise ValueError(f"the model is a ProxyV checkpoint; variant={variant!r} trains a plain model "
+                         "(use variant=proxyv to continue training it, or a plain checkpoint)")
+    reduction = cfg.get("reduction")
+    if variant not in ("proxyv", "none"):
+        from ..ablation import ablate
+
+        return lambda: ablate(model, variant, start_layer=start)
+    if reduction:
+        from ..ablation import ablate
+
+        params = {k: v for k, v in reduction.items() if k != "method"}
+        return lambda: ablate(model, reduction["method"], **params)
+    return None
 
 
 class ContextTrainer(GroupedTrainer):
-    """``GroupedTrainer`` whose forwards run inside ``context()`` (an ablation op fine-tuned under)."""
+    """``GroupedTrainer`` whose forwards run inside ``context()`` (an ablation op or a token reduction).
+
+    A token reduction's forward predicts fewer rows than the input has: its state maps the labels onto them
+    (``output_labels``), and the loss is the model's own loss function on those."""
 
     def __init__(self, *args, context=None, **kwargs):
-        self.context = context or contextlib.nullcontext
+        self.context = context
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        with self.context():
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.context is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.context() as state:
+            if not hasattr(state, "output_labels"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            labels = state.output_labels(labels)
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss = unwrapped.loss_function(logits=outputs.logits, labels=labels, vocab_size=outputs.logits.shape[-1],
+                                       num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss does: num_items_in_batch counts every process's labels
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
 
-def train(cfg: dict, model_path: str) -> Path:
-    """Train as ``cfg`` says (a resolved ``conf/train.yaml``); returns the saved checkpoint's directory."""
+def training_arguments(cfg, lrs: dict):
     from transformers import TrainingArguments
+
+    t = cfg["train"]
+    scheduler_kwargs = {"min_lr_rate": float(t["min_lr_rate"])} if t.get("min_lr_rate") is not None else {}
+    extra = dict(t.get("args") or {})
+    return TrainingArguments(
+        output_dir=str(Path(t["output_dir"]) / "checkpoints"), max_steps=int(t["max_steps"]),
+        num_train_epochs=float(t.get("epochs") or 1), per_device_train_batch_size=int(t["per_device_train_batch_size"]),
+        gradient_accumulation_steps=int(t["gradient_accumulation_steps"]),
+        learning_rate=max(v for v in lrs.values() if v is not None), warmup_steps=float(t["warmup"]),
+        lr_scheduler_type=t["lr_scheduler_type"], lr_scheduler_kwargs=scheduler_kwargs,
+        weight_decay=float(t["weight_decay"]), adam_beta2=float(t.get("adam_beta2", 0.999)),
+        max_grad_norm=float(t.get("max_grad_norm", 1.0)), bf16=bool(t["bf16"]), tf32=t.get("tf32"),
+        gradient_checkpointing=bool(t["gradient_checkpointing"]), deepspeed=t.get("deepspeed"),
+        logging_steps=int(t["logging_steps"]), save_steps=int(t["save_steps"]), seed=int(t["seed"]),
+        report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        **{"dataloader_num_workers": 0, **extra})
+
+
+def evaluate_twins(model, processor, n: int, context) -> dict:
+    """Greedy scores on the twins' eval splits (the tiny models' check), under the training context."""
+    from .evaluate import score_twins
+
+    model.eval()
+    return score_twins(model, processor, n=n, context=context or contextlib.nullcontext)
+
+
+def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Path:
+    """Train as ``cfg`` says (a resolved ``conf/train.yaml``; ``overrides``: the command line's, recorded);
+    returns the saved checkpoint's directory."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    check_config(cfg)
     t = cfg["train"]
     torch.set_num_threads(int(t.get("threads") or 1))
     out = Path(t["output_dir"])
-    model, processor = load_model(model_path)
-    lrs, context = variant_context(model, cfg)
+    lrs = learning_rates(cfg)
+    args = training_arguments(cfg, lrs)  # first: under ZeRO-3 the model then loads partitioned
+    model, processor = load_model(model_path, t.get("attn_implementation"))
+    context = apply_variant(model, cfg)
     parameter_groups(model, lrs)  # a recipe that trains nothing is one line, before the data is prepared
     data = dataset(cfg, processor, out)
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), max_steps=int(t["max_steps"]),
-        per_device_train_batch_size=int(t["per_device_train_batch_size"]),
-        gradient_accumulation_steps=int(t["gradient_accumulation_steps"]), learning_rate=max(
-            v for v in lrs.values() if v is not None), warmup_steps=float(t["warmup"]),
-        lr_scheduler_type=t["lr_scheduler_type"], weight_decay=float(t["weight_decay"]), bf16=bool(t["bf16"]),
-        gradient_checkpointing=bool(t["gradient_checkpointing"]), logging_steps=int(t["logging_steps"]),
-        save_steps=int(t["save_steps"]), seed=int(t["seed"]), report_to="none", remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     trainer = ContextTrainer(model=model, args=args, train_dataset=data, lrs=lrs, context=context,
                              data_collator=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id))
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=last)
+    record = {"entry": "experiments/train.py", "overrides": overrides, "model": model_path,
+              "torch": torch.__version__, "config": cfg, "skipped": dict(data.skipped), "records": len(data), "resumed_from": last,
+              "world_size": args.world_size, "global_batch": args.per_device_train_batch_size
+              * args.gradient_accumulation_steps * args.world_size, "log": trainer.state.log_history}
+    if int(cfg.get("eval_twins") or 0) and trainer.is_world_process_zero() and not t.get("deepspeed"):
+        record["scores"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context)
     final = out / "model"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    (final / "training.json").write_text(json.dumps({"config": cfg, "skipped": dict(data.skipped),
-                                                     "records": len(data), "resumed_from": last,
-                                                     "log": trainer.state.log_history}, indent=2, default=str))
+    dtype = DTYPES[t.get("save_dtype", "float32")]
+    if dtype != torch.float32 and not t.get("deepspeed"):
+        model.to(dtype)  # a smaller shipped checkpoint; loaders give the dtype they want
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(final)
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; training.json has them
+        (final / "training.json").write_text(json.dumps(record, indent=2, default=str))
     return final
