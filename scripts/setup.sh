@@ -12,7 +12,7 @@ fi
 
 stamp=.venv/.installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import analysis, lmms_eval" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import analysis, lmms_eval, deepspeed" 2>/dev/null; then
     echo "setup: .venv is up to date"
     exit 0
 fi
@@ -20,5 +20,10 @@ fi
 echo "setup: installing pinned dependencies into .venv (first time: a few minutes, ~7 GB)"
 .venv/bin/python -m pip install -q --upgrade "pip==25.3"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
-.venv/bin/python -c "import analysis, lmms_eval, hydra, fvcore, torch, transformers; print('setup: ok, torch', torch.__version__, 'transformers', transformers.__version__)"
+# DeepSpeed (the `scale` extra: multi-GPU training, docs/training_scale.md) ships only an sdist whose setup.py
+# imports torch, so it is built against the torch installed above (--no-build-isolation), after it. DS_BUILD_OPS=0:
+# no CUDA ops compiled here (a pure-Python install that works on this CPU machine); DeepSpeed JIT-builds them on
+# the GPU machine that first needs them.
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
+.venv/bin/python -c "import analysis, lmms_eval, hydra, fvcore, torch, transformers, deepspeed; print('setup: ok, torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "$want" > "$stamp"
