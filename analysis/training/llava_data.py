@@ -349,14 +349,18 @@ def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=Non
     from analysis import twins
 
     names = list(names or twins.TWINS)
+    out = Path(out_dir)
+    path, meta_path = out / f"{split}.json", out / f"{split}.meta.json"
+    meta = {"n": n, "seed": seed, "names": names, "image_size": image_size}
+    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        return path  # already written (a resumed run, or another process of this one)
     per_twin = [twins.generate(name, split, n, seed, image_size) for name in names]
     samples = [per_twin[t][i] for i in range(n) for t in range(len(names))]
-    out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for record, image in twin_records(samples):
         image.save(out / record["image"])
         records.append(record)
-    path = out / f"{split}.json"
     path.write_text(json.dumps(records, indent=1))
+    meta_path.write_text(json.dumps(meta))  # last: its presence says the export is complete
     return path

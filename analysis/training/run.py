@@ -175,6 +175,20 @@ def training_arguments(cfg, lrs: dict):
         **{"dataloader_num_workers": 0, **extra})
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was completely written (the Trainer writes
+    ``trainer_state.json`` last), or None; a checkpoint cut short by a kill is passed over."""
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        try:
+            step = int(path.name.split("-", 1)[1])
+            json.loads((path / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        found.append((step, str(path)))
+    return max(found)[1] if found else None
+
+
 def evaluate_twins(model, processor, n: int, context) -> dict:
     """Greedy scores on the twins' eval splits (the tiny models' check), under the training context."""
     from .evaluate import score_twins
@@ -186,8 +200,6 @@ def evaluate_twins(model, processor, n: int, context) -> dict:
 def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Path:
     """Train as ``cfg`` says (a resolved ``conf/train.yaml``; ``overrides``: the command line's, recorded);
     returns the saved checkpoint's directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     check_config(cfg)
     t = cfg["train"]
     torch.set_num_threads(int(t.get("threads") or 1))
@@ -197,10 +209,11 @@ def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Pat
     model, processor = load_model(model_path, t.get("attn_implementation"))
     context = apply_variant(model, cfg)
     parameter_groups(model, lrs)  # a recipe that trains nothing is one line, before the data is prepared
-    data = dataset(cfg, processor, out)
+    with args.main_process_first(local=False, desc="data"):  # one process exports the twins, the others read
+        data = dataset(cfg, processor, out)
     trainer = ContextTrainer(model=model, args=args, train_dataset=data, lrs=lrs, context=context,
                              data_collator=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id))
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(Path(args.output_dir))
     trainer.train(resume_from_checkpoint=last)
     record = {"entry": "experiments/train.py", "overrides": overrides, "model": model_path,
               "torch": torch.__version__, "config": cfg, "skipped": dict(data.skipped), "records": len(data), "resumed_from": last,
