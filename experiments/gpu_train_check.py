@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="llava-1.5-7b", help="a name in analysis/configs or a config.json path")
+    p.add_argument("--config", default="llava-1.5-7b", help="a name in analysis/configs (llava-v1.6-vicuna-7b: "
+                   "LLaVA-NeXT, a 2x2-crop image, 2,928 vision tokens) or a config.json path")
     p.add_argument("--tiny", action="store_true", help="narrow widths (same classes, same token counts)")
     p.add_argument("--layers", type=int, help="override the number of decoder layers")
     p.add_argument("--start-layer", type=int, default=12)

@@ -41,9 +41,17 @@ def build_config(name: str, tiny: bool = False, layers: int | None = None):
     return AutoConfig.for_model(model_type, **raw)
 
 
+NEXT_GRID = 2  # LLaVA-NeXT: a square image of 2 x 2 crops (672 px at 336): base + 4 crops, the paper's shape
+
+
 def vision_tokens(config) -> int:
+    """Image tokens per sample: the patches of one crop (CLS dropped); for LLaVA-NeXT, a square image of
+    NEXT_GRID x NEXT_GRID crops, which AnyRes does not unpad: base + (g*side) rows of (g*side + 1 newline)."""
     v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2  # LLaVA-1.5 "default" strategy: the patches, CLS dropped
+    side = v.image_size // v.patch_size
+    if config.model_type == "llava_next":
+        return side * side + NEXT_GRID * side * (NEXT_GRID * side + 1)
+    return side * side
 
 
 class SyntheticBatches(torch.utils.data.Dataset):
@@ -65,8 +73,13 @@ class SyntheticBatches(torch.utils.data.Dataset):
         labels = torch.full_like(ids, -100)
         labels[-self.answer:] = ids[-self.answer:]
         v = self.config.vision_config
-        pixels = torch.randn(3, v.image_size, v.image_size, generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        if self.config.model_type == "llava_next":  # base crop + the grid's crops, and the image's size
+            item["pixel_values"] = torch.randn(1 + NEXT_GRID**2, 3, v.image_size, v.image_size, generator=g)
+            item["image_sizes"] = torch.tensor([NEXT_GRID * v.image_size] * 2)
+        else:
+            item["pixel_values"] = torch.randn(3, v.image_size, v.image_size, generator=g)
+        return item
 
 
 def _collate(items: list[dict]) -> dict:
