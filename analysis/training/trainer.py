@@ -17,8 +17,11 @@ DeepSpeed / FSDP configs, multi-process equivalence and resume tests.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
+import torch
 from transformers import Trainer
 
 from .groups import parameter_groups
@@ -41,3 +44,44 @@ class GroupedTrainer(Trainer):
             decay = self.args.weight_decay
             self.optimizer = cls([{**g, "weight_decay": decay} for g in groups], **kwargs)
         return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume the weights of a Trainer checkpoint under the model's own parameter names, strictly.
+
+        ``Trainer`` loads ``model.safetensors`` with ``strict=False``, but transformers 5 saves LLaVA under its
+        original (converted-back) key names (``language_model.model.*`` for ``model.language_model.*``): a resumed
+        run would keep its start weights for all but a few tensors, with a warning only. DeepSpeed and FSDP
+        checkpoints have their own loaders and go to ``Trainer``'s."""
+        folder = Path(resume_from_checkpoint)
+        files = _weight_files(folder)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not files:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(model or self.model)
+        names = saved_names(model)
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        unknown = sorted(set(state) - set(names))
+        if unknown:
+            raise RuntimeError(f"resuming from {folder}: its weights {unknown[:3]}... are not this model's; "
+                               "was the checkpoint written by another variant?")
+        model.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
+
+
+def saved_names(model) -> dict[str, str]:
+    """{name in a ``save_pretrained`` file: the model's own ``state_dict`` name}, from transformers' own reverse
+    conversion (a probe tensor per parameter carries its index through the renaming)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = list(model.state_dict())
+    reverted = revert_weight_conversion(model, {name: torch.tensor([i]) for i, name in enumerate(own)})
+    return {saved: own[int(probe.reshape(-1)[0])] for saved, probe in reverted.items()}
