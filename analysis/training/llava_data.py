@@ -28,6 +28,7 @@ of placing a label on a wrong token.
 from __future__ import annotations
 
 import collections
+import os
 import json
 from pathlib import Path
 
@@ -342,10 +343,12 @@ def twin_records(samples: list[dict], image_dir: str = "images") -> list[tuple[d
                                 {"from": "gpt", "value": s["answer"]}]}, s["image"]) for s in samples]
 
 
-def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=None, image_size: int = 64) -> Path:
+def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=None, image_size: int = 64,
+                 workers: int | None = None) -> Path:
     """Write ``n`` samples of each twin (interleaved round-robin, as the training stream draws them) as
     ``out_dir/<split>.json`` in LLaVA's format with PNG images under ``out_dir/images/``; the image folder
-    to read it with is ``out_dir``. Returns the JSON path. Same arguments, same files."""
+    to read it with is ``out_dir``. Returns the JSON path. Same arguments, same files, whatever ``workers``
+    (processes drawing and writing the images; default: up to 8 CPUs for large exports)."""
     from analysis import twins
 
     names = list(names or twins.TWINS)
@@ -354,13 +357,35 @@ def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=Non
     meta = {"n": n, "seed": seed, "names": names, "image_size": image_size}
     if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         return path  # already written (a resumed run, or another process of this one)
-    per_twin = [twins.generate(name, split, n, seed, image_size) for name in names]
-    samples = [per_twin[t][i] for i in range(n) for t in range(len(names))]
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for record, image in twin_records(samples):
-        image.save(out / record["image"])
-        records.append(record)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if n * len(names) >= 4000 else 1
+    step = max(1, -(-n // (4 * workers)))
+    jobs = [(str(out), name, split, seed, image_size, start, min(step, n - start))
+            for name in names for start in range(0, n, step)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunks = pool.map(_export_chunk, jobs)
+    else:
+        chunks = [_export_chunk(job) for job in jobs]
+    per_twin = {name: [] for name in names}
+    for job, chunk in zip(jobs, chunks):
+        per_twin[job[1]] += chunk
+    records = [per_twin[name][i] for i in range(n) for name in names]
     path.write_text(json.dumps(records, indent=1))
     meta_path.write_text(json.dumps(meta))  # last: its presence says the export is complete
     return path
+
+
+def _export_chunk(job) -> list[dict]:
+    """Samples ``start .. start + count`` of one twin: images written, records returned."""
+    from analysis import twins
+
+    out, name, split, seed, image_size, start, count = job
+    records = []
+    for record, image in twin_records(twins.generate(name, split, count, seed, image_size, start=start)):
+        image.save(Path(out) / record["image"])
+        records.append(record)
+    return records

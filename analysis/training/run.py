@@ -189,12 +189,13 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return max(found)[1] if found else None
 
 
-def evaluate_twins(model, processor, n: int, context) -> dict:
-    """Greedy scores on the twins' eval splits (the tiny models' check), under the training context."""
+def evaluate_twins(model, processor, n: int, context, blind: bool = False) -> dict:
+    """Greedy scores on the twins' eval splits (the tiny models' check), under the training context; ``blind``:
+    every image blank."""
     from .evaluate import score_twins
 
     model.eval()
-    return score_twins(model, processor, n=n, context=context or contextlib.nullcontext)
+    return score_twins(model, processor, n=n, context=context or contextlib.nullcontext, blind=blind)
 
 
 def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Path:
@@ -221,6 +222,8 @@ def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Pat
               * args.gradient_accumulation_steps * args.world_size, "log": trainer.state.log_history}
     if int(cfg.get("eval_twins") or 0) and trainer.is_world_process_zero() and not t.get("deepspeed"):
         record["scores"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context)
+        if cfg.get("eval_blind"):
+            record["blind"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context, blind=True)
     final = out / "model"
     dtype = DTYPES[t.get("save_dtype", "float32")]
     if dtype != torch.float32 and not t.get("deepspeed"):

@@ -65,7 +65,7 @@ class GroupedTrainer(Trainer):
             state.update(load_file(file))
         unknown = sorted(set(state) - set(names))
         if unknown:
-            raise RuntimeError(f"resuming from {folder}: its weights {unknown[:3]}... are not this model's; "
+            raise ValueError(f"resuming from {folder}: its weights {unknown[:3]}... are not this model's; "
                                "was the checkpoint written by another variant?")
         model.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
 
