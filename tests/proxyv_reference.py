@@ -5,7 +5,8 @@ One sample at a time, padding removed. Below the start layer it is the plain dec
 proxies, text], the attention mask is written out pair by pair from the rules of docs/proxyv.md,
 proxies come from an explicit bilinear formula (spatial) or an explicit softmax (learned), and the
 guided update follows the official code literally (learned: splat the proxies first, then
-project). It reads only the model's weights and ProxyV settings; shared with ``analysis`` are the
+project). ``init="none"`` (no proxies: text rows attend over every row, vision rows get a context-free
+light MLP) is written out token by token in :func:`lightmlp_layers`. It reads only the model's weights and ProxyV settings; shared with ``analysis`` are the
 token layout's crop grids (tested in test_layout.py) and the HF inputs to the language model.
 """
 
@@ -84,6 +85,34 @@ def guided_update(guide, eps, v, proxy_context):
     return rms_norm(v + out, guide.norm.weight, eps)
 
 
+def light_update(update, eps, v):
+    """The context-free light MLP (init "none"), row-wise: RMSNorm(v + W_out SiLU(W_in v)), v (N, D)."""
+    return rms_norm(v + linear(torch.nn.functional.silu(linear(v, update.input_proj)), update.out_proj),
+                    update.norm.weight, eps)
+
+
+def lightmlp_layers(model, h, positions, images):
+    """init "none" (no proxies, the paper's Table 2 light-MLP variant): logits (n, V) after layers L.. of one
+    unpadded sequence h (n, D). Written out token by token: a text token attends causally over every token
+    (full vision tokens included) and runs the FFN; a vision token (a cell of a crop grid) gets the light MLP
+    of its own hidden state only."""
+    lm, config = model.model.language_model, model.config.text_config
+    L, eps = model.config.proxyv["start_layer"], config.rms_norm_eps
+    is_vision = {int(x) for _, grids in images for grid in grids for x in grid.flatten() if x >= 0}
+    text = [i for i in range(len(h)) if i not in is_vision]
+    allowed = torch.tensor([[k <= q for k in range(len(h))] for q in text])  # (text, all)
+    for index in range(L, len(lm.layers)):
+        layer, update = lm.layers[index], model.model.proxyv.layers[str(index)]
+        x = rms_norm(h, layer.input_layernorm.weight, eps)
+        new = torch.empty_like(h)
+        t = h[text] + attention(layer, config, x[text], positions[text], x, positions, allowed)
+        new[text] = t + ffn(layer, rms_norm(t, layer.post_attention_layernorm.weight, eps))
+        for i in sorted(is_vision):
+            new[i] = light_update(update, eps, h[i:i + 1])[0]
+        h = new
+    return linear(rms_norm(h, lm.norm.weight, eps), model.lm_head)
+
+
 def reference_sample(model, embeds, positions, images):
     """Logits (n, V) of one unpadded sample. images: [(start index, [crop grids of sample indices])]."""
     lm, config = model.model.language_model, model.config.text_config
@@ -107,6 +136,8 @@ def reference_sample(model, embeds, positions, images):
 def proxyv_layers(model, h, positions, images):
     """Logits (n, V) after the ProxyV layers L.. of one unpadded sequence h (n, D) entering layer L.
     images: [(start index, [crop grids of indices into h, -1 removed])], start = the image's first token."""
+    if model.config.proxyv["init"] == "none":
+        return lightmlp_layers(model, h, positions, images)
     lm, config = model.model.language_model, model.config.text_config
     settings, proxyv = model.config.proxyv, model.model.proxyv
     L, f, learned = settings["start_layer"], settings["reduce_factor"], settings["init"] == "learned"

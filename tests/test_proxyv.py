@@ -15,6 +15,7 @@ from analysis.proxyv import apply_proxyv, load_proxyv, proxyv_parameters, proxyv
 
 # 8x8 patch grid per crop, so reduce factors 2 and 4 both divide it.
 GRID = {"image_size": 32, "patch_size": 4}
+INITS = ["spatial", "learned", "none"]  # "none": no proxies, the context-free light MLP (paper Table 2)
 STEPS = 4
 
 
@@ -50,31 +51,34 @@ def assert_matches_reference(model, batch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("start_layer,reduce_factor,attn", [(1, 2, "sdpa"), (3, 4, "eager")])
 def test_matches_reference(spec, init, attn, start_layer, reduce_factor):
     model = build(spec, attn, start_layer=start_layer, reduce_factor=reduce_factor, init=init)
     assert_matches_reference(model, batch_of(MODEL_SPECS[spec][0]))
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("kind_spec", ["llava-llama", "next-llama"])
 def test_several_images_and_a_text_only_sample(kind_spec, init):
     model = build(kind_spec, start_layer=0, reduce_factor=2, init=init)
     assert_matches_reference(model, batch_of(MODEL_SPECS[kind_spec][0], MULTI))
 
 
-def test_unpadded_crops_have_missing_and_partial_proxies():
-    """(64, 40) in AnyRes drops 3 of 8 columns of each high-res crop: f=2 loses a block column."""
-    model = build("next-llama", start_layer=1, reduce_factor=2)
+@pytest.mark.parametrize("init, counts", [("spatial", (16, 12, 12, 12, 12)), ("none", (0, 0, 0, 0, 0))])
+def test_unpadded_crops_have_missing_and_partial_proxies(init, counts):
+    """(64, 40) in AnyRes drops 3 of 8 columns of each high-res crop: f=2 loses a block column (spatial);
+    without proxies (none) the kept cells are exactly the vision rows."""
+    model = build("next-llama", start_layer=1, reduce_factor=2, init=init)
     batch = batch_of("llava_next", (PAIR[1],))
     shapes = proxyv_shapes(model.config, batch["input_ids"], batch["attention_mask"], batch["image_sizes"])
-    assert shapes.counts == (((16, 12, 12, 12, 12),),)
-    assert shapes.proxies == 64 and shapes.vision_rows == 64 + 4 * 40
+    assert shapes.counts == ((counts,),)
+    assert shapes.proxies == sum(counts) and shapes.vision_rows == 64 + 4 * 40
+    assert shapes.init == init
     assert_matches_reference(model, batch)
 
 
-@pytest.mark.parametrize("attn,init", [("sdpa", "spatial"), ("eager", "learned")])
+@pytest.mark.parametrize("attn,init", [("sdpa", "spatial"), ("eager", "learned"), ("sdpa", "none"), ("eager", "none")])
 def test_generate_with_cache_equals_full_recomputation(spec, attn, init):
     model = build(spec, attn, start_layer=2, reduce_factor=2, init=init)
     batch = batch_of(MODEL_SPECS[spec][0])
@@ -90,7 +94,7 @@ def test_generate_with_cache_equals_full_recomputation(spec, attn, init):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", INITS)
 def test_batch_equals_each_sample_alone(spec, init):
     kind = MODEL_SPECS[spec][0]
     model = build(spec, start_layer=1, reduce_factor=4, init=init)
@@ -102,16 +106,17 @@ def test_batch_equals_each_sample_alone(spec, init):
             torch.testing.assert_close(batched[b][batch["attention_mask"][b].bool()], alone, atol=1e-5, rtol=0)
 
 
-def test_text_only_input_runs_the_vanilla_model():
+@pytest.mark.parametrize("init", ["spatial", "none"])
+def test_text_only_input_runs_the_vanilla_model(init):
     kind, backbone, extra = MODEL_SPECS["next-llama"]
     vanilla = tiny.build_model(kind, backbone, seed=1, **GRID, **extra)
-    model = build("next-llama", start_layer=1, reduce_factor=2)
+    model = build("next-llama", start_layer=1, reduce_factor=2, init=init)
     batch = processor(kind)(text=["USER: only text here ASSISTANT:"], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, vanilla(**batch).logits)
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", INITS)
 def test_proxyv_parameters_receive_gradients(init):
     model = build("llava-llama", start_layer=1, reduce_factor=2, init=init)
     batch = batch_of("llava")
@@ -122,7 +127,7 @@ def test_proxyv_parameters_receive_gradients(init):
         assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("spec,init", [("llava-qwen2-gqa", "learned"), ("next-llama", "spatial")])
+@pytest.mark.parametrize("spec,init", [("llava-qwen2-gqa", "learned"), ("next-llama", "spatial"), ("next-llama", "none")])
 def test_save_and_load_give_identical_logits(tmp_path, spec, init):
     model = build(spec, start_layer=2, reduce_factor=4, init=init)
     batch = batch_of(MODEL_SPECS[spec][0])
@@ -149,8 +154,9 @@ def test_bad_input_gives_one_clear_error():
     with pytest.raises(ValueError, match=r"reduce_factor=3 does not divide the 8x8 crop grid.*\[1, 2, 4, 8\]"):
         apply_proxyv(fresh(), start_layer=1, reduce_factor=3)
     apply_proxyv(fresh(), start_layer=1, reduce_factor=3, init="learned")  # any factor: 64 // 9 = 7 proxies
-    with pytest.raises(ValueError, match="init must be one of"):
+    with pytest.raises(ValueError, match="init must be one of spatial, learned, none, got 'bilinear'"):
         apply_proxyv(fresh(), start_layer=1, init="bilinear")
+    apply_proxyv(fresh(), start_layer=1, reduce_factor=3, init="none")  # no proxies: the factor is unused
     with pytest.raises(TypeError, match="unsupported model class LlamaForCausalLM; supported: Llava"):
         from transformers import LlamaForCausalLM
         apply_proxyv(LlamaForCausalLM(tiny.text_config(vocab_size=32)), start_layer=1)
@@ -163,7 +169,7 @@ def test_bad_input_gives_one_clear_error():
         apply_proxyv(model, start_layer=2)
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", INITS)
 def test_flops_formula_equals_torch_counter(init):
     """analysis.flops.proxyv describes exactly the matrix products a ProxyV layer executes."""
     from torch.utils.flop_counter import FlopCounterMode

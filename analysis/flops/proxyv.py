@@ -34,6 +34,11 @@ executes and tested equal to torch's counter)::
     init logits           C·n·S·I              queries (n, I) x keys (C, S, I)
     init pooling          C·n·S·D              attn (C, n, S) @ cells (C, S, D)
 
+``init="none"`` (no proxies, P = n = 0: the paper's Table 2 light MLP) is the same table with P = 0 and the
+context-free light MLP (:class:`~analysis.proxyv.modules.LightUpdate`): q/o/FFN on B·Nt rows, k/v on B·T
+rows, attention B·H·Nt·T, and per vision row only ``light_input_proj`` (2·D·I) and ``light_out_proj``
+(2·I·D) -- no ``light_context_proj``, no ``light_fuse``.
+
 ``theoretical`` counts per sample without padding or filler slots (P_b, Nv_b, Nt_b, T_b = Nv_b + Nt_b)
 and attention only over allowed pairs (``sample_pairs``), as the theoretical figure of the operators.
 
@@ -86,7 +91,7 @@ DEFAULT_INIT = "spatial"
 # ----------------------------------------------------------------------------- the formulas
 
 def _layer(d: TextDims, B: int, T: int, P: int, Nv: int, Nt: int, keys_per_row: int | None, pairs: int | None,
-           I: int, C: int, S: int, n: int, learned: bool, first: bool) -> dict[str, int]:
+           I: int, C: int, S: int, n: int, learned: bool, first: bool, context: bool = True) -> dict[str, int]:
     D, H, Hkv, hd, F = d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
     rows, kv_rows = B * (P + Nt), B * (T + P)
     attention = B * H * (P + Nt) * keys_per_row * 2 * hd if pairs is None else 2 * H * hd * pairs
@@ -97,6 +102,8 @@ def _layer(d: TextDims, B: int, T: int, P: int, Nv: int, Nt: int, keys_per_row: 
         "light_input_proj": 2 * B * Nv * D * I, "light_context_proj": 2 * B * P * D * I,
         "light_fuse": 2 * B * Nv * 2 * I * I, "light_out_proj": 2 * B * Nv * I * D,
     }
+    if not context:  # init "none": the context-free light MLP (no proxies, no fuse)
+        del out["light_context_proj"], out["light_fuse"]
     if learned:
         out["splat"] = 2 * C * S * n * I
         if first:
@@ -112,7 +119,7 @@ def proxyv_layer_flops(dims: TextDims, shapes: ProxyVShapes, first: bool, theore
     """
     d, s = TextDims.of(dims), shapes
     crop = {"I": s.light_width, "C": s.crops, "S": s.cells_per_crop, "n": s.proxies_per_crop,
-            "learned": s.learned, "first": first}
+            "learned": s.learned, "first": first, "context": s.init != "none"}
     if not theoretical:
         return _layer(d, s.batch, s.rows, s.proxies, s.vision_rows, s.text_rows, s.rows + s.proxies, None, **crop)
     total: dict[str, int] = {}
@@ -140,7 +147,7 @@ class ProxyVFlops:
     Args:
         layers: the ProxyV layers, ``range(L, n_layers)``.
         reduce_factor: F (default 4, or that of ``shapes``).
-        init: ``"spatial"`` or ``"learned"`` (default spatial, or that of ``shapes``).
+        init: ``"spatial"``, ``"learned"`` or ``"none"`` (default spatial, or that of ``shapes``).
         light_width: I of the light MLP; default hidden // 4 (or that of ``shapes``). ``0`` = default.
         shapes: :class:`~analysis.proxyv.ProxyVShapes` of the counted batch (exact for any batch), or
             ``None``: derived from the tokens (see the module docstring).
@@ -160,14 +167,14 @@ class ProxyVFlops:
         if reduce_factor is not None and reduce_factor < 1:
             raise ValueError(f"reduce_factor must be >= 1, got {reduce_factor}")
         if init is not None and init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if light_width is not None and light_width < 0:
             raise ValueError(f"light_width must be >= 1 (or 0 for hidden // 4), got {light_width}")
         if shapes is not None:
             _check_shapes(shapes, reduce_factor, init, light_width)
         self.start = self.layers[0]
         self.reduce_factor = reduce_factor or DEFAULT_REDUCE_FACTOR
-        self.init = init or ("learned" if shapes is not None and shapes.learned else DEFAULT_INIT)
+        self.init = init or (shapes.init if shapes is not None else DEFAULT_INIT)
         self.light_width = light_width or None
         self.shapes = shapes
         self._cached: tuple | None = None  # (tokens, dims, {first: LayerFlops parts}) of the last tokens counted
@@ -196,7 +203,8 @@ class ProxyVFlops:
             shapes = self.shapes
             _check_tokens(shapes, tokens)
         else:
-            shapes = derive_shapes(tokens, self.reduce_factor, self.init == "learned", width)
+            shapes = derive_shapes(tokens, self.reduce_factor, self.init == "learned", width,
+                                   proxies=self.init != "none")
             if shapes is None:
                 return None
         groups = _row_groups(shapes, _text_pairs(tokens))
@@ -209,11 +217,11 @@ class ProxyVFlops:
 
 
 def _check_shapes(shapes: ProxyVShapes, reduce_factor, init, light_width) -> None:
-    if init is not None and (init == "learned") != shapes.learned:
-        raise ValueError(f"init={init!r} but shapes= were made for init={'learned' if shapes.learned else 'spatial'!r}")
+    if init is not None and init != shapes.init:
+        raise ValueError(f"init={init!r} but shapes= were made for init={shapes.init!r}")
     if light_width and light_width != shapes.light_width:
         raise ValueError(f"light_width={light_width} but shapes= were made for light_width={shapes.light_width}")
-    if reduce_factor is not None:
+    if reduce_factor is not None and shapes.init != "none":  # no proxies: the factor is unused
         side = math.isqrt(shapes.cells_per_crop)
         n = side * side // reduce_factor**2 if shapes.learned else (side // reduce_factor) ** 2
         if n != shapes.proxies_per_crop:
@@ -233,10 +241,11 @@ def _check_tokens(shapes: ProxyVShapes, tokens: PrefillTokens) -> None:
 
 
 def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int,
-                  partial: bool = False) -> ProxyVShapes | None:
+                  partial: bool = False, proxies: bool = True) -> ProxyVShapes | None:
     """ProxyV shapes from prefill tokens whose vision positions are their crops' cells (module docstring);
     ``None`` without vision tokens. ``partial`` (learned proxies only): a sample's cells may be fewer than its
-    crops hold (token reduction before the start layer), each crop assumed to keep at least one cell."""
+    crops hold (token reduction before the start layer), each crop assumed to keep at least one cell.
+    ``proxies=False``: init "none" (no proxy per crop; ``reduce_factor`` and ``learned`` unused)."""
     cells = tokens.vision & tokens.valid
     per_sample = cells.sum(1).tolist()
     if not any(per_sample):
@@ -248,13 +257,15 @@ def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, ligh
         raise ValueError(f"ProxyV counts need square crop grids all of one size (tokens per crop a square), "
                          f"got {sorted(grids)}")
     side = next(iter(grids))[0]
-    if not learned and side % reduce_factor:
+    if not proxies:
+        learned = False
+    elif not learned and side % reduce_factor:
         divisors = [d for d in range(1, side + 1) if side % d == 0]
         raise ValueError(f"reduce_factor={reduce_factor} does not divide the {side}x{side} crop grid, which spatial "
                          f"proxies need; use one of {divisors}, or init='learned'")
     if learned and side * side < reduce_factor**2:
         raise ValueError(f"reduce_factor={reduce_factor} leaves no proxy for a {side}x{side} crop grid")
-    n = side * side // reduce_factor**2 if learned else (side // reduce_factor) ** 2
+    n = 0 if not proxies else side * side // reduce_factor**2 if learned else (side // reduce_factor) ** 2
     if partial and not learned:
         raise ValueError("partial crops (token reduction before ProxyV) need learned proxies")
     for b, (count, crops) in enumerate(zip(per_sample, tokens.crop_shapes)):

@@ -24,7 +24,7 @@ from ..models import decoder_layers, llava_core, text_config_of
 from .plan import build_plan
 from .runtime import ImageSizeRecorder, ProxyV, proxyv_layer_forward
 
-INITS = ("spatial", "learned")
+INITS = ("spatial", "learned", "none")  # "none": no proxies, a context-free light MLP (paper Table 2)
 FORMAT = 1
 
 
@@ -33,7 +33,7 @@ class ProxyVSettings:
     """ProxyV settings as stored in ``config.proxyv``."""
 
     start_layer: int
-    reduce_factor: int = 4
+    reduce_factor: int = 4  # init="none": recorded as given, unused (there are no proxies)
     init: str = "spatial"
     light_width: int = 0  # light-MLP (and learned-query) width I; 0 -> hidden // 4 when applied
 
@@ -68,7 +68,7 @@ def _check(core, layers, settings: ProxyVSettings) -> None:
     if not 0 <= L < n:
         raise ValueError(f"start_layer={L} is out of range: the model has {n} decoder layers (valid 0..{n - 1})")
     if settings.init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {settings.init!r}")
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {settings.init!r}")
     side = _crop_side(core)
     if f < 1:
         raise ValueError(f"reduce_factor must be >= 1, got {f}")
@@ -105,7 +105,10 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
         start_layer: first decoder layer L that runs ProxyV (0 <= L < number of layers).
         reduce_factor: f; each crop's side x side grid gets (side/f)^2 spatial proxies (side^2 // f^2
             learned ones). Official default 4 (24x24 -> 6x6).
-        init: ``"spatial"`` (bilinear downsampling, parameter-free) or ``"learned"`` (learned queries).
+        init: ``"spatial"`` (bilinear downsampling, parameter-free), ``"learned"`` (learned queries), or
+            ``"none"``: no proxies -- from L on the vision tokens skip attention and FFN and get a context-free
+            light MLP (:class:`~analysis.proxyv.modules.LightUpdate`; the paper's Table 2 variant);
+            ``reduce_factor`` is then recorded but unused.
         light_width: width I of the light MLP and of the learned queries; default hidden // 4. (The
             official code uses hidden // 4 from width 1024 on and hidden // 2 below.)
         seed: if given, the new parameters are initialised from ``torch.manual_seed(seed)`` without
@@ -157,7 +160,7 @@ class ProxyVShapes:
     text_rows: int  # Nt: other slots per sample (largest count), newline tokens and padding included
     crops: int  # C: crops with vision cells in the batch
     cells_per_crop: int  # S = side^2
-    proxies_per_crop: int  # n (spatial: (side/f)^2; learned: side^2 // f^2)
+    proxies_per_crop: int  # n (spatial: (side/f)^2; learned: side^2 // f^2; none: 0)
     light_width: int  # I
     learned: bool
     counts: tuple  # per sample, per image, per crop: proxies that exist
@@ -166,6 +169,11 @@ class ProxyVShapes:
     sample_vision: tuple  # Nv_b full vision tokens
     sample_text: tuple  # Nt_b attended non-vision tokens (text, newline)
     sample_pairs: tuple  # allowed (query, key) pairs of the ProxyV attention, queries = proxies + text
+
+    @property
+    def init(self) -> str:
+        """The proxy init these shapes were made for (``"none"``: no proxy per crop)."""
+        return "none" if self.proxies_per_crop == 0 else "learned" if self.learned else "spatial"
 
 
 def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, settings: dict | None = None):
@@ -178,7 +186,7 @@ def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, sett
         raise ValueError("config has no proxyv settings; pass settings= or use a ProxyV model's config")
     s = ProxyVSettings.from_dict(data)
     layout = compute_layout(input_ids, config, attention_mask, image_sizes)
-    plan = build_plan(layout, s.reduce_factor, s.init == "learned")
+    plan = build_plan(layout, s.reduce_factor, s.init == "learned", proxies=s.init != "none")
     if plan is None:
         return None
     width = s.light_width or config.text_config.hidden_size // 4

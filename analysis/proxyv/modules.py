@@ -4,6 +4,8 @@ Behaviour follows the official code (github penghao-wu/ProxyV, ``llava/model/vis
 
 * :class:`GuidedUpdate` is the per-layer light MLP (official ``VisionMLP``) that replaces attention
   and FFN for the full vision tokens: ``v' = RMSNorm(v + W_out SiLU(W_fuse [W_in v ; W_ctx proxy(v)]))``.
+* :class:`LightUpdate` is its context-free form for ``init="none"`` (no proxies: the paper's Table 2
+  "light MLP" variant), ``v' = RMSNorm(v + W_out SiLU(W_in v))``.
 * :func:`spatial_proxies` is the official spatial initialiser: ``F.interpolate(mode="bilinear",
   align_corners=False)`` of each crop's grid (no antialiasing). For an integer factor f the output
   cell i samples source coordinate ``f*i + (f-1)/2``: f=2 averages each 2x2 block, f=4 averages the
@@ -44,6 +46,33 @@ class GuidedUpdate(nn.Module):
         """
         mixed = torch.cat([self.input_proj(vision), context], dim=-1)  # (B, Nv, 2I)
         return self.norm(vision + self.out_proj(F.silu(self.fuse(mixed))))
+
+
+class LightUpdate(nn.Module):
+    """Context-free light MLP of the full vision tokens (``init="none"``, the paper's Table 2 "light MLP").
+
+    ``v' = RMSNorm(v + W_out SiLU(W_in v))``: :class:`GuidedUpdate` without its context half. Its ``fuse``
+    layer is dropped too: without the context, ``W_fuse W_in`` is a product of two linear maps with no
+    nonlinearity between them, i.e. one D -> I map of rank <= I, which ``W_in`` alone already spans; it would
+    add I^2 parameters and 2·I^2 FLOPs per token and no expressiveness. Same names as GuidedUpdate's.
+
+    Args:
+        hidden: model width D.
+        width: light-MLP width I.
+        norm: the output RMSNorm, an instance of the backbone's own RMSNorm class.
+    """
+
+    def __init__(self, hidden: int, width: int, norm: nn.Module):
+        super().__init__()
+        self.input_proj = nn.Linear(hidden, width, bias=False)  # W_in: a vision token -> I
+        self.out_proj = nn.Linear(width, hidden, bias=False)  # W_out
+        self.norm = norm
+
+    def forward(self, vision: torch.Tensor, context: None = None) -> torch.Tensor:
+        """vision: (B, Nv, D) hidden states (``context`` must be None). Returns the updated (B, Nv, D)."""
+        if context is not None:
+            raise ValueError("LightUpdate takes no proxy context")
+        return self.norm(vision + self.out_proj(F.silu(self.input_proj(vision))))
 
 
 def spatial_proxies(cells: torch.Tensor, factor: int) -> torch.Tensor:

@@ -98,8 +98,11 @@ def _kept_rectangle(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(side).clamp(int(r[0]), int(r[-1])), torch.arange(side).clamp(int(c[0]), int(c[-1]))
 
 
-def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
-    """The plan of a chunk from its :class:`analysis.layout.BatchLayout`; ``None`` without vision cells."""
+def build_plan(layout, factor: int, learned: bool, proxies: bool = True) -> ProxyPlan | None:
+    """The plan of a chunk from its :class:`analysis.layout.BatchLayout`; ``None`` without vision cells.
+
+    ``proxies=False`` (``init="none"``): no proxy at all (P = 0, n = 0 per crop; ``factor`` unused); the plan
+    then only says which rows are full vision tokens, and its mask is the text rows' one."""
     B, T = layout.image_mask.shape
     device = layout.image_mask.device
     vision = torch.zeros(B, T, dtype=torch.bool)
@@ -115,18 +118,18 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
                 positions = crop.positions.cpu()  # (side, side), -1 where removed
                 side = positions.shape[0]
                 small = side // factor
-                n = side * side // factor**2 if learned else small * small
+                n = 0 if not proxies else side * side // factor**2 if learned else small * small
                 kept = positions >= 0
                 if not kept.any():
                     image_counts.append(0)
                     continue
-                if learned:  # removed cells are masked out of the softmax: any kept cell fills them
+                if learned or not proxies:  # removed cells are masked out of the softmax: any kept cell fills them
                     cell_src.append(b * T + torch.where(kept, positions, positions[kept][0]).flatten())
                 else:
                     src_r, src_c = _kept_rectangle(kept)
                     cell_src.append(b * T + positions[src_r][:, src_c].flatten())
                 cell_valid.append(kept.flatten())
-                if learned:
+                if learned or not proxies:
                     exists = torch.ones(n, dtype=torch.bool)
                 else:
                     exists = kept.view(small, factor, small, factor).any(3).any(1).flatten()  # (n,)
@@ -144,7 +147,7 @@ def build_plan(layout, factor: int, learned: bool) -> ProxyPlan | None:
                 r, c = kept.nonzero().unbind(1)
                 if learned:
                     context[b, positions[r, c]] = (len(cell_src) - 1) * side * side + r * side + c
-                else:
+                elif proxies:
                     context[b, positions[r, c]] = local[(r // factor) * small + c // factor]
                 vision[b, positions[r, c]] = True
             sample_counts.append(tuple(image_counts))

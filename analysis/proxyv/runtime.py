@@ -9,7 +9,8 @@ Per ProxyV layer (index >= start layer), in a forward whose chunk holds vision c
     h[vision]  = GuidedUpdate(h[vision], context_proj(p) at each cell's proxy)
 
 Full vision rows are never queries and never enter the FFN; their keys and values are computed
-(text reads them, and they are cached). Chunks without vision cells (decode steps, text-only
+(text reads them, and they are cached). With ``init="none"`` there are no proxies (P = 0): queries are
+the text rows, keys the sequence, and the vision rows get the context-free ``LightUpdate(h[vision])``. Chunks without vision cells (decode steps, text-only
 input) and layers below the start layer run HF's own forward untouched.
 """
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..attention import project_kv, split_attention
 from ..layout import compute_layout, image_token_id
-from .modules import GuidedUpdate, LearnedProxies, spatial_proxies
+from .modules import GuidedUpdate, LearnedProxies, LightUpdate, spatial_proxies
 from .plan import ProxyPlan, build_plan
 
 
@@ -57,6 +58,11 @@ class ForwardState:
         """Initialise the proxies from the start layer's input ``hidden`` (B, T, D), and their rotary."""
         plan = self.plan
         B, T, D = hidden.shape
+        Nt = plan.text_rows.shape[1]
+        if plan.n_proxies == 0:  # init="none": no proxies; the queries are the text rows
+            self.proxies = hidden.new_zeros(B, 0, D)
+            self.q_rope = tuple(take(t.expand(B, -1, -1), plan.text_flat, Nt) for t in position_embeddings)
+            return
         C, S = plan.cell_src.shape
         cells = hidden.reshape(B * T, D).index_select(0, plan.cell_src.flatten()).view(C, S, D)
         if plan.learned:
@@ -70,7 +76,6 @@ class ForwardState:
         self.proxies = flat.view(B, P, D)
         positions = position_ids.expand(B, T).gather(1, plan.proxy_start) + plan.proxy_rank  # (B, P)
         self.rope = rotary(hidden, positions)
-        Nt = plan.text_rows.shape[1]
         self.q_rope = tuple(torch.cat([proxy, take(t.expand(B, -1, -1), plan.text_flat, Nt)], dim=1)
                             for proxy, t in zip(self.rope, position_embeddings))
 
@@ -91,7 +96,7 @@ class ForwardState:
 class ProxyV(nn.Module):
     """All ProxyV parameters of a model (registered as ``<llava core>.proxyv``) and its runtime.
 
-    ``layers[str(i)]`` is the :class:`GuidedUpdate` of decoder layer i >= start layer;
+    ``layers[str(i)]`` is the :class:`GuidedUpdate` (init "none": :class:`LightUpdate`) of decoder layer i >= L;
     ``initializer`` the :class:`LearnedProxies` (learned variant only).
     """
 
@@ -99,8 +104,9 @@ class ProxyV(nn.Module):
         super().__init__()
         self.settings = settings
         width = settings.light_width
+        update = LightUpdate if settings.init == "none" else GuidedUpdate
         self.layers = nn.ModuleDict(
-            {str(i): GuidedUpdate(hidden, width, norm_factory()) for i in range(settings.start_layer, n_layers)}
+            {str(i): update(hidden, width, norm_factory()) for i in range(settings.start_layer, n_layers)}
         )
         if settings.init == "learned":
             self.initializer = LearnedProxies(hidden, width, side * side // settings.reduce_factor**2)
@@ -149,7 +155,8 @@ class ProxyV(nn.Module):
             chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
             plan_layout = getattr(self.host, "proxyv_layout", compute_layout)  # VisionZip: its merged tokens
             layout = self.layout = plan_layout(input_ids, core.config, chunk_mask, image_sizes)
-            plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned")
+            plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned",
+                              proxies=self.settings.init != "none")
         vision = plan.vision if plan is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if past == 0:
             self._key_vision = vision
@@ -211,7 +218,7 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
         state.start(hidden_states, position_ids, position_embeddings, rotary, proxyv.initializer)
     elif state.proxies is None:
         raise RuntimeError(f"ProxyV layer {index} ran before the start layer {proxyv.settings.start_layer}")
-    guide: GuidedUpdate = proxyv.layers[str(index)]
+    guide: GuidedUpdate | LightUpdate = proxyv.layers[str(index)]
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
         # HF drops the cache in a checkpointed layer too (a recomputation would write it twice)
         step = functools.partial(_layer_step, layer, guide, state, position_embeddings, None)
@@ -222,7 +229,7 @@ def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention
     return new
 
 
-def _layer_step(layer, guide: GuidedUpdate, state: ForwardState, position_embeddings, past_key_values,
+def _layer_step(layer, guide: GuidedUpdate | LightUpdate, state: ForwardState, position_embeddings, past_key_values,
                 h: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One ProxyV layer on sequence ``h`` (B, T, D) and proxies ``p`` (B, P, D): (new sequence, new proxies).
     Reads only the forward's fixed plan and rotary from ``state``, so it can be recomputed."""
@@ -234,7 +241,7 @@ def _layer_step(layer, guide: GuidedUpdate, state: ForwardState, position_embedd
 
     x, xp = layer.input_layernorm(h), layer.input_layernorm(p)  # every row: all of them are keys
     queries = torch.cat([xp, take(x, plan.text_flat, Nt)], dim=1)  # (B, P + Nt, D)
-    extra_kv = project_kv(attn, xp, *state.rope)  # proxies' keys/values: attended, never cached
+    extra_kv = project_kv(attn, xp, *state.rope) if P else None  # proxies' keys/values: attended, never cached
     out = split_attention(attn, queries, state.q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
     p = p + out[:, :P]
     text = take(h, plan.text_flat, Nt) + out[:, P:]  # (B, Nt, D)
@@ -243,7 +250,7 @@ def _layer_step(layer, guide: GuidedUpdate, state: ForwardState, position_embedd
     p = p + ffn[:, :P]
     text = text + ffn[:, P:]
 
-    context = state.context(guide.context_proj(p))  # (B, Nv, I)
+    context = state.context(guide.context_proj(p)) if P else None  # (B, Nv, I); init "none": no context
     vision = guide(take(h, plan.vision_flat, Nv), context)  # (B, Nv, D)
     # Every row is a text row or a vision row: write both into a fresh tensor.
     new = torch.empty_like(h).view(B * T, D)
