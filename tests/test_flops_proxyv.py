@@ -86,6 +86,10 @@ def assert_exact(model, batch, report):
         assert layer.layer >= start
         rest = linear["attention"]  # everything in the layer beyond its own linear layers
         for name, module in LIGHT.items():
+            if name not in got:  # init "none": the context-free light MLP has no such product, nor module
+                assert settings(model)["init"] == "none" and not hasattr(model.model.proxyv.layers[str(layer.layer)],
+                                                                         module)
+                continue
             assert got[name] == counts[f"{prefix}.layers.{layer.layer}.{module}"], (layer.layer, name)
             rest -= got[name]
         if layer.layer == start and "init_key_proj" in got:
@@ -99,8 +103,9 @@ def assert_exact(model, batch, report):
 
 # ----------------------------------------------------------------------------- analytic == torch counter
 
-@pytest.mark.parametrize("start_layer, factors", [(1, {"spatial": 2, "learned": 3}), (3, {"spatial": 4, "learned": 4})])
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("start_layer, factors", [(1, {"spatial": 2, "learned": 3, "none": 3}),
+                                                  (3, {"spatial": 4, "learned": 4, "none": 4})])
+@pytest.mark.parametrize("init", ["spatial", "learned", "none"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("spec", ["llava-qwen2-gqa", "next-mistral-gqa"])  # LLaVA-1.5 / LLaVA-NeXT, GQA, q/k/v bias
 def test_analytic_equals_torch_counter(spec, attn, init, start_layer, factors):
@@ -126,7 +131,7 @@ def test_several_images_and_a_text_only_sample():
     assert_exact(model, text_only, report)
 
 
-@pytest.mark.parametrize("init, factor", [("spatial", 2), ("learned", 3)])
+@pytest.mark.parametrize("init, factor", [("spatial", 2), ("learned", 3), ("none", 3)])
 def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
     """From a layout alone (what the runner records): exact for LLaVA-1.5 single-image samples."""
     model = build("llava-llama", "eager", start_layer=2, reduce_factor=factor, init=init)
@@ -134,7 +139,7 @@ def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
         batch = batch_of("llava", samples)
         layout = PrefillTokens.from_batch(batch, model.config)  # LLaVA-1.5: vision tokens are the cells
         width = settings(model)["light_width"]
-        assert derive_shapes(layout, factor, init == "learned", width) == proxyv_shapes(
+        assert derive_shapes(layout, factor, init == "learned", width, proxies=init != "none") == proxyv_shapes(
             model.config, batch["input_ids"], batch["attention_mask"])
         report = analytic(model, batch, exact=False)
         assert report.to_dict() == analytic(model, batch).to_dict()
@@ -165,7 +170,29 @@ def test_groups_and_theoretical_pairs():
     assert sum(report.groups().values()) == report.total
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+def test_no_proxies_counts_the_text_rows_and_the_light_mlp():
+    """init "none" (paper Table 2): queries are the 45 text rows over the 621 tokens; each vision token costs
+    only W_in and W_out of the light MLP."""
+    config = load_config("llava-1.5-7b")
+    k, t = 5, 40
+    layout = PrefillTokens.from_counts(576, k + t, 576, text_before_image=k)
+    report = count_flops(config, layout, "proxyv", start_layer=16, init="none")
+    layer = report.per_layer[16]
+    per_pair, D, I = 2 * 32 * 128, 4096, 1024
+    text_pairs = sum(range(1, k + 1)) + sum(range(k + 576 + 1, k + 576 + t + 1))
+    assert layer.theoretical["attn_scores"] == {"vision": 0, "text": per_pair * text_pairs}
+    assert layer.executed["attn_scores"] == {"vision": 0, "text": per_pair * 45 * 621, "padding": 0}
+    assert layer.executed["q_proj"] == {"vision": 0, "text": 2 * 45 * D * D, "padding": 0}
+    assert layer.executed["k_proj"]["vision"] == 2 * 576 * D * D
+    assert layer.executed["light_input_proj"]["vision"] == layer.executed["light_out_proj"]["vision"] == 2 * 576 * D * I
+    assert set(layer.executed) == {"q_proj", "k_proj", "v_proj", "o_proj", "attn_scores", "attn_values", "gate_proj",
+                                   "up_proj", "down_proj", "light_input_proj", "light_out_proj"}
+    assert report.per_layer[17].executed == layer.executed  # no start-layer work (no proxies to make)
+    spatial = count_flops(config, layout, "proxyv", start_layer=16, reduce_factor=4)
+    assert report.total < spatial.total  # no proxy rows, no context / fuse products
+
+
+@pytest.mark.parametrize("init", ["spatial", "learned", "none"])
 def test_a_variant_counts_as_its_name(init):
     config = load_config("llava-1.5-7b")
     tokens = PrefillTokens.from_counts(576, 64, 576, text_before_image=5)
@@ -227,6 +254,15 @@ def test_cli_learned_and_next_table(capsys):
                  "--start-layer", "16"]) == 0
     out = capsys.readouterr().out
     assert "op proxyv, reduce 4, init learned at layers 16..31" in out and "init_key_proj" in out
+
+
+def test_cli_no_proxies():
+    cmd = [sys.executable, "-m", "analysis.flops", "--config", "llava-1.5-7b", "--vision-tokens", "576",
+           "--text-tokens", "64", "--op", "proxyv", "--proxy-init", "none", "--start-layer", "12", "--json"]
+    result = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert result["proxy_init"] == "none" and "light_fuse" not in result["components"]
+    # 0.449 here (decoder, 576 vision + 64 text tokens); the paper reports about -50% at L12 on a 7B model
+    assert result["components"]["light_input_proj"] > 0 and 0.4 < result["reduction"] < 0.5
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,7 +15,7 @@ import sys
 
 from .configs import load_config, shipped_configs
 from .dims import tokens_per_crop, vision_flops
-from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR
+from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR, INITS
 from .reduction import METHODS as REDUCTION_METHODS
 from .report import FlopsReport, count_flops
 from .tokens import PrefillTokens
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy-reduce", type=int, default=None, metavar="F",
                         help=f"--op proxyv: reduce factor, (side/F)^2 proxies per crop (spatial; default "
                              f"{DEFAULT_REDUCE_FACTOR})")
-    parser.add_argument("--proxy-init", choices=("spatial", "learned"), default=None,
+    parser.add_argument("--proxy-init", choices=INITS, default=None,
                         help=f"--op proxyv: proxy initialiser (default {DEFAULT_INIT})")
     parser.add_argument("--on-proxyv", type=int, default=None, metavar="L",
                         help="--op fastv / pdrop / visionzip on a ProxyV model from layer L (learned proxies, reduce "
@@ -253,7 +253,8 @@ def _on_proxyv(args, options: dict) -> dict:
     if args.op not in (*REDUCTION_METHODS, "visionzip"):
         raise ValueError(f"--on-proxyv applies to --op {' / '.join(REDUCTION_METHODS)} / visionzip, not --op {args.op}")
     if args.proxy_init not in (None, "learned"):
-        raise ValueError("token reduction runs on ProxyV models with learned proxies only; drop --proxy-init spatial")
+        raise ValueError(f"token reduction runs on ProxyV models with learned proxies only; drop --proxy-init "
+                         f"{args.proxy_init}")
     if args.op != "visionzip" and args.newline_as == "vision" and args.newline_tokens:
         raise ValueError("on a ProxyV model, newline tokens are text (ProxyV's cells are the patches): drop "
                          "--newline-as vision")
