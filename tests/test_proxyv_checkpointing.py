@@ -19,7 +19,7 @@ def _grads(model, batch, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("init", ["spatial", "learned"])
+@pytest.mark.parametrize("init", ["spatial", "learned", "none"])
 @pytest.mark.parametrize("spec", ["llava-llama", "next-llama"])
 def test_checkpointed_gradients_equal_plain_ones(spec, init):
     kind = "llava" if spec.startswith("llava") else "llava_next"
