@@ -41,7 +41,7 @@ ABLATION = register_family(Family(
 
 # ----------------------------------------------------------------------------- ProxyV
 
-PROXYV_INITS = ("spatial", "learned")
+PROXYV_INITS = ("spatial", "learned", "none")  # = analysis.proxyv.apply.INITS (that module imports torch)
 
 
 def _proxyv_methods() -> dict[str, dict]:

@@ -157,6 +157,9 @@ def test_bad_input_gives_one_clear_error():
     with pytest.raises(ValueError, match="init must be one of spatial, learned, none, got 'bilinear'"):
         apply_proxyv(fresh(), start_layer=1, init="bilinear")
     apply_proxyv(fresh(), start_layer=1, reduce_factor=3, init="none")  # no proxies: the factor is unused
+    from analysis.families import PROXYV_INITS
+    from analysis.proxyv.apply import INITS as APPLY_INITS
+    assert PROXYV_INITS == APPLY_INITS == tuple(INITS)  # the runner's variant check knows every init
     with pytest.raises(TypeError, match="unsupported model class LlamaForCausalLM; supported: Llava"):
         from transformers import LlamaForCausalLM
         apply_proxyv(LlamaForCausalLM(tiny.text_config(vocab_size=32)), start_layer=1)

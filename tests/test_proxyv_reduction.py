@@ -118,6 +118,10 @@ def test_unsupported_combinations_are_one_clear_error():
     with pytest.raises(ValueError, match="spatial proxies: token reduction breaks the crop grid"), \
             ablate(spatial, "fastv", start_layer=2, keep=0.5):
         pass
+    proxy_free = build("llava-llama", start_layer=L, init="none")
+    with pytest.raises(ValueError, match=r"fastv on a ProxyV model without proxies \(init='none'\): not supported"), \
+            ablate(proxy_free, "fastv", start_layer=2, keep=0.5):
+        pass
     early = build("llava-llama", start_layer=1, reduce_factor=2, init="learned")
     with pytest.raises(ValueError, match=r"fastv drops vision tokens before layer 2, after ProxyV's start layer 1: "
                                          r"every drop must come at or before layer 1"), \
@@ -186,4 +190,8 @@ def test_visionzip_on_spatial_proxyv_is_refused():
     spatial = build("llava-llama", start_layer=L, reduce_factor=2, init="spatial")
     with pytest.raises(ValueError, match="visionzip on a ProxyV model with spatial proxies"), \
             ablate(spatial, "visionzip", dominant=10, contextual=4):
+        pass
+    proxy_free = build("llava-llama", start_layer=L, init="none")
+    with pytest.raises(ValueError, match=r"visionzip on a ProxyV model without proxies \(init='none'\)"), \
+            ablate(proxy_free, "visionzip", dominant=10, contextual=4):
         pass

@@ -4,7 +4,8 @@
 
 ProxyV plans its proxies over the vision tokens alive at its start layer L, so every drop must come at or
 before L; and token reduction breaks the crop grid that spatial proxies downsample, so only learned proxies
-combine with it (the paper's non-spatial proxies).
+combine with it (the paper's non-spatial proxies). Proxy-free ProxyV (``init="none"``) is refused too: not
+implemented on the reduction's path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def drops(method: str, layers: Sequence[int]) -> tuple[int, ...]:
 def check_on_proxyv(method: str, start_layer: int, drop_layers: Sequence[int] = (), init: str | None = None) -> None:
     """One ValueError naming the fix when ``method`` cannot run on a ProxyV model from ``start_layer`` with
     proxies ``init`` (``None``: not known yet, e.g. while resolving a variant)."""
+    if init == "none":
+        raise ValueError(f"{method} on a ProxyV model without proxies (init='none'): not supported (the reduction's "
+                         "ProxyV path, its FLOPs count and their reference test are written for learned proxies); "
+                         "use a checkpoint with init='learned'")
     if init is not None and init != "learned":
         raise ValueError(f"{method} on a ProxyV model with spatial proxies: token reduction breaks the crop grid "
                          "that spatial proxies downsample; it needs learned proxies (a checkpoint with "
