@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=24, help="patches per crop side (24 -> 576 per crop)")
     parser.add_argument("--start-layer", type=int, default=None, help="default: the middle layer")
     parser.add_argument("--reduce", type=int, default=4)
-    parser.add_argument("--init", default="spatial", choices=["spatial", "learned"])
+    parser.add_argument("--init", default="spatial", choices=["spatial", "learned", "none"])
     parser.add_argument("--text", type=int, default=64, help="text tokens in the prompt")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=16)

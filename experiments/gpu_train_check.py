@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="narrow widths (same classes, same token counts)")
     p.add_argument("--layers", type=int, help="override the number of decoder layers")
     p.add_argument("--start-layer", type=int, default=12)
-    p.add_argument("--init", default="spatial", choices=["spatial", "learned"])
+    p.add_argument("--init", default="spatial", choices=["spatial", "learned", "none"])
     p.add_argument("--groups", default="stage1", choices=["stage1", "stage2"],
                    help="stage1: ProxyV + projector train (LLM frozen); stage2: the LLM too")
     p.add_argument("--batch", type=int, default=16, help="per device (official stage 1 at 7B: 16)")

@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", help="start from this checkpoint (skips stage A; stage B fine-tunes it)")
     p.add_argument("--proxyv-start", type=int, help="train a ProxyV model from this decoder layer on")
-    p.add_argument("--proxyv-init", default="spatial", choices=["spatial", "learned"])
+    p.add_argument("--proxyv-init", default="spatial", choices=["spatial", "learned", "none"])
     p.add_argument("--proxyv-reduce", type=int, default=4)
     p.add_argument("--with-reduction", metavar="OP:K=V,...", help="train and evaluate under a token reduction, "
                    "e.g. 'pdrop:layers=8/16,keep=0.7211' or 'fastv:start_layer=2,keep=0.6251'")
