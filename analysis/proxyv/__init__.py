@@ -8,7 +8,8 @@
 From the start layer L on, each decoder layer attends with queries [proxies, text] over keys
 [full vision, proxies, text]; the full vision tokens skip attention and FFN and receive a light
 MLP update guided by their spatially corresponding proxy. Proxies are made at layer L from each
-crop (bilinear downsampling, or learned queries) and never enter the KV cache.
+crop (bilinear downsampling, or learned queries) and never enter the KV cache. ``init="none"`` has no
+proxies: the vision tokens get a context-free light MLP (the paper's Table 2 variant).
 
 Paper: "Streamline Without Sacrifice -- Squeeze out Computation Redundancy in LMM", Wu, Lu, Liu,
 ICML 2025 (arXiv 2505.15816); reference code github.com/penghao-wu/ProxyV. Design notes, the
