@@ -137,11 +137,12 @@ def test_method_parameters_are_model_args():
         LlavaAblate(model=model, processor=processor, op="skip_ffn", start_layer=1, keep=0.5)
 
 
-def test_proxyv_checkpoint_loads_with_its_modules(tmp_path):
+@pytest.mark.parametrize("init", ["spatial", "none"])
+def test_proxyv_checkpoint_loads_with_its_modules(tmp_path, init):
     from analysis.proxyv import apply_proxyv
 
     model, processor = _tiny()
-    apply_proxyv(model, start_layer=2, reduce_factor=2, init="spatial", seed=0)
+    apply_proxyv(model, start_layer=2, reduce_factor=2, init=init, seed=0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     in_memory = LlavaAblate(model=model, processor=processor, batch_size=3, progress=False)

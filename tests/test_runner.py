@@ -395,6 +395,15 @@ def test_token_reduction_runs_on_the_learned_proxyv_checkpoint(tmp_path, config_
     assert first.model.path == str(proxyv_config_only)  # the first listed, as the default sweep takes it
     learned = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed, "++op.init=learned"))
     assert learned.model.path == str(learned_config_only) and learned.variant.options["init"] == "learned"
+    with pytest.raises(ConfigError, match="has op.init='none'"):  # no init='none' checkpoint listed for layer 16
+        runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed, "++op.init=none"))
+    light = tmp_path / "proxyv16none"  # the paper's Table 2 light-MLP variant: a checkpoint like the others
+    config = tiny.build_config("llava", "llama", image_size=64, patch_size=8, num_layers=32)
+    config.proxyv = {"start_layer": 16, "reduce_factor": 4, "init": "none", "light_width": 16, "format": 1}
+    config.save_pretrained(light)
+    three = f"model.proxyv={{16:[{proxyv_config_only},{learned_config_only},{light}]}}"
+    none = runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", three, "++op.init=none"))
+    assert none.model.path == str(light) and none.variant.options["init"] == "none"
     fastv = runner.prepare(_cfg(tmp_path, config_only, "op=fastv", "start_layer=2", "op.keep=0.5", "op.proxyv=16",
                                 listed))
     v = fastv.variant
