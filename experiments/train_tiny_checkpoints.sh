@@ -13,9 +13,10 @@ declare -A RUNS=(
   [proxyv-L16-learned-pdrop]="variant=proxyv start_layer=16 proxyv.init=learned reduction={method:pdrop,layers:[8,16],keep:0.7211}"
   [control]="variant=none"
   [skip_attn-L12]="variant=skip_attn start_layer=12"
+  [lightmlp-L12]="variant=proxyv start_layer=12 proxyv.init=none"
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(control proxyv-L12 proxyv-L16 proxyv-L24 proxyv-L16-learned proxyv-L16-learned-pdrop skip_attn-L12)
+[ ${#names[@]} -eq 0 ] && names=(control proxyv-L12 proxyv-L16 proxyv-L24 proxyv-L16-learned proxyv-L16-learned-pdrop skip_attn-L12 lightmlp-L12)
 for name in "${names[@]}"; do
   [ -n "${RUNS[$name]+x}" ] || { echo "unknown checkpoint $name (one of: ${!RUNS[*]})" >&2; exit 2; }
   out=checkpoints/tiny-llava-$name
