@@ -83,7 +83,8 @@ def train_tower(out: Path, steps: int = 600, batch: int = 64, lr: float = 2e-3, 
     args = TrainingArguments(
         output_dir=str(out / "tower"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
         warmup_steps=50, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        weight_decay=0.01, adam_beta2=0.98, max_grad_norm=1.0, logging_steps=20, save_steps=200, seed=seed,
+        weight_decay=0.01, adam_beta2=0.98, max_grad_norm=1.0, logging_steps=min(20, max(1, steps // 4)),
+        save_steps=200, seed=seed,
         report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=workers)
     trainer = Trainer(model=objective, args=args, train_dataset=data)
