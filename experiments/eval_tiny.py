@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/eval_tiny.py checkpoints/tiny-llava [--n 200] [--blind] [--record]
 
-``--blind`` replaces every image with a blank one (same questions); ``--record`` stores the scores
+A ProxyV checkpoint loads with its modules; one fine-tuned under an op or a token reduction (its
+``training.json`` says) is scored under it. ``--blind`` replaces every image with a blank one; ``--record`` stores the scores
 in the checkpoint's ``training.json`` under ``eval_n<N>`` / ``blind_n<N>`` (the test suite checks
 the shipped checkpoint against ``eval_n24``). The runner scores through lmms-eval (``eval.blind=true``).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.training.evaluate import load_checkpoint, score_twins  # noqa: E402
+from analysis.training.evaluate import load_checkpoint, score_twins, trained_context  # noqa: E402
 
 
 def main() -> None:
@@ -30,10 +31,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.checkpoint)
-    scores = score_twins(model, processor, n=args.n, blind=args.blind)
+    path = Path(args.checkpoint) / "training.json"
+    context = trained_context(model, json.loads(path.read_text())) if path.exists() else None
+    scores = score_twins(model, processor, n=args.n, blind=args.blind, **({"context": context} if context else {}))
     print(json.dumps(scores, indent=2))
     if args.record:
-        path = Path(args.checkpoint) / "training.json"
         record = json.loads(path.read_text())
         record[f"{'blind' if args.blind else 'eval'}_n{args.n}"] = scores
         path.write_text(json.dumps(record, indent=2))

@@ -11,7 +11,14 @@ import contextlib
 import torch
 
 from analysis import twins
-from analysis.training.data import prompt_text
+
+
+def prompt_text(processor, question: str) -> str:
+    """The conversation prompt the evaluation uses (chat template, generation prompt)."""
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+    )
 
 
 @torch.no_grad()
@@ -45,19 +52,39 @@ def score_twins(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, bli
 
 
 def load_checkpoint(path, dtype=torch.float32):
-    """(model, processor) of a saved LLaVA checkpoint, offline, in eval mode, in ``dtype``.
-
-    Raises FileNotFoundError naming the missing path and how to make it.
-    """
+    """(model, processor) of a saved LLaVA checkpoint (a ProxyV one through ``load_proxyv``), offline, in eval
+    mode, in ``dtype``. Raises FileNotFoundError naming the missing path and how to make it."""
     from pathlib import Path
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"no checkpoint at {path} (config.json missing); the tiny default ships in the repository under "
-            "checkpoints/tiny-llava, and `python experiments/train_tiny.py --out PATH` re-trains it"
+            f"no checkpoint at {path} (config.json missing); the tiny models ship in the repository under "
+            "checkpoints/ (tiny-llava and its fine-tunes); docs/training.md says how each is trained"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    if getattr(AutoConfig.from_pretrained(path), "proxyv", None) is not None:
+        from analysis.proxyv import load_proxyv
+
+        model = load_proxyv(path, dtype=dtype).eval()
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+def trained_context(model, record: dict):
+    """The context a checkpoint trained by ``experiments/train.py`` runs in, from its ``training.json``: the
+    ablation op it was fine-tuned under, or its token reduction (a zero-argument callable), else a null one."""
+    config = record.get("config") or {}
+    variant, reduction = config.get("variant"), config.get("reduction")
+    if variant not in (None, "proxyv", "none"):
+        from analysis.ablation import ablate
+
+        return lambda: ablate(model, variant, start_layer=int(config["start_layer"]))
+    if reduction:
+        from analysis.ablation import ablate
+
+        params = {k: v for k, v in reduction.items() if k != "method"}
+        return lambda: ablate(model, reduction["method"], **params)
+    return contextlib.nullcontext
