@@ -65,3 +65,36 @@ def test_bad_input_is_one_line(tmp_path, overrides, message):
     done = train(tmp_path / "bad", "train.max_steps=1", *overrides)
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in done.stderr
+
+
+def test_reduction_training_half_precision_save_and_continuing_a_proxyv_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    from analysis.proxyv import load_proxyv
+
+    out = tmp_path / "pdrop"
+    done = train(out, "variant=proxyv", "start_layer=16", "proxyv.init=learned", "train.max_steps=2",
+                 "reduction={method:pdrop,layers:[8,16],keep:0.7}", "train.save_dtype=float16", "eval_twins=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "model" / "training.json").read_text())
+    assert record["config"]["reduction"]["method"] == "pdrop" and set(record["scores"]) >= {"mean"}
+    assert "reduction={method:pdrop,layers:[8,16],keep:0.7}" in record["overrides"]
+    with safe_open(out / "model" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    assert next(load_proxyv(out / "model", dtype=torch.float32).parameters()).dtype == torch.float32
+
+    # stage 2: the ProxyV checkpoint as the model continues as ProxyV; other settings are one line
+    again = train(tmp_path / "stage2", f"model.pretrained={out / 'model'}", "variant=proxyv", "start_layer=16",
+                  "proxyv.init=learned", "train.max_steps=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    wrong = train(tmp_path / "wrong", f"model.pretrained={out / 'model'}", "variant=proxyv", "start_layer=12",
+                  "train.max_steps=1")
+    assert wrong.returncode != 0 and wrong.stderr.strip().splitlines()[-1].startswith(
+        "error: the model is a ProxyV checkpoint with {'start_layer': 16")
+
+
+def test_an_op_with_a_reduction_is_one_line(tmp_path):
+    done = train(tmp_path / "bad", "variant=skip_attn", "reduction={method:fastv,start_layer:2,keep:0.5}",
+                 "train.max_steps=1")
+    assert done.returncode != 0 and "do not combine" in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr

@@ -45,3 +45,38 @@ def test_trainer_steps_lower_the_loss_and_train_exactly_the_groups(tmp_path):
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and not any(".vision_tower." in n for n in moved)
     assert any(".proxyv." in n for n in moved) and any(n.startswith("lm_head.") for n in moved)
+
+
+def test_loss_under_a_reduction_is_the_loss_on_the_rows_it_predicts(tmp_path):
+    """ContextTrainer under PyramidDrop: keep 1.0 gives exactly the plain loss; keep 0.5 gives the loss computed
+    by hand on the rows the pruned forward outputs (labels mapped by the reduction's own state)."""
+    from analysis.ablation import ablate
+    from analysis.training.run import ContextTrainer
+
+    out = export_twins(tmp_path / "data", n=1, split="train", seed=0)
+    processor = tiny.build_processor("llava")
+    processor.chat_template = (ROOT / "checkpoints/tiny-llava/chat_template.jinja").read_text()
+    data = LlavaConversations(load_records(out), out.parent, processor)
+    model = tiny.build_model("llava", "llama", num_layers=4, seed=0).eval()
+    batch = collate([data[i] for i in range(3)], pad_token_id=processor.tokenizer.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False)
+    with torch.no_grad():
+        plain = model(**batch).loss
+        for keep in (1.0, 0.5):
+            context = lambda keep=keep: ablate(model, "pdrop", layers=[2], keep=keep)  # noqa: E731
+            trainer = ContextTrainer(model=model, args=args, lrs={"proxyv": None, "projector": 1e-3, "llm": 1e-3},
+                                     context=context)
+            loss = trainer.compute_loss(model, dict(batch))
+            with context() as state:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits
+                labels = state.output_labels(batch["labels"])
+            shifted = labels[:, 1:].reshape(-1)
+            by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                        shifted, ignore_index=-100)
+            torch.testing.assert_close(loss, by_hand)
+            if keep == 1.0:
+                torch.testing.assert_close(loss, plain)
+            else:
+                assert logits.shape[1] < batch["input_ids"].shape[1]  # rows were pruned: a different loss
