@@ -3,7 +3,7 @@
 Everything here is built from configs and a locally made character-level tokenizer, so that
 ``processor(images=..., text=...)`` -> ``model.generate(...)`` works exactly as with a hub
 checkpoint, without any download. Used by the tests (random weights) and by the embedded
-default model (trained weights, see ``experiments/train_tiny.py``).
+default model (trained weights, see docs/training.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Score a LLaVA checkpoint on the twins' eval splits directly (greedy), optionally blind.
 
     .venv/bin/python experiments/eval_tiny.py checkpoints/tiny-llava [--n 200] [--blind] [--record]
+    .venv/bin/python experiments/eval_tiny.py checkpoints/tiny-llava --op skip_attn --start-layer 12   # training-free
 
 A ProxyV checkpoint loads with its modules; one fine-tuned under an op or a token reduction (its
 ``training.json`` says) is scored under it. ``--blind`` replaces every image with a blank one; ``--record`` stores the scores
@@ -28,14 +29,20 @@ def main() -> None:
     p.add_argument("--blind", action="store_true")
     p.add_argument("--record", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--op", help="score under this ablation op, training-free (e.g. skip_attn)")
+    p.add_argument("--start-layer", type=int, default=12, help="with --op: its first layer")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.checkpoint)
     path = Path(args.checkpoint) / "training.json"
     context = trained_context(model, json.loads(path.read_text())) if path.exists() else None
+    if args.op:
+        from analysis.ablation import ablate
+
+        context = lambda: ablate(model, args.op, start_layer=args.start_layer)  # noqa: E731
     scores = score_twins(model, processor, n=args.n, blind=args.blind, **({"context": context} if context else {}))
     print(json.dumps(scores, indent=2))
-    if args.record:
+    if args.record and not args.op:
         record = json.loads(path.read_text())
         record[f"{'blind' if args.blind else 'eval'}_n{args.n}"] = scores
         path.write_text(json.dumps(record, indent=2))

@@ -15,7 +15,6 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from analysis import tiny, twins
-from analysis.training import data as old_data
 from analysis.training.llava_data import IGNORE, LlavaConversations, collate, export_twins, load_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,7 +262,21 @@ def test_malformed_files_give_one_line(tmp_path, case):
     assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_export_round_trip_matches_the_old_batching(tmp_path):
+def direct_batching(p, sample):
+    """How the tiny model's first (hand-written) training loop built a sample, written out here as the reference:
+    the evaluation prompt (chat template + generation prompt) with the image, then " answer</s>", labels on the
+    answer only."""
+    prompt_text = p.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}],
+        add_generation_prompt=True)
+    prompt = p(images=[sample["image"]], text=[prompt_text], return_tensors="pt")
+    answer = p.tokenizer.encode(" " + sample["answer"], add_special_tokens=False) + [p.tokenizer.eos_token_id]
+    ids = prompt["input_ids"][0].tolist() + answer
+    labels = [-100] * prompt["input_ids"].shape[1] + answer
+    return torch.tensor(ids), torch.tensor(labels), prompt["pixel_values"]
+
+
+def test_export_round_trip_matches_the_direct_batching(tmp_path):
     out = tmp_path / "twins"
     n = 2
     subprocess.run([sys.executable, str(REPO / "experiments" / "export_twins.py"), "--out", str(out), "--n", str(n),
@@ -277,8 +290,8 @@ def test_export_round_trip_matches_the_old_batching(tmp_path):
     for k, sample in enumerate(samples):
         item = data[k]
         assert [p.decode(run) for run in labelled_runs(item["labels"])] == [f" {sample['answer']}</s>"]
-        old = old_data.llava_batch(p, [sample])  # the hand-written loop's batching of the same sample
-        assert torch.equal(item["input_ids"], old["input_ids"][0]) and torch.equal(item["labels"], old["labels"][0])
-        assert torch.equal(item["pixel_values"], old["pixel_values"])
+        ids, labels, pixels = direct_batching(p, sample)
+        assert torch.equal(item["input_ids"], ids) and torch.equal(item["labels"], labels)
+        assert torch.equal(item["pixel_values"], pixels)
     again = export_twins(tmp_path / "again", n, "train", 5)
     assert again.read_bytes() == (out / "train.json").read_bytes()

@@ -1,6 +1,4 @@
-"""Training the embedded default: a tiny LLaVA that reads, trained on the synthetic twins on CPU.
-
-Two stages, as LLaVA itself never trains its vision encoder from scratch inside the LM loss:
-A. the vision tower alone, with a dense per-patch objective (which character is drawn in my cell);
-B. the LLaVA model with the tower frozen: projector + language model on the twins' questions.
+"""Training on transformers' Trainer (docs/training.md): LLaVA-format data (``llava_data``), the recipe's parameter
+groups (``groups``, ``trainer.GroupedTrainer``), one run from ``conf/train.yaml`` (``run``), stage A of the tiny base
+model (``tower``), the greedy twins evaluation (``evaluate``) and the 7B-shape step check (``step_check``).
 """
