@@ -4,7 +4,7 @@ Public API (imported lazily, so that torch-free modules such as ``analysis.repor
     ablate(model, op, layers=...)  -- scoped, exact removal of computations on vision tokens (or token reduction)
     Variant, resolve_variant       -- what a run changes, resolved once (analysis.variant)
     OPERATORS, get_operator        -- the operator registry
-    compute_layout                 -- where the vision tokens of a batch are
+    compute_layout                 -- where the vision tokens of a batch are (LLaVA; Qwen-VL via analysis.layout_qwen)
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ _EXPORTS = {
     "resolve_layers": "analysis.layers",
     "compute_layout": "analysis.layout",
     "BatchLayout": "analysis.layout",
+    "QwenBatchLayout": "analysis.layout_qwen",
+    "compute_qwen_layout": "analysis.layout_qwen",
     "OPERATORS": "analysis.ops",
     "Operator": "analysis.ops",
     "get_operator": "analysis.ops",

@@ -151,8 +151,12 @@ def _llava_next_image(config, start: int, image_size, device) -> tuple[ImageLayo
 
 
 def compute_layout(input_ids: torch.Tensor, config, attention_mask: torch.Tensor | None = None,
-                   image_sizes=None) -> BatchLayout:
+                   image_sizes=None, *, image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None):
     """The token layout of a batch, as the model of ``config`` will see it.
+
+    A Qwen2-VL / Qwen2.5-VL / Qwen3-VL config goes to :func:`analysis.layout_qwen.compute_qwen_layout`
+    (keyword arguments ``image_grid_thw``, ``video_grid_thw``, ``mm_token_type_ids``; returns a
+    ``QwenBatchLayout``); everything below describes the LLaVA path.
 
     Args:
         input_ids: ``(B, T)`` token ids as produced by the model's processor.
@@ -164,6 +168,16 @@ def compute_layout(input_ids: torch.Tensor, config, attention_mask: torch.Tensor
         ValueError: if the image tokens of a sample do not match what the config says an image expands to.
     """
     model_type = getattr(config, "model_type", None)
+    from .layout_qwen import QWEN_VL_MODEL_TYPES, compute_qwen_layout
+
+    if model_type in QWEN_VL_MODEL_TYPES:
+        if image_sizes is not None:
+            raise ValueError("a Qwen-VL layout takes image_grid_thw / video_grid_thw, not image_sizes")
+        return compute_qwen_layout(input_ids, config, attention_mask, image_grid_thw=image_grid_thw,
+                                   video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
+    if image_grid_thw is not None or video_grid_thw is not None or mm_token_type_ids is not None:
+        raise ValueError(f"image_grid_thw / video_grid_thw / mm_token_type_ids are Qwen-VL inputs; "
+                         f"model type {model_type!r} does not take them")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(f"token layout supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     if input_ids.dim() != 2:
