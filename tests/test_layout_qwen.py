@@ -245,3 +245,27 @@ def test_layout_names_and_llava_concepts():
     assert torch.equal(layout.vision_mask("text"), layout.image_mask | layout.video_mask)
     with pytest.raises(ValueError, match="newline_tokens"):
         layout.vision_mask("neither")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_after_a_video_continues_from_its_spatial_extent(kind):
+    """Pins what transformers 5.23's get_rope_index does (later items of issue 12 compute M-RoPE themselves):
+    text after a grid continues at the grid's origin + max(h, w) -- the temporal extent is not counted, so
+    after a Qwen2(.5)-VL video whose temporal positions reach further, text positions repeat temporal ones
+    (the original Qwen code continues at the max over all three axes + 1). Qwen3-VL's one-block grids agree."""
+    model = model_for(kind)
+    batch = make_batch(kind, SAMPLE_SETS["videos"], "right")
+    layout = layout_of_batch(batch, model.config)
+    rope = rope_index(model, batch)
+    grid = layout.samples[0].videos[0]  # t=4 blocks of 2x3 (Qwen2.5-VL: 2 temporal positions per block)
+    t, h, w = grid.shape
+    origin = int(rope[0, 0, grid.start])
+    last_start = grid.block_spans[-1][0]
+    after = int(rope[0, 0, grid.end])  # the <|vision_end|> right after the video
+    if kind == "qwen3_vl":
+        assert after == int(rope[0, 0, last_start]) + max(h, w)
+        assert after > int(rope[:, 0, grid.positions].max())
+    else:
+        assert after == origin + max(h, w)
+        reach = (t - 1) * (1 if kind == "qwen2_vl" else 2)
+        assert int(rope[0, 0, grid.positions].max()) == origin + reach >= after
