@@ -26,7 +26,9 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_add_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` (B, T, D) with ``update[b, i]`` added to row ``rows[b, i]`` wherever ``valid``."""
+    """A copy of ``x`` (B, T, D) with ``update[b, i]`` added to row ``rows[b, i]`` wherever ``valid``. Under autocast
+    ``update`` may be half precision while the residual stream is fp32: it is added in ``x``'s dtype, as the
+    layer's own ``residual + out`` would promote it."""
     B, T, D = x.shape
     flat = (rows + torch.arange(B, device=rows.device)[:, None] * T)[valid]
-    return x.reshape(B * T, D).index_add(0, flat, update[valid]).view(B, T, D)
+    return x.reshape(B * T, D).index_add(0, flat, update[valid].to(x.dtype)).view(B, T, D)
