@@ -24,7 +24,7 @@ import torch
 from .attention import check_backend, split_attention
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
-from .models import decoder_layers, llava_core, patch_instance, text_config_of
+from .models import decoder_layers, is_qwen_vl_model, llava_core, patch_instance, text_config_of, vlm_core
 from .ops import OPERATORS, Operator, get_operator
 from .rows import gather_rows, scatter_add_rows, select_rows
 
@@ -50,6 +50,8 @@ class Chunk:
 class VisionTracker:
     """Keeps the vision mask of every cache position across prefill and decode steps."""
 
+    vision_words = "image"
+
     def __init__(self, config, newline_tokens: str):
         self.config = config
         self.newline_tokens = newline_tokens
@@ -71,6 +73,20 @@ class VisionTracker:
 
         return patch_instance(core, "get_image_features", get_image_features)  # undo puts back ProxyV's recorder
 
+    def query_vision(self, input_ids: torch.Tensor, chunk_mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """(B, T) bool: the vision tokens of this call's ``input_ids``."""
+        # Image tokens are vision tokens only in a call that carries image features (pixels or
+        # pre-encoded); elsewhere, e.g. an <image> id sampled in a decode step, HF embeds them as text.
+        pixels = kwargs.get("pixel_values") is not None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if (pixels or encoded) and bool((input_ids == image_token_id(self.config)).any()):
+            image_sizes = kwargs.get("image_sizes")
+            if image_sizes is None and not pixels:
+                image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
+            layout = compute_layout(input_ids, self.config, chunk_mask, image_sizes)
+            return layout.vision_mask(self.newline_tokens)
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
     def pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -84,22 +100,12 @@ class VisionTracker:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("ablate() supports 2-D (batch, seq) attention masks only")
         chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
-        # Image tokens are vision tokens only in a call that carries image features (pixels or
-        # pre-encoded); elsewhere, e.g. an <image> id sampled in a decode step, HF embeds them as text.
-        pixels = kwargs.get("pixel_values") is not None
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
-        if (pixels or encoded) and bool((input_ids == image_token_id(self.config)).any()):
-            image_sizes = kwargs.get("image_sizes")
-            if image_sizes is None and not pixels:
-                image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
-            layout = compute_layout(input_ids, self.config, chunk_mask, image_sizes)
-            query_vision = layout.vision_mask(self.newline_tokens)
-        else:
-            query_vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        query_vision = self.query_vision(input_ids, chunk_mask, kwargs)
         if past == 0:
             self.key_vision = query_vision
             if not query_vision.any() and not self.warned_no_image:
-                warnings.warn("ablate(): the input has no image tokens, so the op changes nothing", stacklevel=2)
+                warnings.warn(f"ablate(): the input has no {self.vision_words} tokens, so the op changes nothing",
+                              stacklevel=2)
                 self.warned_no_image = True
         elif self.key_vision is None or self.key_vision.shape[1] != past:
             raise RuntimeError(
@@ -110,6 +116,69 @@ class VisionTracker:
             self.key_vision = torch.cat([self.key_vision, query_vision], dim=1)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.key_vision)
         self.chunk = Chunk(query_vision, self.key_vision, valid, past)
+
+
+
+class QwenVisionTracker(VisionTracker):
+    """:class:`VisionTracker` for Qwen2-VL / Qwen2.5-VL / Qwen3-VL: image *and* video tokens are vision tokens,
+    located by the Qwen token layout (:mod:`analysis.layout_qwen`) from the grids of the call."""
+
+    vision_words = "image or video"
+    KINDS = (("image", "pixel_values"), ("video", "pixel_values_videos"))
+
+    def __init__(self, config, newline_tokens: str):
+        super().__init__(config, newline_tokens)
+        # generate() encodes images and videos before the first forward and passes the features without
+        # image_grid_thw / video_grid_thw: remember the grids from the encoder calls.
+        self.encoded_grids: dict[str, torch.Tensor | None] = {"image": None, "video": None}
+
+    def watch_image_encoder(self, core):
+        """Wrap ``core.get_image_features`` and ``core.get_video_features`` (this instance only) to record the
+        grids they encode; returns one undo for both."""
+        undos = []
+        for kind in ("image", "video"):
+            original = getattr(core, f"get_{kind}_features")
+
+            def encoder(*args, _kind=kind, _original=original, **kwargs):
+                grid = kwargs.get(f"{_kind}_grid_thw", args[1] if len(args) > 1 else None)
+                before = dict(self.encoded_grids)
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    # Qwen3-VL's get_video_features calls get_image_features with the video's grid: keep
+                    # only what the outermost call records.
+                    self.encoded_grids = {**before, _kind: grid}
+
+            undos.append(patch_instance(core, f"get_{kind}_features", functools.wraps(original)(encoder)))
+
+        def undo():
+            for u in reversed(undos):
+                u()
+
+        return undo
+
+    def query_vision(self, input_ids, chunk_mask, kwargs):
+        # As for LLaVA: image / video tokens are vision tokens only in a call carrying that kind's features.
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        present = {kind: kwargs.get(pixels) is not None or encoded.get(kind) is not None
+                   for kind, pixels in self.KINDS}
+        if not any(present.values()):
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        grids = {}
+        for kind, pixels in self.KINDS:
+            grid = kwargs.get(f"{kind}_grid_thw")
+            if grid is None and present[kind] and kwargs.get(pixels) is None:
+                grid, self.encoded_grids[kind] = self.encoded_grids[kind], None
+            if present[kind] and grid is None:
+                raise ValueError(f"ablate(): the call carries {kind} features but no {kind}_grid_thw; pass the "
+                                 f"processor's {kind}_grid_thw with them")
+            grids[kind] = grid if present[kind] else None
+        types = kwargs.get("mm_token_type_ids")
+        if types is not None and types.shape != input_ids.shape:
+            types = None
+        layout = compute_layout(input_ids, self.config, chunk_mask, image_grid_thw=grids["image"],
+                                video_grid_thw=grids["video"], mm_token_type_ids=types)
+        return layout.vision_mask(self.newline_tokens)
 
 
 def _allowed(chunk: Chunk, op: Operator, window: int | None) -> torch.Tensor:
@@ -193,7 +262,10 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
 
     Args:
         model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` (or their
-            ``.model``), with a Llama / Qwen2 / Mistral text backbone.
+            ``.model``), with a Llama / Qwen2 / Mistral text backbone; for the operators also a
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration`` (or their ``.model``): images and videos are vision tokens,
+            M-RoPE positions as the model computes them (docs/qwen.md, "Operators").
         op: an operator name (see :data:`analysis.ops.OPERATORS`) or instance, or the method of another
             registered variant family (:mod:`analysis.families`), whose parameters go in ``params``.
         layers: decoder-layer indices; or ``start_layer``/``end_layer`` (end exclusive, default the
@@ -208,6 +280,11 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
             raise ValueError(f"op {getattr(op, 'name', op)!r} takes no parameters, got {sorted(params)}")
         return _ablate_operator(model, op, layers, start_layer=start_layer, end_layer=end_layer,
                                 newline_tokens=newline_tokens)
+    if is_qwen_vl_model(model):
+        raise NotImplementedError(
+            f"ablate({op!r}) on {type(model).__name__}: only the operators ({', '.join(sorted(OPERATORS))}) support "
+            "the Qwen-VL classes so far; token reduction and ProxyV do not yet (issue 12)"
+        )
     from .variant import family, resolve_variant
 
     num_layers = text_config_of(llava_core(model)).num_hidden_layers
@@ -221,7 +298,7 @@ def _ablate_operator(model, op: str | Operator, layers: Iterable[int] | None = N
                      start_layer: int | None = None, end_layer: int | None = None, newline_tokens: str = "vision"):
     """:func:`ablate` for an operator of :mod:`analysis.ops`."""
     operator = get_operator(op)
-    core = llava_core(model)
+    core = vlm_core(model)
     if getattr(core, "proxyv", None) is not None:
         raise TypeError("ablate() on a ProxyV model is not supported: ProxyV already replaces the vision-token "
                         "computation of its layers; ablate the base model, or compare ProxyV as its own variant")
@@ -231,7 +308,7 @@ def _ablate_operator(model, op: str | Operator, layers: Iterable[int] | None = N
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
     if operator.changes_attention:
         check_backend(text_config_of(core)._attn_implementation, f"op {operator.name!r}")
-    tracker = VisionTracker(core.config, newline_tokens)
+    tracker = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, newline_tokens)
     handles, patched = [], []
     try:
         handles.append(core.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True).remove)

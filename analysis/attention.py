@@ -36,10 +36,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x * cos) + (rotate_half(x) * sin)
 
 
+def _head_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``attn.q_norm`` / ``attn.k_norm`` of ``x`` (B, N, heads, hd) where the attention has one (Qwen3's
+    per-head RMSNorm before the rotary embedding), else ``x``."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 def project_kv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotated keys and values of ``hidden`` (B, N, D): each (B, kv_heads, N, hd)."""
     shape = (*hidden.shape[:-1], -1, attn.head_dim)
-    key = attn.k_proj(hidden).view(shape).transpose(1, 2)
+    key = _head_norm(attn, "k_norm", attn.k_proj(hidden).view(shape)).transpose(1, 2)
     value = attn.v_proj(hidden).view(shape).transpose(1, 2)
     return rope(key, cos, sin), value
 
@@ -89,7 +96,7 @@ def split_attention(
     """
     kernel, implementation = _kernel(attn)
     q_shape = (*queries.shape[:-1], -1, attn.head_dim)
-    query = rope(attn.q_proj(queries).view(q_shape).transpose(1, 2), *q_rope)  # (B, H, Nq, hd)
+    query = rope(_head_norm(attn, "q_norm", attn.q_proj(queries).view(q_shape)).transpose(1, 2), *q_rope)  # (B, H, Nq, hd)
     key, value = project_kv(attn, keys_values, *kv_rope)  # (B, Hkv, Nk, hd)
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)

@@ -7,6 +7,12 @@ from transformers import (
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
 )
 
 # The one map of supported LLaVA classes: config.model_type -> (the class checkpoints load as, its core model).
@@ -17,6 +23,16 @@ LLAVA_CLASSES = {
 GENERATION_CLASSES = {kind: classes[0] for kind, classes in LLAVA_CLASSES.items()}
 SUPPORTED_CLASSES = (*GENERATION_CLASSES.values(), *(classes[1] for classes in LLAVA_CLASSES.values()))
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
+# Qwen-VL classes (issue 12): config.model_type -> (generation class, core model), text backbone model_types.
+# Only the operators of analysis.ops (ablate) drive them so far: llava_core() -- and with it token reduction,
+# ProxyV, FLOPs, training and the runner -- still refuses them; vlm_core() accepts both families.
+QWEN_VL_CLASSES = {
+    "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLModel),
+    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel),
+    "qwen3_vl": (Qwen3VLForConditionalGeneration, Qwen3VLModel),
+}
+QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -41,6 +57,26 @@ def llava_core(model):
     backbone = text_config_of(core).model_type
     if backbone not in SUPPORTED_BACKBONES:
         raise TypeError(f"unsupported text backbone {backbone!r}; supported: {', '.join(SUPPORTED_BACKBONES)}")
+    return core
+
+
+def is_qwen_vl_model(model) -> bool:
+    """Whether ``model`` is one of the Qwen-VL classes of :data:`QWEN_VL_CLASSES` (generation class or core)."""
+    return isinstance(model, QWEN_VL_SUPPORTED_CLASSES)
+
+
+def vlm_core(model):
+    """The core model (``LlavaModel`` / ``LlavaNextModel`` / ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` /
+    ``Qwen3VLModel``) inside ``model``, for code that supports both families (the operators)."""
+    if not is_qwen_vl_model(model):
+        if not isinstance(model, SUPPORTED_CLASSES):
+            raise TypeError(f"unsupported model class {type(model).__name__}; supported: "
+                            f"{_names(SUPPORTED_CLASSES + QWEN_VL_SUPPORTED_CLASSES)}")
+        return llava_core(model)
+    core = model.model if isinstance(model, tuple(c[0] for c in QWEN_VL_CLASSES.values())) else model
+    backbone = text_config_of(core).model_type
+    if backbone not in QWEN_VL_BACKBONES:
+        raise TypeError(f"unsupported text backbone {backbone!r}; supported: {', '.join(QWEN_VL_BACKBONES)}")
     return core
 
 
