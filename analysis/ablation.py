@@ -4,8 +4,8 @@
     with ablate(model, "skip_ffn", layers=range(12, 32)):
         model.generate(**batch)
 
-Scoped, per instance, and exact: entering attaches one forward pre-hook to the LLaVA model (to
-read where the image tokens are) and replaces ``forward`` on the chosen decoder-layer
+Scoped, per instance, and exact: entering attaches one forward pre-hook to the LLaVA or Qwen-VL core (to
+read where the image / video tokens are) and replaces ``forward`` on the chosen decoder-layer
 *instances* only; leaving removes both in ``finally``. No transformers class is patched and no
 parameter or buffer is touched, so the model is bit-identical afterwards. Layers outside the
 range, and chunks the op does not affect (text-only input, most decode steps), run HF's own code.
@@ -24,7 +24,14 @@ import torch
 from .attention import check_backend, split_attention
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
-from .models import decoder_layers, is_qwen_vl_model, llava_core, patch_instance, text_config_of, vlm_core
+from .models import (
+    decoder_layers,
+    is_qwen_vl_model,
+    llava_core,
+    patch_instance,
+    text_config_of,
+    vlm_core,
+)
 from .ops import OPERATORS, Operator, get_operator
 from .rows import gather_rows, scatter_add_rows, select_rows
 

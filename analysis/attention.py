@@ -82,7 +82,9 @@ def split_attention(
     Args:
         attn: a HF self-attention module (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``).
         queries: (B, Nq, D) normalised hidden states of the query rows.
-        q_rope: (cos, sin), each (B, Nq, hd): rotary embedding of every query row.
+        q_rope: (cos, sin), each (B, Nq, hd): rotary embedding of every query row (for M-RoPE models, the
+            per-row combination of the temporal / height / width frequencies that HF's text rotary module
+            returns as ``position_embeddings``).
         keys_values: (B, Nk, D) normalised hidden states of the new key/value rows; their keys and
             values are appended to ``cache`` for ``attn.layer_idx``.
         kv_rope: (cos, sin), each (B, Nk, hd).
@@ -96,7 +98,8 @@ def split_attention(
     """
     kernel, implementation = _kernel(attn)
     q_shape = (*queries.shape[:-1], -1, attn.head_dim)
-    query = rope(_head_norm(attn, "q_norm", attn.q_proj(queries).view(q_shape)).transpose(1, 2), *q_rope)  # (B, H, Nq, hd)
+    query = _head_norm(attn, "q_norm", attn.q_proj(queries).view(q_shape)).transpose(1, 2)
+    query = rope(query, *q_rope)  # (B, H, Nq, hd)
     key, value = project_kv(attn, keys_values, *kv_rope)  # (B, Hkv, Nk, hd)
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)

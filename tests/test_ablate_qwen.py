@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-
-from analysis import OPERATORS, ablate, tiny_qwen
 from conftest import assert_unchanged_after_blocks
 from qwen_helpers import KINDS, SAMPLE_SETS, make_batch, model_for
 from qwen_reference import reference_logits
+
+from analysis import OPERATORS, ablate, tiny_qwen
 
 OPS = sorted(OPERATORS)
 N_LAYERS = 3  # the tiny fixtures
@@ -65,7 +65,7 @@ def test_deepstack_is_part_of_the_reference():
     with torch.no_grad(), ablate(model, "skip_attn_ffn", start_layer=0):
         logits = model(**batch).logits
     with_deepstack = reference_for("qwen3_vl", "videos", "skip_attn_ffn", 0)
-    without = reference_logits(model, batch, "skip_attn_ffn", range(0, N_LAYERS), with_deepstack=False)
+    without = reference_logits(model, batch, "skip_attn_ffn", range(N_LAYERS), with_deepstack=False)
     for b in range(len(with_deepstack)):
         torch.testing.assert_close(logits[b][valid[b]], with_deepstack[b], atol=1e-5, rtol=0)
         assert (logits[b][valid[b]] - without[b]).abs().max() > 1e-3
