@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Text backbones the decoder formulas cover: Llama-family layers (q/k/v/o, SwiGLU FFN), GQA, any head_dim.
+TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+# Qwen2's sliding window applies to the layers its ``layer_types`` mark (from ``max_window_layers`` on).
+WINDOWED_BY_LAYER_TYPE = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+
 
 @dataclass(frozen=True)
 class TextDims:
-    """What the FLOPs of a Llama-family decoder depend on (Llama, Qwen2, Mistral; GQA; any head_dim)."""
+    """What the FLOPs of a Llama-family decoder depend on (Llama, Qwen2, Mistral, and the text models of
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL; GQA; any head_dim; q/k/v biases and Qwen3's q/k norms are not products)."""
 
     hidden: int
     heads: int
@@ -24,16 +30,16 @@ class TextDims:
 
     @classmethod
     def from_config(cls, config) -> TextDims:
-        """From a LLaVA config (its ``text_config``) or a bare text-backbone config."""
+        """From a LLaVA or Qwen-VL config (its ``text_config``) or a bare text-backbone config."""
         text = getattr(config, "text_config", None) or config
-        if getattr(text, "model_type", None) not in ("llama", "qwen2", "mistral"):
-            raise ValueError(f"FLOPs model supports llama, qwen2, mistral text backbones, "
+        if getattr(text, "model_type", None) not in TEXT_TYPES:
+            raise ValueError(f"FLOPs model supports {', '.join(TEXT_TYPES)} text backbones, "
                              f"got {getattr(text, 'model_type', None)!r}")
         heads = text.num_attention_heads
         n_layers = text.num_hidden_layers
         window = getattr(text, "sliding_window", None)
         layer_types = getattr(text, "layer_types", None)
-        if layer_types is not None and text.model_type == "qwen2":  # Qwen2 windows only its later layers
+        if layer_types is not None and text.model_type in WINDOWED_BY_LAYER_TYPE:  # only its later layers
             windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
         else:
             windows = (window,) * n_layers

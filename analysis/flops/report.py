@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from ..ops import Operator
 from ..variant import Variant
-from .decoder import LayerFlops, VariantFlops, baseline_flops, by_component, by_group
+from .decoder import LayerFlops, OperatorVariant, VariantFlops, baseline_flops, by_component, by_group
 from .dims import TextDims, vision_flops
+from .qwen import is_qwen, qwen_vision_flops
 from .tokens import PrefillTokens
 from .variants import make_variant
 
@@ -25,7 +26,9 @@ class FlopsReport:
     vision: int | None
     batch: int
     seq_len: int
-    vision_parts: dict[str, int] | None = None  # where a variant changes the vision side (VisionZip): its parts
+    # its parts, where a variant changes the vision side (VisionZip: tower, visionzip, projector) and for Qwen-VL
+    # (tower: patch embedding + blocks, merger: the PatchMerger, deepstack: Qwen3-VL's DeepStack mergers, else 0)
+    vision_parts: dict[str, int] | None = None
 
     @property
     def total(self) -> int:
@@ -135,6 +138,8 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         raise ValueError(f"lm_head must be 'all' or 'last', got {lm_head!r}")
     options = {**_model_extras(config, variant), **options}
     counted = make_variant(variant, dims.layers, layers, start_layer=start_layer, end_layer=end_layer, **options)
+    if is_qwen(config):
+        _check_qwen_variant(counted)
     if hasattr(counted, "with_config"):  # a variant that reads the model config itself (VisionZip: its tower)
         counted = counted.with_config(config)
     baseline = baseline_flops()
@@ -144,9 +149,13 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         output_rows = getattr(counted, "output_rows", None)
         head_rows = tokens.batch * tokens.seq_len if output_rows is None else output_rows(tokens)
     parts_of = getattr(counted, "vision_parts", None)  # a variant that changes the vision side (VisionZip)
-    parts = None if parts_of is None or getattr(config, "vision_config", None) is None else parts_of(config, tokens)
-    vision = vision_flops(config, tokens.crops) if parts is None else parts["tower"] + parts["visionzip"] + parts[
-        "projector"]
+    if is_qwen(config):  # the tower on every image / video grid, its merger and DeepStack mergers
+        parts = qwen_vision_flops(config, tokens.vision_grids).parts()
+        vision = sum(parts.values())
+    else:
+        parts = None if parts_of is None or getattr(config, "vision_config", None) is None else parts_of(config, tokens)
+        vision = vision_flops(config, tokens.crops) if parts is None else parts["tower"] + parts["visionzip"] + parts[
+            "projector"]
     return FlopsReport(
         variant=counted.name,
         layers=tuple(counted.layers),
@@ -158,6 +167,14 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
         seq_len=tokens.seq_len,
         vision_parts=parts,
     )
+
+
+def _check_qwen_variant(counted) -> None:
+    """On Qwen-VL configs: the operators (their rows and (query, key) pairs need only the token masks) and the
+    baseline; ProxyV, token reduction and VisionZip are not counted for these classes yet (issue 12, item 2)."""
+    if not isinstance(counted, OperatorVariant):
+        raise NotImplementedError(f"FLOPs of {counted.name!r} on Qwen-VL models are not modelled yet; the operators "
+                                  f"of analysis.ops and the baseline are")
 
 
 def _model_extras(config, variant) -> dict:

@@ -29,11 +29,17 @@ class PrefillTokens:
     (LLaVA-NeXT newline tokens included or not, per the ``newline_tokens`` choice it was built with).
     ``crop_shapes[b]`` lists the (rows, cols) patch grid of every crop of sample b, in order; their
     number is how many crops run through the vision tower.
+
+    Qwen-VL (:meth:`from_qwen_counts`, or :meth:`from_batch` with a Qwen-VL config): ``vision_grids`` holds the
+    ``(t, h, w)`` patch grid of every image and video the tower runs on (``image_grid_thw`` then
+    ``video_grid_thw`` rows), and ``crop_shapes[b]`` the merged ``(h, w)`` of each temporal block of sample b (the
+    analogue of a crop: an image, or a video's block of ``temporal_patch_size`` frames).
     """
 
     vision: torch.Tensor
     valid: torch.Tensor
     crop_shapes: tuple[tuple[tuple[int, int], ...], ...] = ()
+    vision_grids: tuple[tuple[int, int, int], ...] = ()
     _pairs: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -121,6 +127,8 @@ class PrefillTokens:
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        if getattr(config, "model_type", None) in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+            return cls._from_qwen_batch(batch, config, valid)
         if batch.get("pixel_values") is None:
             empty = ((),) * input_ids.shape[0]
             return cls(torch.zeros_like(valid), valid, empty)
@@ -128,6 +136,43 @@ class PrefillTokens:
         shapes = tuple(tuple(crop.shape for image in sample.images for crop in image.crops)
                        for sample in layout.samples)
         return cls(layout.vision_mask(newline_tokens).cpu(), valid.cpu(), shapes)
+
+
+    @classmethod
+    def _from_qwen_batch(cls, batch: Mapping, config, valid: torch.Tensor) -> PrefillTokens:
+        """A Qwen-VL processor batch: its image and video tokens (``analysis.layout_qwen``), grids and blocks."""
+        from ..layout_qwen import layout_of_batch
+        from .qwen import grids_of_batch
+
+        layout = layout_of_batch(batch, config)
+        shapes = tuple(tuple(tuple(block.shape) for grid in sample.grids for block in grid.blocks)
+                       for sample in layout.samples)
+        return cls(layout.vision_mask().cpu(), valid.cpu(), shapes, grids_of_batch(batch))
+
+    @classmethod
+    def from_qwen_counts(cls, config, image_grids=(), video_grids=(), text_tokens: int = 0,
+                         text_before_vision: int = 0) -> PrefillTokens:
+        """One Qwen-VL sample, no padding: ``text_before_vision`` text tokens, then every image and video
+        (``(t, h, w)`` patch grids; ``t·h·w / merge²`` tokens each, back to back), then the other text tokens.
+
+        ``text_tokens`` counts every token that is not an image / video pad token: the chat template, the
+        ``<|vision_start|>`` / ``<|vision_end|>`` around each grid, Qwen3-VL's timestamp text between a video's
+        blocks. Only the theoretical figure depends on where they sit.
+        """
+        from .qwen import QwenVisionDims
+
+        dims = QwenVisionDims.of(config)
+        for name, value in (("text_tokens", text_tokens), ("text_before_vision", text_before_vision)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if text_before_vision > text_tokens:
+            raise ValueError(f"text_before_vision={text_before_vision} exceeds text_tokens={text_tokens}")
+        grids = tuple(dims.check_grid(g) for g in (*image_grids, *video_grids))
+        n_vision = sum(dims.tokens(g) for g in grids)
+        sequence = [False] * text_before_vision + [True] * n_vision + [False] * (text_tokens - text_before_vision)
+        vision = torch.tensor([sequence], dtype=torch.bool)
+        blocks = tuple((h // dims.merge, w // dims.merge) for t, h, w in grids for _ in range(t))
+        return cls(vision, torch.ones_like(vision), (blocks,), grids)
 
 
 def allowed_pair_counts(vision: torch.Tensor, op: Operator | None, window: int | None,
