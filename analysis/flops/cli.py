@@ -5,6 +5,7 @@
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op fastv --start-layer 3 --keep 0.5
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op pdrop --layers 8,16,24 --keep 0.5
     python -m analysis.flops --config llava-1.5-7b --vision-tokens 576 --text-tokens 64 --op visionzip --dominant 54 --contextual 10
+    python -m analysis.flops --config qwen2.5-vl-7b --image-grid 1,36,54 --video-grid 8,24,42 --text-tokens 64 --op skip_ffn --start-layer 14
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from .configs import load_config, shipped_configs
 from .dims import tokens_per_crop, vision_flops
 from .proxyv import DEFAULT_INIT, DEFAULT_REDUCE_FACTOR, INITS
+from .qwen import grid_of_resolution, is_qwen, parse_grid
 from .reduction import METHODS as REDUCTION_METHODS
 from .report import FlopsReport, count_flops
 from .tokens import PrefillTokens
@@ -25,7 +27,7 @@ from .variants import known_variants, make_variant
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.flops",
-        description="Analytic prefill FLOPs of a LLaVA model under an op (see docs/flops.md).",
+        description="Analytic prefill FLOPs of a LLaVA or Qwen-VL model under an op (see docs/flops.md, docs/qwen.md).",
     )
     parser.add_argument("--config", required=True,
                         help=f"config.json (LLaVA or bare text backbone) or a shipped name: {', '.join(shipped_configs())}")
@@ -34,9 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-crop", type=int, default=None,
                         help="LM tokens per crop (default: (image_size/patch_size)^2 of the config)")
     parser.add_argument("--newline-tokens", type=int, default=0, help="LLaVA-NeXT image_newline tokens")
-    parser.add_argument("--text-tokens", type=int, required=True, help="text tokens of the prompt")
+    parser.add_argument("--text-tokens", type=int, required=True,
+                        help="text tokens of the prompt (Qwen-VL: every token but the image / video pads, "
+                             "<|vision_start|> / <|vision_end|> and Qwen3-VL's timestamps included)")
     parser.add_argument("--text-before-image", type=int, default=0,
-                        help="how many of the text tokens precede the image (e.g. a system prompt); default 0")
+                        help="how many of the text tokens precede the image (Qwen-VL: all images and videos, "
+                             "back to back; e.g. a system prompt); default 0")
+    qwen = parser.add_argument_group("Qwen-VL configs (qwen2_vl, qwen2_5_vl, qwen3_vl): the vision inputs")
+    qwen.add_argument("--image-grid", action="append", default=[], metavar="T,H,W",
+                      help="an image's patch grid, as an image_grid_thw row (T = 1); repeatable")
+    qwen.add_argument("--video-grid", action="append", default=[], metavar="T,H,W",
+                      help="a video's patch grid, as a video_grid_thw row (T = frames / temporal_patch_size); "
+                           "repeatable")
+    qwen.add_argument("--image-size", action="append", default=[], metavar="HxW",
+                      help="an image of H x W pixels, resized as the processor does (smart_resize within "
+                           "--min-pixels / --max-pixels); repeatable")
+    qwen.add_argument("--video-size", action="append", default=[], metavar="FxHxW",
+                      help="a video of F frames of H x W pixels (each frame resized as --image-size); repeatable")
+    qwen.add_argument("--min-pixels", type=int, default=None,
+                      help="smart_resize's lower bound per image / frame (default 4·(patch·merge)^2)")
+    qwen.add_argument("--max-pixels", type=int, default=None,
+                      help="smart_resize's upper bound per image / frame (default 1280·(patch·merge)^2)")
     parser.add_argument("--newline-as", choices=("vision", "text"), default=None,
                         help="whether ops treat newline tokens as vision tokens (ablate()'s default) or text "
                              "(always text for --op proxyv)")
@@ -98,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = _variant_options(args)
         config = load_config(args.config)
-        # a bare text backbone has no crop size: its vision tokens are one block unless told otherwise
-        per_crop = args.tokens_per_crop or tokens_per_crop(config) or max(args.vision_tokens or 0, 1)
-        vision_tokens = args.vision_tokens if args.vision_tokens is not None else tokens_per_crop(config) or 0
-        tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
-                                           args.text_before_image, args.newline_as)
+        if is_qwen(config):
+            tokens, image_grids, video_grids = _qwen_tokens(args, config)
+            per_crop, vision_tokens = None, int(tokens.vision.sum())
+        else:
+            _no_qwen_flags(args, config)
+            # a bare text backbone has no crop size: its vision tokens are one block unless told otherwise
+            per_crop = args.tokens_per_crop or tokens_per_crop(config) or max(args.vision_tokens or 0, 1)
+            vision_tokens = args.vision_tokens if args.vision_tokens is not None else tokens_per_crop(config) or 0
+            tokens = PrefillTokens.from_counts(vision_tokens, args.text_tokens, per_crop, args.newline_tokens,
+                                               args.text_before_image, args.newline_as)
         layers = options.pop("layers", None)
         extras = _on_proxyv(args, options)
         start = args.start_layer if args.start_layer is not None or args.op in ("pdrop", "visionzip") else 0
@@ -116,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
+        qwen = {"image_grids": [list(g) for g in image_grids], "video_grids": [list(g) for g in video_grids]} if (
+            is_qwen(config)) else {}
         out = {"config": str(args.config), "vision_tokens": vision_tokens, "tokens_per_crop": per_crop,
                "newline_tokens": args.newline_tokens, "text_tokens": args.text_tokens,
-               "text_before_image": args.text_before_image,
+               "text_before_image": args.text_before_image, **qwen,
                **_proxy_flags(options), **_reduction_flags(options, stages), **shortened, **report.to_dict()}
         print(json.dumps(out))
     else:
@@ -127,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         detail = "".join(f", {k.removeprefix('proxy_')} {v}" for k, v in flags.items())
         where = "boundaries" if args.op == "pdrop" else "layers"
         span = "before the LLM" if args.op == "visionzip" else f"at {where} {_span(report.layers)}"
-        print(_format_table(report, f"{args.config}: op {report.variant}{detail} {span}, "
-                                    f"{tokens.seq_len} tokens ({vision_tokens} vision, {args.newline_tokens} newline, "
-                                    f"{args.text_tokens} text)"))
+        if is_qwen(config):
+            inputs = ", ".join([f"image {'x'.join(map(str, g))}" for g in image_grids]
+                               + [f"video {'x'.join(map(str, g))}" for g in video_grids]) or "no image"
+            what = f"{vision_tokens} vision from {inputs} (T x H x W patches), {args.text_tokens} text"
+        else:
+            what = f"{vision_tokens} vision, {args.newline_tokens} newline, {args.text_tokens} text"
+        print(_format_table(report, f"{args.config}: op {report.variant}{detail} {span}, {tokens.seq_len} tokens "
+                                    f"({what})"))
         if shortened:
             short = shortened["shortened"]
             print(f"decoder sequence:     {short['seq_len']} tokens ({short['vision']} vision, {short['text']} text) "
@@ -138,6 +170,51 @@ def main(argv: list[str] | None = None) -> int:
             print("rows per stage:       " + ", ".join(
                 f"layers {s['first_layer']}..{s['last_layer']}: {s['rows']} ({s['vision']} vision)" for s in stages))
     return 0
+
+
+def _qwen_tokens(args, config):
+    """A Qwen-VL prompt from the grid / size flags: (PrefillTokens, image grids, video grids)."""
+    given = [flag for flag, value in (("--vision-tokens", args.vision_tokens), ("--tokens-per-crop", args.tokens_per_crop),
+                                      ("--newline-tokens", args.newline_tokens or None)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to Qwen-VL configs: "
+                         "give the vision inputs as --image-grid / --video-grid T,H,W or --image-size HxW / "
+                         "--video-size FxHxW")
+    bounds = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+    images = [parse_grid(g) for g in args.image_grid]
+    for size in args.image_size:
+        height, width = _parse_sizes(size, 2, "--image-size", "HxW (pixels, e.g. 504x756)")
+        images.append(grid_of_resolution(config, height, width, **bounds))
+    videos = [parse_grid(g) for g in args.video_grid]
+    for size in args.video_size:
+        frames, height, width = _parse_sizes(size, 3, "--video-size", "FxHxW (frames x pixels, e.g. 16x336x588)")
+        videos.append(grid_of_resolution(config, height, width, frames, **bounds))
+    bad = [g for g in images if g[0] != 1]
+    if bad:
+        raise ValueError(f"an image grid has T = 1 (the processor repeats the image to fill a temporal patch), got "
+                         f"{','.join(map(str, bad[0]))}; give videos as --video-grid")
+    tokens = PrefillTokens.from_qwen_counts(config, images, videos, args.text_tokens, args.text_before_image)
+    return tokens, images, videos
+
+
+def _parse_sizes(text: str, n: int, flag: str, form: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) != n or min(values) <= 0:
+        raise ValueError(f"{flag} takes {form}, got {text!r}")
+    return values
+
+
+def _no_qwen_flags(args, config) -> None:
+    given = [flag for flag, value in (("--image-grid", args.image_grid), ("--video-grid", args.video_grid),
+                                      ("--image-size", args.image_size), ("--video-size", args.video_size),
+                                      ("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels)) if value]
+    if given:
+        raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to Qwen-VL configs "
+                         f"(qwen2_vl, qwen2_5_vl, qwen3_vl), not {getattr(config, 'model_type', None)!r}; use "
+                         "--vision-tokens")
 
 
 def _variant_options(args) -> dict:
@@ -225,6 +302,9 @@ def _vision_detail(report: FlopsReport) -> str:
     parts = report.vision_parts
     if not parts:
         return ""
+    if "merger" in parts:  # Qwen-VL
+        deepstack = f", deepstack mergers {parts['deepstack'] / 1e12:.4f}" if parts["deepstack"] else ""
+        return f"  (tower {parts['tower'] / 1e12:.4f}, merger {parts['merger'] / 1e12:.4f}{deepstack})"
     return (f"  (tower {parts['tower'] / 1e12:.4f}, visionzip selection + merge {parts['visionzip'] / 1e12:.4f}, "
             f"projector {parts['projector'] / 1e12:.4f})")
 
