@@ -221,7 +221,7 @@ def _matrix_params(module) -> int:
     return sum(p.numel() for name, p in module.named_parameters() if p.dim() >= 2 and "position" not in name)
 
 
-@pytest.mark.parametrize("name", shipped_configs())
+@pytest.mark.parametrize("name", [n for n in shipped_configs() if not n.startswith("qwen")])  # Qwen-VL: test_flops_qwen
 def test_shipped_configs_against_parameter_counts(name):
     """Baseline = 2 · (matrix parameters) · tokens + attention, with parameters counted on a meta model."""
     from transformers import AutoModel

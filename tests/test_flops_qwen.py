@@ -118,8 +118,8 @@ def test_vision_formulas_by_hand_on_the_shipped_configs():
 
 
 def test_grid_of_resolution_is_the_processors():
-    from transformers import Qwen2VLImageProcessor
     from PIL import Image
+    from transformers import Qwen2VLImageProcessor
 
     config = load_config("qwen2.5-vl-7b")
     processor = Qwen2VLImageProcessor()  # HF's defaults: patch 14, merge 2, 56*56 .. 28*28*1280 pixels

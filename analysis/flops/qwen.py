@@ -65,8 +65,8 @@ class QwenVisionDims:
             raise ValueError(f"Qwen-VL vision FLOPs support {', '.join(QWEN_TYPES)}, got {kind!r}")
         vision = config.vision_config
         patch, temporal, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
-        common = dict(kind=kind, depth=vision.depth, in_channels=vision.in_channels, patch=patch,
-                      temporal_patch=temporal, merge=merge)
+        common = {"kind": kind, "depth": vision.depth, "in_channels": vision.in_channels, "patch": patch,
+                  "temporal_patch": temporal, "merge": merge}
         if kind == "qwen2_vl":  # embed_dim is the tower width, hidden_size the text width it merges to
             return cls(hidden=vision.embed_dim, intermediate=int(vision.embed_dim * vision.mlp_ratio), gated=False,
                        out_hidden=vision.hidden_size, window=None, full_blocks=tuple(range(vision.depth)),

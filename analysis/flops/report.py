@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from ..ops import Operator
 from ..variant import Variant
-from .decoder import LayerFlops, OperatorVariant, VariantFlops, baseline_flops, by_component, by_group
+from .decoder import (
+    LayerFlops,
+    OperatorVariant,
+    VariantFlops,
+    baseline_flops,
+    by_component,
+    by_group,
+)
 from .dims import TextDims, vision_flops
 from .qwen import is_qwen, qwen_vision_flops
 from .tokens import PrefillTokens
