@@ -27,7 +27,6 @@ from .layout import compute_layout, image_token_id
 from .models import (
     decoder_layers,
     is_qwen_vl_model,
-    llava_core,
     patch_instance,
     text_config_of,
     vlm_core,
@@ -288,13 +287,20 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
         return _ablate_operator(model, op, layers, start_layer=start_layer, end_layer=end_layer,
                                 newline_tokens=newline_tokens)
     if is_qwen_vl_model(model):
-        raise NotImplementedError(
-            f"ablate({op!r}) on {type(model).__name__}: only the operators ({', '.join(sorted(OPERATORS))}) support "
-            "the Qwen-VL classes so far; token reduction and ProxyV do not yet (issue 12)"
-        )
+        if op == "visionzip":
+            raise NotImplementedError(
+                f"visionzip on {type(model).__name__}: VisionZip picks dominant tokens by the CLS token's attention "
+                "and the Qwen-VL vision towers have no CLS token; use fastv or pdrop (they rank with the LLM's "
+                "attention and run on these classes)")
+        if op not in ("fastv", "pdrop"):
+            raise NotImplementedError(
+                f"ablate({op!r}) on {type(model).__name__}: the Qwen-VL classes support the operators "
+                f"({', '.join(sorted(OPERATORS))}) and token reduction (fastv, pdrop); {op!r} does not yet (issue 12)")
+        if op == "pdrop":
+            params.setdefault("positions", "original")  # M-RoPE: kept rows keep their own positions
     from .variant import family, resolve_variant
 
-    num_layers = text_config_of(llava_core(model)).num_hidden_layers
+    num_layers = text_config_of(vlm_core(model)).num_hidden_layers
     variant = resolve_variant(op, num_layers, start_layer=start_layer, end_layer=end_layer,
                               layers=None if layers is None else list(layers), params=params)
     return family(variant.family).load("execute")(model, variant, newline_tokens=newline_tokens)

@@ -2,7 +2,8 @@
 
 One score row per sample: the attention probabilities of the sample's last valid token over every
 key it may attend (valid and not after it), softmax over all those keys, mean over heads, computed
-as HF's eager attention computes probabilities (scores in the model dtype, softmax in float32). Only
+as HF's eager attention computes probabilities (scores in the model dtype, softmax in float32); Qwen3's
+per-head q/k norms where the attention has them, rotary from the rows' own (cos, sin) (M-RoPE included). Only
 ``B x heads x 1 x N`` scores are formed; the layer itself keeps its own (sdpa or eager) kernel.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import rope
+from ..attention import _head_norm, rope
 
 
 def last_valid(valid: torch.Tensor) -> torch.Tensor:
@@ -49,9 +50,9 @@ def fastv_scores(attn, q_states: torch.Tensor, k_states: torch.Tensor, cos: torc
     hd = attn.head_dim
     last = last_valid(valid)
     B, N, _ = k_states.shape
-    query = _take(q_states, last).view(B, -1, 1, hd)  # (B, H, 1, hd)
+    query = _head_norm(attn, "q_norm", _take(q_states, last).view(B, 1, -1, hd)).transpose(1, 2)  # (B, H, 1, hd)
     query = rope(query, _take(cos, last)[:, None], _take(sin, last)[:, None])[:, :, 0]
-    keys = rope(k_states.view(B, N, -1, hd).transpose(1, 2), cos, sin)
+    keys = rope(_head_norm(attn, "k_norm", k_states.view(B, N, -1, hd)).transpose(1, 2), cos, sin)
     return attention_row(attn, query, keys, key_mask(index, valid, last))
 
 
@@ -64,9 +65,9 @@ def pdrop_scores(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     last = last_valid(valid)
     B, N, _ = hidden.shape
     x = layer.input_layernorm(hidden)
-    query = attn.q_proj(_take(x, last)).view(B, -1, 1, hd)
+    query = _head_norm(attn, "q_norm", attn.q_proj(_take(x, last)).view(B, 1, -1, hd)).transpose(1, 2)
     query = rope(query, _take(cos, last)[:, None], _take(sin, last)[:, None])[:, :, 0]
-    keys = rope(attn.k_proj(x).view(B, N, -1, hd).transpose(1, 2), cos, sin)
+    keys = rope(_head_norm(attn, "k_norm", attn.k_proj(x).view(B, N, -1, hd)).transpose(1, 2), cos, sin)
     return attention_row(attn, query, keys, key_mask(index, valid, last))
 
 

@@ -6,6 +6,11 @@ that layer and the following ones run on those rows only: their attention is
 :func:`analysis.attention.split_attention` with an explicit mask, their cache holds only those rows.
 Decode steps (no vision token) run every layer >= the first boundary on the new rows against that
 shorter cache.
+
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (docs/qwen.md, "Token reduction"): vision tokens are image and video tokens
+(:class:`~analysis.ablation.QwenVisionTracker`); every kept row keeps HF's own per-row M-RoPE (cos, sin)
+(``positions='original'`` only); Qwen3-VL's DeepStack features are added after layers 0..n-1 to the vision
+rows still alive, each its own feature (pruned rows' features are dropped).
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ablation import VisionTracker
+from ..ablation import QwenVisionTracker, VisionTracker
 from ..attention import check_backend, split_attention
-from ..models import decoder_layers, llava_core, patch_instance, text_config_of
+from ..models import (
+    decoder_layers,
+    is_qwen_vl_model,
+    patch_instance,
+    text_config_of,
+    vlm_core,
+)
 from ..rows import gather_rows
 from .counts import fastv_kept, pdrop_kept
 from .prune import Rows, decode_mask, prefill_mask, right_aligned
@@ -55,7 +66,7 @@ class Reduction:
         self.positions = options.get("positions", "original") if self.method == "pdrop" else "original"
         self.layers = tuple(variant.layers)
         self.boundaries = drops(self.method, self.layers)
-        self.tracker = VisionTracker(core.config, newline_tokens)
+        self.tracker = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, newline_tokens)
         self.rotary = core.language_model.rotary_emb
         self.kept_vision: list[list[torch.Tensor]] = []
         self.active = self.prefill = self.capturing = False
@@ -109,7 +120,8 @@ class Reduction:
             chunk = self.tracker.chunk
             cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
             index = torch.arange(T, device=hidden.device).expand(B, T)
-            prev = Rows(index, chunk.key_valid, chunk.query_vision, position_ids.expand(B, T), cos, sin)
+            pos = index if position_ids is None else position_ids.expand(B, T)  # Qwen-VL layers get None
+            prev = Rows(index, chunk.key_valid, chunk.query_vision, pos, cos, sin)
         else:
             prev = self.rows
         n_vision = self.n_vision.tolist()
@@ -151,7 +163,7 @@ class Reduction:
             cos, sin = self.rotary(hidden, pos)
             book.next_pos = book.next_pos + new_valid.sum(dim=1)
         else:
-            pos = position_ids.expand(B, t)
+            pos = index if position_ids is None else position_ids.expand(B, t)
             cos, sin = (x.expand(B, -1, -1) for x in position_embeddings)
         self.allowed = decode_mask(book.valid, new_valid)
         book.valid = torch.cat([book.valid, new_valid], dim=1)
@@ -193,6 +205,23 @@ class Reduction:
             return pruned_layer(layer, self, hidden, cache)
         return proxyv_layer_forward(layer, proxyv, self.rotary, hidden, position_ids=rows.pos,
                                     past_key_values=cache, position_embeddings=(rows.cos, rows.sin))
+
+    def deepstack(self, original):
+        """Qwen3-VL's ``_deepstack_process`` (this instance): after a pruned layer of a prefill, each vision row
+        still alive gets its own feature (the features are listed over ``visual_pos_masks`` row-major); the
+        features of pruned rows are dropped. Before the first boundary, and in calls without pruning, HF's."""
+        def process(hidden_states, visual_pos_masks, visual_embeds):
+            rows = self.rows
+            if not (self.active and self.prefill and rows is not None):
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            mask = visual_pos_masks.to(hidden_states.device)
+            feature_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # (B, T) row of each vision pos
+            alive = rows.vision & rows.valid & torch.gather(mask, 1, rows.index)
+            which = torch.gather(feature_of, 1, rows.index)[alive]
+            hidden_states = hidden_states.clone()
+            hidden_states[alive] = hidden_states[alive] + visual_embeds.to(hidden_states)[which]
+            return hidden_states
+        return process
 
     def release(self):
         self.captured.clear()
@@ -240,6 +269,10 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
                         proxyv.settings.init)
     if newline_tokens not in ("vision", "text"):
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
+    if is_qwen_vl_model(core) and variant.options.get("positions") == "renumber":
+        raise NotImplementedError(f"{variant.method}: positions='renumber' renumbers 1-D positions; "
+                                  f"{type(core).__name__} uses M-RoPE (temporal, height, width per token), where "
+                                  "kept rows keep their own positions: use positions='original' (the default on Qwen-VL)")
     check_backend(text_config_of(core)._attn_implementation, f"op {variant.method!r}")
     windowed = [i for i, layer in enumerate(layers) if _window(layer.self_attn) is not None]
     if windowed:
@@ -265,7 +298,7 @@ def check_model(proxyv, variant) -> None:
 @contextlib.contextmanager
 def reduction_context(model, variant, newline_tokens: str = "vision"):
     """The execution of a ``reduction``-family variant; yields the block's :class:`Reduction`."""
-    core = llava_core(model)
+    core = vlm_core(model)
     layers = decoder_layers(core)
     _check(core, variant, newline_tokens, layers)
     state = Reduction(core, variant, newline_tokens)
@@ -280,6 +313,10 @@ def reduction_context(model, variant, newline_tokens: str = "vision"):
             state.rank_attn = attn
             undo.append(attn.q_proj.register_forward_hook(state.capture("q")).remove)
             undo.append(attn.k_proj.register_forward_hook(state.capture("k")).remove)
+        language_model = core.language_model
+        if hasattr(language_model, "_deepstack_process"):  # Qwen3-VL
+            undo.append(patch_instance(language_model, "_deepstack_process",
+                                       state.deepstack(language_model._deepstack_process)))
         if state.proxyv is not None:
             state.proxyv.host = state
             undo.append(functools.partial(setattr, state.proxyv, "host", None))
