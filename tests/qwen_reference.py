@@ -165,3 +165,132 @@ def reference_logits(model, batch, op, layers, *, with_deepstack=True):
                 positions[:, b][:, keep], vision[b][keep], op, set(layers), [e[keep] for e in extra],
             ))
     return out
+
+
+# ----------------------------------------------------------------------------- token reduction (FastV, PyramidDrop)
+
+def last_token_probs(q_row, keys, allowed, heads, kv_heads, hd):
+    """Mean over heads of the explicit float64 softmax of one (rotated) query row over (rotated) keys (m, kv, hd)."""
+    group = heads // kv_heads
+    total = torch.zeros(keys.shape[0], dtype=torch.float64)
+    for h in range(heads):
+        scores = ((keys[:, h // group, :] @ q_row[h]) / hd**0.5).double()
+        scores[~allowed] = -float("inf")
+        weights = torch.exp(scores - scores.max())
+        total += weights / weights.sum()
+    return total / heads
+
+
+def kept_count(method, keep, n_vision, stage):
+    """FastV ceil(keep * n); PyramidDrop int(n * keep**stage), as the official code (Python floats)."""
+    import math
+    return math.ceil(keep * n_vision) if method == "fastv" else int(n_vision * keep**stage)
+
+
+def reduced_sample(lm, lm_head, config, embeds, positions, vision, method, boundaries, keep, deepstack=(),
+                   rank_token=None):
+    """FastV / PyramidDrop on one sample without padding: embeds (n, D); positions (3, n) from get_rope_index;
+    vision (n,); deepstack: per early layer an (n, D) tensor (zero on text rows). The alive tokens are a Python
+    list; at each boundary the ranking token's attention (FastV: layer K-1's; PyramidDrop: the boundary layer's
+    own norm and q/k on the alive rows) picks the vision tokens kept, sorted by (-prob, index); every kept row
+    keeps its own (t, h, w) position; DeepStack feature i is added after layer i to each alive row (a pruned
+    row's feature is gone with it). Returns (logits (m, V) of the alive tokens, their indices, per stage the
+    sorted kept vision indices)."""
+    n = embeds.shape[0]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = config.rope_parameters
+    theta, section = rope["rope_theta"], list(rope["mrope_section"])
+    interleaved = bool(rope.get("mrope_interleaved", False))
+    eps = config.rms_norm_eps
+    rank_token = n - 1 if rank_token is None else rank_token
+    n_vision = int(vision.sum())
+    alive = list(range(n))
+    h = embeds.clone()
+    kept_per_stage, fastv_probs = [], None
+
+    def project(layer, x, pos):
+        attn = layer.self_attn
+        m = x.shape[0]
+        q = linear(x, attn.q_proj).view(m, heads, hd)
+        k = linear(x, attn.k_proj).view(m, kv_heads, hd)
+        if hasattr(attn, "q_norm"):
+            q = rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+            k = rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+        return mrope(q, pos, theta, section, interleaved), mrope(k, pos, theta, section, interleaved)
+
+    for index, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        if index in boundaries:
+            stage = boundaries.index(index) + 1
+            if method == "fastv":
+                probs = fastv_probs
+            else:
+                x = rms_norm(h, layer.input_layernorm.weight, eps)
+                q, k = project(layer, x, positions[:, alive])
+                probs = last_token_probs(q[alive.index(rank_token)], k,
+                                         torch.tensor([a <= rank_token for a in alive]), heads, kv_heads, hd)
+            candidates = [i for i, token in enumerate(alive) if vision[token]]
+            best = sorted(candidates, key=lambda i: (-float(probs[i]), i))[:kept_count(method, keep, n_vision, stage)]
+            kept = {alive[i] for i in best}
+            kept_per_stage.append(sorted(kept))
+            rows = [i for i, token in enumerate(alive) if not vision[token] or token in kept]
+            alive = [alive[i] for i in rows]
+            h = h[rows]
+        m = len(alive)
+        x = rms_norm(h, layer.input_layernorm.weight, eps)
+        q, k = project(layer, x, positions[:, alive])
+        v = linear(x, attn.v_proj).view(m, kv_heads, hd)
+        if method == "fastv" and index == boundaries[0] - 1:
+            fastv_probs = last_token_probs(q[alive.index(rank_token)], k,
+                                           torch.tensor([a <= rank_token for a in alive]), heads, kv_heads, hd)
+        at = torch.tensor(alive)
+        allowed = at[None, :] <= at[:, None]  # causal by original index
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("ihd,jhd->hij", q, k) / hd**0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v).reshape(m, heads * hd)
+        h = h + linear(out, attn.o_proj)
+        x = rms_norm(h, layer.post_attention_layernorm.weight, eps)
+        mlp = layer.mlp
+        h = h + linear(torch.nn.functional.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        if index < len(deepstack):
+            h = h + deepstack[index][alive]
+    return linear(rms_norm(h, lm.norm.weight, eps), lm_head), alive, kept_per_stage
+
+
+def reduced_reference(model, batch, method, boundaries, keep, *, with_deepstack=True, generated=None, n_prompt=None):
+    """Per sample (padding dropped): (logits (m, V) of the alive tokens, their indices into the padded sequence,
+    per stage the padded-sequence indices of the kept vision tokens). ``generated``: per sample a list of token
+    ids appended after the prompt (text, positions continuing the last prompt position on all three axes; the
+    ranking token stays the prompt's last)."""
+    embeds, visual_pos_masks, deepstack = language_model_inputs(model, batch)
+    keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
+            "second_per_grid_ts")
+    with torch.no_grad():
+        positions, _ = model.model.get_rope_index(**{k: batch[k] for k in keys if k in batch})  # (3, B, T)
+    config = model.config
+    ids = batch["input_ids"]
+    vision = (ids == config.image_token_id) | (ids == config.video_token_id)
+    valid = batch["attention_mask"].bool()
+    table = model.model.language_model.embed_tokens.weight
+    B, T, D = embeds.shape
+    out = []
+    with torch.no_grad():
+        for b in range(B):
+            where = valid[b].nonzero().flatten()
+            extra = deepstack_rows(visual_pos_masks, deepstack, b, T, D) if with_deepstack else []
+            e, p, vis, ds = embeds[b][where], positions[:, b][:, where], vision[b][where], [x[where] for x in extra]
+            rank = None
+            if generated is not None:
+                new = torch.tensor(generated[b], dtype=torch.long)
+                rank = len(where) - 1
+                e = torch.cat([e, table[new]])
+                p = torch.cat([p, p[:, -1:] + 1 + torch.arange(len(new))[None, :]], dim=1)
+                vis = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
+                ds = [torch.cat([x, torch.zeros(len(new), D)]) for x in ds]
+            logits, alive, kept = reduced_sample(model.model.language_model, model.lm_head, config.text_config, e, p,
+                                                 vis, method, list(boundaries), keep, ds, rank)
+            out.append((logits, alive, [where[torch.tensor(k, dtype=torch.long)].tolist() for k in kept]))
+    return out

@@ -180,9 +180,11 @@ def test_unsupported_attention_backend_is_one_line():
 
 
 def test_non_operator_methods_are_refused_on_qwen():
-    with pytest.raises(NotImplementedError, match=r"^ablate\('fastv'\) on Qwen3VLForConditionalGeneration: only the "
-                                                  r"operators \(.*skip_attn_ffn.*\) support the Qwen-VL classes"):
-        enter(model_for("qwen3_vl"), "fastv", start_layer=1)
+    """Token reduction (fastv, pdrop) runs on these classes (tests/test_reduction_qwen.py); ProxyV does not yet."""
+    with pytest.raises(NotImplementedError, match=r"^ablate\('proxyv'\) on Qwen3VLForConditionalGeneration: the "
+                                                  r"Qwen-VL classes support the operators \(.*skip_attn_ffn.*\) and "
+                                                  r"token reduction \(fastv, pdrop\); 'proxyv' does not yet"):
+        enter(model_for("qwen3_vl"), "proxyv", start_layer=1)
 
 
 def test_text_only_input_is_a_noop_with_one_warning():
