@@ -36,7 +36,7 @@ def session_for(spec, model) -> Session:
     settings = spec.settings
     batch_size = int(settings.get("batch_size") or model.cfg.get("batch_size", 8))
     key = (model.path, settings.get("device"), model.cfg.get("dtype"), model.cfg.get("attn_implementation"),
-           spec.include_path, spec.include_defaults)
+           model.cfg.get("min_pixels"), model.cfg.get("max_pixels"), spec.include_path, spec.include_defaults)
     if key not in _SESSIONS:
         import torch
 
@@ -56,6 +56,7 @@ def session_for(spec, model) -> Session:
                          dtype=model.cfg.get("dtype", "auto"),
                          attn_implementation=model.cfg.get("attn_implementation", "sdpa"),
                          newline_tokens=model.cfg.get("newline_tokens", "vision"),
+                         min_pixels=model.cfg.get("min_pixels"), max_pixels=model.cfg.get("max_pixels"),
                          progress=settings.get("progress") == "verbose")
         manager = TaskManager(verbosity="ERROR", include_path=spec.include_path,
                               include_defaults=spec.include_defaults)

@@ -1,4 +1,5 @@
-"""The lmms-eval model class: any HF LLaVA / LLaVA-NeXT checkpoint with an ablation op applied.
+"""The lmms-eval model class: any HF LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint with an
+ablation op applied.
 
     lmms-eval --model llava_ablate \
         --model_args pretrained=checkpoints/tiny-llava,op=skip_ffn,start_layer=12 \
@@ -16,6 +17,12 @@ Plays the role of lmms-eval's ``llava_hf`` except:
 * the device is chosen per process (``cuda:LOCAL_RANK`` under torchrun / accelerate), so
   data-parallel runs place one replica per GPU;
 * :meth:`clean` keeps the model (lmms-eval's default deletes every module after each evaluation);
+* Qwen-VL checkpoints (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+  ``Qwen3VLForConditionalGeneration``; docs/qwen.md, "Runner and plugin") take the same path: the processor's
+  chat template writes ``<|vision_start|><|image_pad|><|vision_end|>`` per image, the processor sizes each image
+  within ``min_pixels`` / ``max_pixels`` (model_args; default: the checkpoint's), the batch carries
+  ``image_grid_thw`` instead of ``image_sizes``, and the prompt shapes add the ``vision_grids`` the tower's FLOPs
+  need. Only the six operators run on them so far (token reduction and ProxyV: one-line error);
 * it records what the runner needs beside the scores: the token shapes of every prompt (for
   FLOPs: :func:`analysis.flops.mean_flops`) and a few prompts to time the prefill on (:meth:`prefill_latency`).
 """
@@ -35,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import generation_class
+from .models import QWEN_VL_CLASSES, generation_class, qwen_unsupported
 from .variant import Variant, family, family_of, resolve_variant
 
 IMAGE_TOKEN = "<image>"
@@ -71,13 +78,24 @@ def pick_dtype(dtype, device: torch.device, config=None) -> torch.dtype:
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation: str = "sdpa"):
-    """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint (a directory or a hub id already in
+def is_qwen_vl_config(config) -> bool:
+    """Whether ``config`` is a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint's (:data:`analysis.models.QWEN_VL_CLASSES`)."""
+    return getattr(config, "model_type", None) in QWEN_VL_CLASSES
+
+
+def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation: str = "sdpa",
+               min_pixels: int | None = None, max_pixels: int | None = None):
+    """(model, processor) of a saved LLaVA / LLaVA-NeXT / Qwen-VL checkpoint (a directory or a hub id already in
     the HF cache; a ProxyV checkpoint loads with its ProxyV modules), in eval mode on ``device``, the
-    processor padding on the left."""
+    processor padding on the left. ``min_pixels`` / ``max_pixels``: a Qwen-VL processor's resizing bounds per
+    image (None: the checkpoint's ``preprocessor_config.json``); refused for LLaVA."""
     device = pick_device(device)
     config = AutoConfig.from_pretrained(path)
-    model_class = generation_class(config.model_type, str(path))
+    qwen = is_qwen_vl_config(config)
+    pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if pixels and not qwen:
+        raise ValueError(f"{', '.join(pixels)} apply to Qwen-VL processors only, not to model_type {config.model_type!r}")
+    model_class = QWEN_VL_CLASSES[config.model_type][0] if qwen else generation_class(config.model_type, str(path))
     kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
     if device.type == "cuda":  # load the weights straight onto this process's GPU, not through CPU memory
         kwargs["device_map"] = {"": device}
@@ -88,6 +106,11 @@ def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation:
     else:
         model = model_class.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
+    if pixels:  # smart_resize's bounds: the image processor's size (transformers 5 spells them so)
+        size = dict(processor.image_processor.size)
+        size.update({"shortest_edge": pixels["min_pixels"]} if "min_pixels" in pixels else {})
+        size.update({"longest_edge": pixels["max_pixels"]} if "max_pixels" in pixels else {})
+        processor.image_processor.size = {k: size[k] for k in ("shortest_edge", "longest_edge")}
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
 
@@ -102,6 +125,7 @@ class LlavaAblate(lmms):
             space- or ``;``-separated list of indices when given as a string.
         blind: replace every image with a blank one (the blind control).
         newline_tokens: LLaVA-NeXT newline tokens treated as ``"vision"`` (default) or ``"text"``.
+        min_pixels, max_pixels: a Qwen-VL processor's bounds on each image's pixels (None: the checkpoint's).
         batch_size, device, dtype, attn_implementation: as usual; ``device="auto"`` picks
             ``cuda:LOCAL_RANK`` when CUDA is available.
         max_new_tokens: default when a task's generation_kwargs do not set it.
@@ -114,7 +138,8 @@ class LlavaAblate(lmms):
                  end_layer: int | None = None, layers=None, blind: bool = False, newline_tokens: str = "vision",
                  batch_size: int = 8, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "sdpa", max_new_tokens: int = 32, progress: bool = True,
-                 model=None, processor=None, **kwargs) -> None:
+                 model=None, processor=None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "max_batch_size"}
         declared = _method_params(op)  # e.g. keep=0.5 for op=fastv
@@ -124,9 +149,10 @@ class LlavaAblate(lmms):
                             + (f" (op={op} takes {', '.join(sorted(declared))})" if declared else ""))
         if model is None:
             if pretrained is None:
-                raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA checkpoint)")
-            model, processor = load_llava(pretrained, device, dtype, attn_implementation)
+                raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA or Qwen-VL checkpoint)")
+            model, processor = load_llava(pretrained, device, dtype, attn_implementation, min_pixels, max_pixels)
         self._model, self.processor = model, processor
+        self.qwen = is_qwen_vl_config(model.config)  # a Qwen-VL model: grids, no image_sizes, operators only
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = None if pretrained is None else str(pretrained)  # None: a model passed in memory
         self._device = next(model.parameters()).device
@@ -179,6 +205,8 @@ class LlavaAblate(lmms):
             if isinstance(layers, str):
                 layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
             op = self._resolve(op, start_layer, end_layer, layers, bool(blind), params)
+        if self.qwen and op.family != "ablation":
+            raise ValueError(qwen_unsupported(op.method, self._model.config.model_type))
         self.variant = op
         family(op.family).load("execute")  # an execution that cannot import fails here, not mid-evaluation
         self.prompt_shapes: list[dict] = []  # one per generated request, in request order of arrival
@@ -186,6 +214,11 @@ class LlavaAblate(lmms):
         return self.variant
 
     def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool, params: dict) -> Variant:
+        if self.qwen:  # before resolving: ProxyV / reduction parameters are not the point on Qwen-VL
+            if family_of(op).name != "ablation":
+                raise ValueError(qwen_unsupported(op, self._model.config.model_type))
+            return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,
+                                   params=params, blind=blind)
         settings = getattr(self._model.config, "proxyv", None)
         if settings and op in family("reduction").methods():  # token reduction on the ProxyV checkpoint
             if params.get("proxyv") not in (None, settings["start_layer"]):
@@ -210,7 +243,13 @@ class LlavaAblate(lmms):
                                                            newline_tokens=self.newline_tokens)
 
     def _prompt(self, context: str, n_images: int) -> str:
-        """The chat-formatted prompt; the image token(s) go first, as LLaVA was trained."""
+        """The chat-formatted prompt; the image token(s) go first, as LLaVA was trained (and as lmms-eval's
+        Qwen-VL models place them). Qwen-VL: always the processor's chat template, which writes each image as
+        ``<|vision_start|><|image_pad|><|vision_end|>`` (a LLaVA ``<image>`` in the context is dropped)."""
+        if self.qwen:
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context.replace(IMAGE_TOKEN, "").strip()}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True)
         if IMAGE_TOKEN in context:
             n_images = 0
         if getattr(self.processor, "chat_template", None):
@@ -227,7 +266,8 @@ class LlavaAblate(lmms):
         return [blank_image(im) for im in images] if self.variant.blind else images
 
     def encode(self, prompts: list[str], images: list[list]) -> dict:
-        """A left-padded model batch: ``input_ids``/``attention_mask`` (B, T), ``pixel_values`` (+ ``image_sizes``)."""
+        """A left-padded model batch: ``input_ids``/``attention_mask`` (B, T), ``pixel_values`` (+ ``image_sizes``;
+        Qwen-VL: + ``image_grid_thw``, ``mm_token_type_ids``)."""
         flat = [im for sample in images for im in sample]
         batch = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True)
         batch = batch.to(self._device)
@@ -239,6 +279,8 @@ class LlavaAblate(lmms):
         """Per sample, what its FLOPs depend on: ``mask`` ("v"/"t" per attended position: vision or not, as
         the op sees it), ``crop_shapes`` (patch grid of every crop), and token counts."""
         config = self._model.config
+        if self.qwen:
+            return self._record_qwen_prompt_shapes(batch)
         sizes = batch.get("image_sizes")
         layout = compute_layout(batch["input_ids"], config, batch["attention_mask"], sizes)
         proxyv = getattr(config, "proxyv", None)
@@ -262,6 +304,24 @@ class LlavaAblate(lmms):
                     config, ids, None, sizes[first:first + n_images] if sizes is not None else None)
             first += n_images
             self.prompt_shapes.append(record)
+
+    def _record_qwen_prompt_shapes(self, batch) -> None:
+        """Qwen-VL: ``mask`` (image and video pad tokens are vision), ``crop_shapes`` (merged ``(h, w)`` of each
+        temporal block: an image, or two frames of a video), ``vision_grids`` (the ``(t, h, w)`` patch grid of each
+        image / video the tower runs on: its FLOPs), token counts (``newline`` is 0: Qwen has none)."""
+        from .layout_qwen import layout_of_batch
+
+        layout = layout_of_batch(batch, self._model.config)
+        vision = layout.vision_mask().cpu()
+        valid = layout.valid_mask.cpu()
+        for b, sample in enumerate(layout.samples):
+            n_vision = int(vision[b][valid[b]].sum())
+            self.prompt_shapes.append({
+                "mask": "".join("v" if v else "t" for v in vision[b][valid[b]].tolist()),
+                "crop_shapes": tuple(tuple(block.shape) for grid in sample.grids for block in grid.blocks),
+                "vision_grids": tuple(tuple(int(x) for x in grid.grid_thw) for grid in sample.grids),
+                "vision": n_vision, "newline": 0, "text": int(valid[b].sum()) - n_vision,
+            })
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
@@ -341,3 +401,4 @@ class LlavaAblate(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("llava_ablate supports single-round generation only")
+

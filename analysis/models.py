@@ -33,6 +33,15 @@ QWEN_VL_CLASSES = {
 }
 QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
+
+
+def qwen_unsupported(method: str, model_type: str) -> str:
+    """The one line refusing a non-operator method on a Qwen-VL model."""
+    return (f"op={method} is not supported on Qwen-VL models ({model_type}) yet: only the six operators "
+            "(none, mask_v2v, skip_attn, skip_ffn, skip_attn_ffn, drop_v2t) run on them; token reduction and ProxyV "
+            "on Qwen-VL are issue 12 work in progress")
+
+
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -12,7 +12,8 @@
 4. gets the **baseline** of its (model, eval) pair: read when finished (no write access needed),
    else computed once under its own lock in ``run.baselines_dir``, shared by every sweep;
 5. **scores** the variant through lmms-eval (:mod:`analysis.eval_bridge`), counts its decoder FLOPs
-   per evaluated prompt (:func:`analysis.flops.mean_flops`) and its prefill latency;
+   per evaluated prompt (:func:`analysis.flops.mean_flops`; Qwen-VL: with its tower on each prompt's grids,
+   :mod:`analysis.runner.counting`) and its prefill latency;
 6. writes ``samples.jsonl`` and ``result.json`` atomically (:mod:`analysis.results`). Any exception in
    4-5 is recorded as a failed run and the sweep goes on.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from .. import results
 from ..eval_bridge import agreement, score_variant, session_for
+from .counting import run_flops
 from .spec import ConfigError, RunSpec, prepare, proxyv_field
 
 log = logging.getLogger("analysis.runner")
@@ -104,13 +106,11 @@ def _baseline(spec: RunSpec, session_factory) -> tuple[dict, list[dict]]:
         if record is not None:
             return record, results.read_samples(directory)
         log.info("computing the baseline of %s on %s", spec.base.name, spec.eval_name)
-        from ..flops import mean_flops
-
         started, t0 = results.now_iso(), time.perf_counter()
         variant = spec.baseline_variant
         session = session_factory(spec, spec.base)
         result = score_variant(spec, session, variant)
-        flops = mean_flops(session.lm.model.config, result.prompts, variant)
+        flops = run_flops(session.lm.model.config, result.prompts, variant)
         record = _record(spec, variant, **_scored(result, None, flops), started_at=started,
                          finished_at=results.now_iso(), wall_time_s=time.perf_counter() - t0)
         record.update(config_hash=spec.baseline_key, model=spec.base.name, model_path=spec.base.path,
@@ -160,11 +160,9 @@ def _compute(spec: RunSpec, session_factory) -> dict:
             fields.update(relative_score=1.0, agreement=1.0)
             samples = base_samples
         else:
-            from ..flops import mean_flops
-
             session = session_factory(spec, spec.model)
             result = score_variant(spec, session, variant)
-            flops = mean_flops(session.lm.model.config, result.prompts, variant)
+            flops = run_flops(session.lm.model.config, result.prompts, variant)
             fields = _scored(result, base.get("score"), flops, reference=base_samples)
             samples = result.samples
         record = _record(spec, variant, **fields, baseline=_baseline_ref(base), started_at=started,

@@ -21,6 +21,7 @@ from ..variant import Variant, baseline, family_of, resolve_variant
 
 REPO_ROOT = results.REPO_ROOT
 MODEL_IDENTITY_KEYS = ("name", "dtype", "attn_implementation", "newline_tokens")
+PIXEL_KEYS = ("min_pixels", "max_pixels")  # Qwen-VL processors only
 
 
 @dataclass
@@ -34,7 +35,11 @@ class ModelRef:
     @property
     def identity(self) -> dict:
         # The weights' fingerprint, not their path: moving a checkpoint keeps its results, retraining does not.
-        return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, "weights": results.weights_fingerprint(self.path)}
+        # A Qwen-VL processor's resizing bounds change the vision tokens: part of the identity where set (a LLaVA
+        # config has none, so its hashes are unchanged).
+        pixels = {k: self.cfg[k] for k in PIXEL_KEYS if self.cfg.get(k) is not None}
+        return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **pixels,
+                "weights": results.weights_fingerprint(self.path)}
 
 
 def proxyv_field(variant: Variant) -> dict | None:
@@ -159,7 +164,7 @@ def _hf_config(model: ModelRef):
         config.text_config.num_hidden_layers  # noqa: B018 -- a LLaVA config has a text config
         return config
     except (OSError, ValueError, AttributeError) as error:
-        raise ConfigError(f"model {model.name}: cannot read {model.path}/config.json as a LLaVA config "
+        raise ConfigError(f"model {model.name}: cannot read {model.path}/config.json as a LLaVA or Qwen-VL config "
                           f"({str(error).splitlines()[0]})") from None
 
 
@@ -265,6 +270,21 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
     return variant, model, base
 
 
+def _check_qwen_method(cfg: dict, hf_config) -> None:
+    """Qwen-VL models run the six operators only (token reduction and ProxyV on them: issue 12, not yet)."""
+    from ..models import QWEN_VL_CLASSES, qwen_unsupported
+
+    method = cfg["op"]["name"]
+    if hf_config.model_type not in QWEN_VL_CLASSES:
+        return
+    try:
+        fam = family_of(method)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if fam.name != "ablation":
+        raise ConfigError(f"model {cfg['model']['name']}: {qwen_unsupported(method, hf_config.model_type)}")
+
+
 def _check_countable(variant: Variant, model: ModelRef) -> None:
     """A run records its FLOPs: a variant whose family cannot count it fails here, before any evaluation."""
     from ..flops.variants import flops_of
@@ -298,6 +318,7 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     model = ModelRef(cfg["model"]["name"], resolve_weights(cfg["model"]), cfg["model"])
     hf_config = _hf_config(model)
     num_layers = hf_config.text_config.num_hidden_layers
+    _check_qwen_method(cfg, hf_config)
     variant, model, base = _variant(cfg, model, num_layers, hf_config)
     _check_countable(variant, model)
     ev = cfg["eval"]
