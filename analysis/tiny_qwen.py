@@ -197,3 +197,12 @@ def build_model(kind: str = "qwen2_vl", *, seed: int = 0, attn_implementation: s
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model.eval()
+
+
+def save_checkpoint(path, kind: str = "qwen2_5_vl", *, seed: int = 0, **config_kwargs):
+    """Save a tiny random-weight model of ``kind`` and its processor with ``save_pretrained`` into ``path``, like a
+    hub checkpoint: ``model.pretrained=<path>`` (runner) and ``pretrained=<path>`` (lmms-eval plugin) load it
+    offline. Returns ``path``."""
+    build_model(kind, seed=seed, **config_kwargs).save_pretrained(path)
+    build_processor(kind).save_pretrained(path)
+    return path

@@ -1,0 +1,173 @@
+"""The runner and the lmms-eval plugin on Qwen-VL (issue 12, item 4): the model configs of the real Instruct
+checkpoints (weights from the HF cache only; missing -> the exact ``hf download``), a tiny random-weight
+Qwen2.5-VL saved like a hub checkpoint and run by the plugin and by ``experiments/run.py`` (a 2-run sweep through
+the synthetic twins: records, FLOPs equal to the analytic count of every evaluated prompt, report), and the
+one-line refusal of token reduction and ProxyV on Qwen-VL. Scores of random weights are ~0: not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from analysis import sweep, tiny_qwen
+from analysis.runner import ConfigError
+from analysis.runner.spec import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+QWEN_MODELS = {  # conf/model name -> (hub id, model_type, pixels per LLM token side)
+    "qwen2.5-vl-3b": ("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", 28),
+    "qwen2.5-vl-7b": ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 28),
+    "qwen3-vl-8b": ("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", 32),
+}
+# The tiny fixture's processor: 8 px per merged token; 4..64 tokens per image (the real configs' bounds are for 28/32 px)
+TINY_PIXELS = ("model.min_pixels=256", "model.max_pixels=4096")
+TASKS = ("synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa")
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(sweep.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_qwen.save_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl", "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name", sorted(QWEN_MODELS))
+def test_qwen_model_configs(name, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from analysis.flops.configs import load_config
+
+    hub_id, model_type, factor = QWEN_MODELS[name]
+    model = _compose(f"model={name}")["model"]
+    assert model["pretrained"] == model["hub_id"] == hub_id and model["how_to_get"] == f"hf download {hub_id}"
+    assert model["attn_implementation"] in ("sdpa", "eager") and model["download_gb"] > 0
+    assert model["min_pixels"] == 256 * factor**2 and model["max_pixels"] == 1280 * factor**2
+    shipped = load_config(model["flops_config"])  # the shipped FLOPs config describes the same checkpoint
+    assert shipped.model_type == model_type
+    assert shipped.vision_config.patch_size * shipped.vision_config.spatial_merge_size == factor
+    # weights are never downloaded: an empty HF cache -> one line with the exact command and the size
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError) as error:
+        prepare(_compose(f"model={name}", "op=skip_ffn", "start_layer=4", f"run.runs_dir={tmp_path}"))
+    message = str(error.value)
+    assert "\n" not in message and f"get them with: hf download {hub_id} (~{model['download_gb']} GB)" in message
+
+
+@pytest.mark.parametrize("op", ["fastv", "pdrop", "visionzip", "proxyv"])
+def test_token_reduction_and_proxyv_refused_on_qwen(op, checkpoint, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"op={op}", "start_layer=1",
+                         f"run.runs_dir={tmp_path}"))
+    message = str(error.value)
+    assert "\n" not in message and f"op={op} is not supported on Qwen-VL models (qwen2_5_vl) yet" in message
+
+
+def test_operator_runs_are_prepared_with_the_pixel_bounds_in_their_identity(checkpoint, tmp_path):
+    spec = prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", "op=skip_attn", "start_layer=1",
+                            f"run.runs_dir={tmp_path}", *TINY_PIXELS))
+    assert spec.num_layers == 3 and spec.variant.layers == (1, 2)
+    other = prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", "op=skip_attn", "start_layer=1",
+                             f"run.runs_dir={tmp_path}", "model.min_pixels=256", "model.max_pixels=1024"))
+    assert spec.key != other.key  # other image sizes -> other vision tokens -> another result
+
+
+# ----------------------------------------------------------------------------- the plugin
+
+def test_plugin_loads_a_qwen_checkpoint_and_answers(checkpoint):
+    import numpy as np
+    from PIL import Image
+
+    from analysis.lmms_model import LlavaAblate
+
+    lm = LlavaAblate(str(checkpoint), op="skip_ffn", start_layer=1, batch_size=2, progress=False, max_new_tokens=5,
+                     min_pixels=256, max_pixels=1024)
+    assert lm.qwen and type(lm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    prompt = lm._prompt("What is written here?", 1)
+    assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is written here?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    images = [[Image.fromarray(np.random.RandomState(s).randint(0, 255, (h, w, 3), dtype=np.uint8))]
+              for s, h, w in ((0, 64, 96), (1, 120, 40))]
+    prompts = [prompt, lm._prompt("Hi", 1)]
+    batched = lm._generate(prompts, images, {"until": ["\n\n"]})  # left-padded batch of two image sizes
+    alone = [lm._generate([p], [ims], {"until": ["\n\n"]})[0] for p, ims in zip(prompts, images)]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+    grids = [shape["vision_grids"] for shape in lm.prompt_shapes[:2]]
+    assert all(4 * 16 <= t * h * w * 16 <= 1024 for ((t, h, w),) in grids)  # within max_pixels: <= 16 tokens
+    assert [s["vision"] for s in lm.prompt_shapes[:2]] == [t * h * w // 4 for ((t, h, w),) in grids]
+    for op in ("fastv", "proxyv"):
+        with pytest.raises(ValueError, match=f"^op={op} is not supported on Qwen-VL models"):
+            lm.set_variant(op, start_layer=1)
+    assert lm.variant.method == "skip_ffn"  # a refused variant leaves the current one
+
+
+# ----------------------------------------------------------------------------- the runner, end to end
+
+@pytest.mark.slow
+def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
+    """`experiments/run.py -m model=qwen2.5-vl-3b model.pretrained=<tiny> op=none,skip_ffn start_layer=1`: a
+    baseline and one op through the four synthetic twins (2 samples each), records, FLOPs, report."""
+    from analysis.flops import PrefillTokens, count_flops
+    from analysis.lmms_model import LlavaAblate
+    from analysis.twins import EVAL_SEED, generate
+    from analysis.twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
+    from analysis.variant import resolve_variant
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", "model=qwen2.5-vl-3b", "op=none,skip_ffn",
+           "start_layer=1", f"model.pretrained={checkpoint}", *TINY_PIXELS, f"run.runs_dir={runs}",
+           f"run.reports_dir={tmp_path / 'reports'}", "eval.limit=2", "run.threads=1", "run.progress=false",
+           "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    paths = sorted(runs.glob("qwen2.5-vl-3b-synthetic*/*/result.json"))
+    records = {p.parent: json.loads(p.read_text()) for p in paths}
+    assert sorted(r["op"] for r in records.values()) == ["none", "skip_ffn"], out.stderr[-3000:]
+    lm = LlavaAblate(str(checkpoint), progress=False, min_pixels=256, max_pixels=4096)
+    config = lm.model.config
+    for run_dir, record in records.items():
+        assert record["status"] == "ok" and record["model"] == "qwen2.5-vl-3b" and record["num_layers"] == 3
+        assert record["n_samples"] == 8 and record["n_per_task"] == dict.fromkeys(TASKS, 2)
+        assert set(record["scores"]) == set(TASKS) and record["latency_ms"] > 0
+        samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 8 and {s["task"] for s in samples} == set(TASKS)
+        # FLOPs == the analytic count of each evaluated prompt (its batch through the FLOPs package's own
+        # Qwen-VL path: layout, grids, tower, merger), with the run's own (the checkpoint's) config
+        variant = resolve_variant(record["op"], 3, start_layer=None if record["op"] == "none" else 1)
+        reports = []
+        for task in TASKS:
+            for doc in generate(task, "eval", 2, EVAL_SEED):
+                images = twin_doc_to_visual(doc)
+                batch = lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images])
+                reports.append(count_flops(config, PrefillTokens.from_batch(batch, config), variant, lm_head="last"))
+        flops = record["flops"]
+        for key in ("total", "baseline", "theoretical", "lm_head", "vision"):
+            expected = sum(getattr(r, key) for r in reports) / len(reports)
+            assert flops[key] == pytest.approx(expected, rel=1e-12), key
+        assert flops["vision"] > 0 and set(flops["vision_parts"]) >= {"tower", "merger"}
+        assert (flops["reduction"] > 0) == (record["op"] == "skip_ffn")
+    reports_md = list((tmp_path / "reports").rglob("report.md"))
+    assert reports_md and "skip_ffn" in reports_md[0].read_text()
