@@ -97,15 +97,21 @@ def test_operator_runs_are_prepared_with_the_pixel_bounds_in_their_identity(chec
 
 # ----------------------------------------------------------------------------- the plugin
 
-def test_plugin_loads_a_qwen_checkpoint_and_answers(checkpoint):
+CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_plugin_loads_a_qwen_checkpoint_and_answers(kind, checkpoint, tmp_path):
     import numpy as np
     from PIL import Image
 
     from analysis.lmms_model import LlavaAblate
 
-    lm = LlavaAblate(str(checkpoint), op="skip_ffn", start_layer=1, batch_size=2, progress=False, max_new_tokens=5,
+    path = checkpoint if kind == "qwen2_5_vl" else tiny_qwen.save_checkpoint(tmp_path / kind, kind, seed=0)
+    lm = LlavaAblate(str(path), op="skip_ffn", start_layer=1, batch_size=2, progress=False, max_new_tokens=5,
                      min_pixels=256, max_pixels=1024)
-    assert lm.qwen and type(lm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert lm.qwen and type(lm.model).__name__ == CLASSES[kind]
     prompt = lm._prompt("What is written here?", 1)
     assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is written here?<|im_end|>\n"
                       "<|im_start|>assistant\n")
