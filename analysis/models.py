@@ -24,8 +24,8 @@ GENERATION_CLASSES = {kind: classes[0] for kind, classes in LLAVA_CLASSES.items(
 SUPPORTED_CLASSES = (*GENERATION_CLASSES.values(), *(classes[1] for classes in LLAVA_CLASSES.values()))
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
 # Qwen-VL classes (issue 12): config.model_type -> (generation class, core model), text backbone model_types.
-# Only the operators of analysis.ops (ablate) drive them so far: llava_core() -- and with it token reduction,
-# ProxyV, FLOPs, training and the runner -- still refuses them; vlm_core() accepts both families.
+# The operators of analysis.ops (ablate), the FLOPs model, the runner and the lmms-eval plugin drive them;
+# llava_core() -- and with it token reduction, ProxyV and training -- still refuses them; vlm_core() accepts both.
 QWEN_VL_CLASSES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLModel),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel),
