@@ -177,3 +177,29 @@ def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
         assert (flops["reduction"] > 0) == (record["op"] == "skip_ffn")
     reports_md = list((tmp_path / "reports").rglob("report.md"))
     assert reports_md and "skip_ffn" in reports_md[0].read_text()
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
+    """lmms-eval's own CLI with the plugin on a saved Qwen3-VL fixture (pixel bounds as model_args); op=fastv on it
+    is the one-line SystemExit that ends the CLI."""
+    from analysis import twins
+
+    path = tiny_qwen.save_checkpoint(tmp_path / "ckpt", "qwen3_vl", seed=0)
+    cli = [str(Path(sys.executable).with_name("lmms-eval")), "--model", "llava_ablate", "--tasks", "synth_ocrbench",
+           "--include_path", str(twins.TASKS_DIR), "--batch_size", "2", "--log_samples"]
+    args = f"pretrained={path},op=skip_attn,start_layer=1,min_pixels=256,max_pixels=4096"
+    out = subprocess.run([*cli, "--model_args", args, "--limit", "3", "--output_path", str(tmp_path / "out")],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = (tmp_path / "out").rglob("*_results.json")
+    assert "ocrbench_accuracy,none" in json.loads(result.read_text())["results"]["synth_ocrbench"]
+    (samples,) = (tmp_path / "out").rglob("*_samples_synth_ocrbench.jsonl")
+    assert len(samples.read_text().splitlines()) == 3
+    from analysis.lmms_model import (
+        LlavaAblate,  # a refused op: what the CLI prints, in process
+    )
+
+    with pytest.raises(SystemExit, match="^llava_ablate: op=fastv is not supported on Qwen-VL models") as error:
+        LlavaAblate.create_from_arg_string(f"pretrained={path},op=fastv,start_layer=1")
+    assert "\n" not in str(error.value)
