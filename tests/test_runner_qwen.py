@@ -184,6 +184,7 @@ def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
     """lmms-eval's own CLI with the plugin on a saved Qwen3-VL fixture (pixel bounds as model_args); op=fastv on it
     is the one-line SystemExit that ends the CLI."""
     from analysis import twins
+    from analysis.lmms_model import LlavaAblate
 
     path = tiny_qwen.save_checkpoint(tmp_path / "ckpt", "qwen3_vl", seed=0)
     cli = [str(Path(sys.executable).with_name("lmms-eval")), "--model", "llava_ablate", "--tasks", "synth_ocrbench",
@@ -196,10 +197,7 @@ def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
     assert "ocrbench_accuracy,none" in json.loads(result.read_text())["results"]["synth_ocrbench"]
     (samples,) = (tmp_path / "out").rglob("*_samples_synth_ocrbench.jsonl")
     assert len(samples.read_text().splitlines()) == 3
-    from analysis.lmms_model import (
-        LlavaAblate,  # a refused op: what the CLI prints, in process
-    )
-
+    # a refused op: the one line the CLI prints (LlavaAblate.create_from_arg_string is what the CLI calls), in process
     with pytest.raises(SystemExit, match="^llava_ablate: op=fastv is not supported on Qwen-VL models") as error:
         LlavaAblate.create_from_arg_string(f"pretrained={path},op=fastv,start_layer=1")
     assert "\n" not in str(error.value)
