@@ -322,7 +322,7 @@ def test_proxyv_runs_beside_the_ops(tmp_path, config_only, proxyv_config_only, s
     record = runner.run_one(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=16", listed), session_factory=factory)
     assert record["status"] == "ok" and record["op"] == "proxyv" and record["proxyv"]["start_layer"] == 16
     assert record["model_path"] == str(proxyv_config_only) and record["baseline"]["score"] == 1.0
-    with pytest.raises(ConfigError, match=r"(?i)no trained ProxyV checkpoint for start_layer=8 \(listed in model.proxyv: 16\b.*conf/model/tiny.yaml"):
+    with pytest.raises(ConfigError, match=r"(?i)no trained ProxyV checkpoint for start_layer=8 \(listed in model.proxyv: [0-9, ]*\b16\b.*conf/model/tiny.yaml"):
         runner.prepare(_cfg(tmp_path, config_only, "op=proxyv", "start_layer=8", listed))
     with pytest.raises(ConfigError, match="is a ProxyV checkpoint: set model.baseline_model"):
         runner.prepare(_cfg(tmp_path, proxyv_config_only, "op=none"))
