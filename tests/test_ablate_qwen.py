@@ -97,6 +97,22 @@ def test_batch_equals_each_sample_alone(kind, op):
             torch.testing.assert_close(batched[b][valid], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_right_padded_batch_equals_each_sample_alone(kind):
+    """Right padding: the pads follow each sample, so vision positions and M-RoPE origins do not shift."""
+    model, samples = model_for(kind), SAMPLE_SETS["multi"]
+    batch = make_batch(kind, samples, padding_side="right")
+    assert not batch["attention_mask"][:, -1].all()  # some sample really is right-padded
+    with torch.no_grad(), ablate(model, "skip_attn_ffn", start_layer=0):
+        batched = model(**batch).logits
+        for b, sample in enumerate(samples):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                alone = model(**make_batch(kind, (sample,))).logits[0]
+            valid = batch["attention_mask"][b].bool()
+            torch.testing.assert_close(batched[b][valid], alone, atol=1e-5, rtol=0)
+
+
 STEPS = 3
 
 
