@@ -164,14 +164,20 @@ def build_model(kind: str = "llava", backbone: str = "llama", *, seed: int = 0, 
     config = build_config(kind, backbone, **config_kwargs)
     torch.manual_seed(seed)
     model = generation_class(kind)._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    # HF initialises with std 0.02; a larger std makes random models' outputs depend visibly on every layer,
-    # so that equivalence tests can fail when a computation is wrong.
+    widen_init(model)
+    if kind == "llava_next":
+        with torch.no_grad():
+            model.model.image_newline.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def widen_init(model) -> None:
+    """Redraw a random model's matrices (std 0.12) and biases (std 0.1) in place. HF initialises with std 0.02; a
+    larger std makes random models' outputs depend visibly on every layer, so equivalence tests can fail when a
+    computation is wrong."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.12)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
-        if kind == "llava_next":
-            model.model.image_newline.normal_(0.0, 1.0)
-    return model.eval()

@@ -34,7 +34,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from .tiny import CHARACTERS
+from .tiny import CHARACTERS, widen_init
 
 KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 GENERATION_CLASSES = {
@@ -187,13 +187,7 @@ def build_model(kind: str = "qwen2_vl", *, seed: int = 0, attn_implementation: s
     config = build_config(kind, **config_kwargs)
     torch.manual_seed(seed)
     model = GENERATION_CLASSES[kind]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    # As in analysis.tiny: a larger std than HF's 0.02 so that outputs depend visibly on every layer.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.12)
-            elif "bias" in name:
-                p.normal_(0.0, 0.1)
+    widen_init(model)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model.eval()
