@@ -58,6 +58,9 @@ class VisionTracker:
 
     vision_words = "image"
 
+    who = "ablate()"  # who is speaking in error messages
+    ENCODERS = ("image",)  # the core's get_<kind>_features methods generate() calls before the first forward
+
     def __init__(self, config, newline_tokens: str):
         self.config = config
         self.newline_tokens = newline_tokens
@@ -69,29 +72,52 @@ class VisionTracker:
         self.encoded_image_sizes = None
 
     def watch_image_encoder(self, core):
-        """Wrap ``core.get_image_features`` (this instance only) to record ``image_sizes``; returns an undo."""
-        original = core.get_image_features
+        """Wrap the encoders of ``core`` (``get_image_features``; Qwen-VL also ``get_video_features``; this instance
+        only) with :meth:`encoder_call`; returns one undo for all."""
+        undos = []
+        for kind in self.ENCODERS:
+            original = getattr(core, f"get_{kind}_features")
 
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
-            self.encoded_image_sizes = kwargs.get("image_sizes")
-            return original(*args, **kwargs)
+            def encoder(*args, _kind=kind, _original=original, **kwargs):
+                return self.encoder_call(_kind, _original, args, kwargs)
 
-        return patch_instance(core, "get_image_features", get_image_features)  # undo puts back ProxyV's recorder
+            # undo puts back what was there (ProxyV's recorder on a ProxyV model)
+            undos.append(patch_instance(core, f"get_{kind}_features", functools.wraps(original)(encoder)))
+
+        def undo():
+            for u in reversed(undos):
+                u()
+
+        return undo
+
+    def encoder_call(self, kind: str, call, args: tuple, kwargs: dict):
+        """``call(*args, **kwargs)``, an encoder call of generate(), remembering what the layout of the next forward
+        will need: ``image_sizes`` (LLaVA-NeXT; generate() passes the features without them)."""
+        self.encoded_image_sizes = kwargs.get("image_sizes")  # HF passes it by keyword
+        return call(*args, **kwargs)
 
     def query_vision(self, input_ids: torch.Tensor, chunk_mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
         """(B, T) bool: the vision tokens of this call's ``input_ids``."""
+        layout = self.layout_of_call(input_ids, chunk_mask, kwargs)
+        if layout is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return layout.vision_mask(self.newline_tokens)
+
+    def layout_of_call(self, input_ids: torch.Tensor, chunk_mask: torch.Tensor | None, kwargs: dict,
+                       compute=compute_layout):
+        """The token layout of this call's ``input_ids``, or ``None`` where it carries no vision features.
+        ``compute``: the layout function (VisionZip under ProxyV passes its merged tokens' layout)."""
         # Image tokens are vision tokens only in a call that carries image features (pixels or
         # pre-encoded); elsewhere, e.g. an <image> id sampled in a decode step, HF embeds them as text.
         pixels = kwargs.get("pixel_values") is not None
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
-        if (pixels or encoded) and bool((input_ids == image_token_id(self.config)).any()):
-            image_sizes = kwargs.get("image_sizes")
-            if image_sizes is None and not pixels:
-                image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
-            layout = compute_layout(input_ids, self.config, chunk_mask, image_sizes)
-            return layout.vision_mask(self.newline_tokens)
-        return torch.zeros_like(input_ids, dtype=torch.bool)
+        if not (pixels or encoded) or not bool((input_ids == image_token_id(self.config)).any()):
+            return None
+        image_sizes = kwargs.get("image_sizes")
+        if image_sizes is None and not pixels:
+            image_sizes, self.encoded_image_sizes = self.encoded_image_sizes, None
+        return compute(input_ids, self.config, chunk_mask, image_sizes)
+
 
     def pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -131,6 +157,7 @@ class QwenVisionTracker(VisionTracker):
 
     vision_words = "image or video"
     KINDS = (("image", "pixel_values"), ("video", "pixel_values_videos"))
+    ENCODERS = ("image", "video")
 
     def __init__(self, config, newline_tokens: str):
         super().__init__(config, newline_tokens)
@@ -138,53 +165,38 @@ class QwenVisionTracker(VisionTracker):
         # image_grid_thw / video_grid_thw: remember the grids from the encoder calls.
         self.encoded_grids: dict[str, torch.Tensor | None] = {"image": None, "video": None}
 
-    def watch_image_encoder(self, core):
-        """Wrap ``core.get_image_features`` and ``core.get_video_features`` (this instance only) to record the
-        grids they encode; returns one undo for both."""
-        undos = []
-        for kind in ("image", "video"):
-            original = getattr(core, f"get_{kind}_features")
+    def encoder_call(self, kind: str, call, args: tuple, kwargs: dict):
+        """As :meth:`VisionTracker.encoder_call`, remembering the grid encoded (``{kind}_grid_thw``)."""
+        grid = kwargs.get(f"{kind}_grid_thw", args[1] if len(args) > 1 else None)
+        before = dict(self.encoded_grids)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            # Qwen3-VL's get_video_features calls get_image_features with the video's grid: keep only what the
+            # outermost call records.
+            self.encoded_grids = {**before, kind: grid}
 
-            def encoder(*args, _kind=kind, _original=original, **kwargs):
-                grid = kwargs.get(f"{_kind}_grid_thw", args[1] if len(args) > 1 else None)
-                before = dict(self.encoded_grids)
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    # Qwen3-VL's get_video_features calls get_image_features with the video's grid: keep
-                    # only what the outermost call records.
-                    self.encoded_grids = {**before, _kind: grid}
-
-            undos.append(patch_instance(core, f"get_{kind}_features", functools.wraps(original)(encoder)))
-
-        def undo():
-            for u in reversed(undos):
-                u()
-
-        return undo
-
-    def query_vision(self, input_ids, chunk_mask, kwargs):
+    def layout_of_call(self, input_ids, chunk_mask, kwargs, compute=compute_layout):
         # As for LLaVA: image / video tokens are vision tokens only in a call carrying that kind's features.
         encoded = kwargs.get("mm_encoder_outputs") or {}
         present = {kind: kwargs.get(pixels) is not None or encoded.get(kind) is not None
                    for kind, pixels in self.KINDS}
         if not any(present.values()):
-            return torch.zeros_like(input_ids, dtype=torch.bool)
+            return None
         grids = {}
         for kind, pixels in self.KINDS:
             grid = kwargs.get(f"{kind}_grid_thw")
             if grid is None and present[kind] and kwargs.get(pixels) is None:
                 grid, self.encoded_grids[kind] = self.encoded_grids[kind], None
             if present[kind] and grid is None:
-                raise ValueError(f"ablate(): the call carries {kind} features but no {kind}_grid_thw; pass the "
+                raise ValueError(f"{self.who}: the call carries {kind} features but no {kind}_grid_thw; pass the "
                                  f"processor's {kind}_grid_thw with them")
             grids[kind] = grid if present[kind] else None
         types = kwargs.get("mm_token_type_ids")
         if types is not None and types.shape != input_ids.shape:
             types = None
-        layout = compute_layout(input_ids, self.config, chunk_mask, image_grid_thw=grids["image"],
-                                video_grid_thw=grids["video"], mm_token_type_ids=types)
-        return layout.vision_mask(self.newline_tokens)
+        return compute(input_ids, self.config, chunk_mask, image_grid_thw=grids["image"],
+                       video_grid_thw=grids["video"], mm_token_type_ids=types)
 
 
 def _allowed(chunk: Chunk, op: Operator, window: int | None) -> torch.Tensor:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import QWEN_VL_CLASSES, generation_class, qwen_unsupported
+from .models import QWEN_VL_CLASSES, qwen_unsupported, vlm_generation_class
 from .variant import Variant, family, family_of, resolve_variant
 
 IMAGE_TOKEN = "<image>"
@@ -95,7 +95,7 @@ def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation:
     pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if pixels and not qwen:
         raise ValueError(f"{', '.join(pixels)} apply to Qwen-VL processors only, not to model_type {config.model_type!r}")
-    model_class = QWEN_VL_CLASSES[config.model_type][0] if qwen else generation_class(config.model_type, str(path))
+    model_class = vlm_generation_class(config.model_type, str(path))
     kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
     if device.type == "cuda":  # load the weights straight onto this process's GPU, not through CPU memory
         kwargs["device_map"] = {"": device}

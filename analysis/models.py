@@ -25,7 +25,7 @@ SUPPORTED_CLASSES = (*GENERATION_CLASSES.values(), *(classes[1] for classes in L
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
 # Qwen-VL classes (issue 12): config.model_type -> (generation class, core model), text backbone model_types.
 # The operators of analysis.ops (ablate), the FLOPs model, the runner and the lmms-eval plugin drive them;
-# llava_core() -- and with it token reduction, ProxyV and training -- still refuses them; vlm_core() accepts both.
+# llava_core() -- and with it training -- still refuses them; vlm_core() accepts both.
 QWEN_VL_CLASSES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLModel),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel),
@@ -51,6 +51,16 @@ def generation_class(model_type: str, where: str = "the checkpoint"):
     if model_type not in GENERATION_CLASSES:
         raise TypeError(f"{where}: model_type {model_type!r} is not supported; supported: "
                         f"{', '.join(GENERATION_CLASSES)}")
+    return GENERATION_CLASSES[model_type]
+
+
+def vlm_generation_class(model_type: str, where: str = "the checkpoint"):
+    """:func:`generation_class`, the Qwen-VL classes included (for code that supports both families)."""
+    if model_type in QWEN_VL_CLASSES:
+        return QWEN_VL_CLASSES[model_type][0]
+    if model_type not in GENERATION_CLASSES:
+        raise TypeError(f"{where}: model_type {model_type!r} is not supported; supported: "
+                        f"{', '.join([*GENERATION_CLASSES, *QWEN_VL_CLASSES])}")
     return GENERATION_CLASSES[model_type]
 
 

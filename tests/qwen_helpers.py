@@ -3,6 +3,7 @@ prompts with images of different sizes, several images, videos, text-only sample
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -80,3 +81,28 @@ def rope_index(model, batch) -> torch.Tensor:
     with torch.no_grad():
         positions, _ = model.model.get_rope_index(**{k: batch[k] for k in keys if k in batch})
     return positions
+
+
+def suppressed(model) -> list[int]:
+    """A generated <|image_pad|> / <|video_pad|> would be a featureless vision token: never generate one."""
+    return [model.config.image_token_id, model.config.video_token_id]
+
+
+def greedy_recomputation(model, batch, steps: int, context=contextlib.nullcontext):
+    """Greedy decoding re-running the whole sequence each step (no cache), each forward inside ``context()``, the
+    model computing its own M-RoPE positions each time (get_rope_index over the grown sequence): the reference
+    for generate() with a KV cache. Returns (ids, per-step last logits)."""
+    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    step_logits = []
+    for _ in range(steps):
+        with torch.no_grad(), context():
+            logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False,
+                           **extra).logits[:, -1]
+        step_logits.append(logits)
+        next_ids = logits.clone()
+        next_ids[:, suppressed(model)] = -torch.inf
+        next_ids = next_ids.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones_like(next_ids)], 1)
+        types = torch.cat([types, torch.zeros_like(next_ids)], 1)
+    return ids, step_logits

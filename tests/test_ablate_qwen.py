@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_unchanged_after_blocks
-from qwen_helpers import KINDS, SAMPLE_SETS, make_batch, model_for
+from qwen_helpers import KINDS, SAMPLE_SETS, greedy_recomputation, make_batch, model_for, suppressed
 from qwen_reference import reference_logits
 
 from analysis import OPERATORS, ablate, tiny_qwen
@@ -116,30 +116,6 @@ def test_right_padded_batch_equals_each_sample_alone(kind):
 STEPS = 3
 
 
-def suppressed(model) -> list[int]:
-    """A generated <|image_pad|> / <|video_pad|> would be a featureless vision token: never generate one."""
-    return [model.config.image_token_id, model.config.video_token_id]
-
-
-def greedy_recomputation(model, batch, op, start, steps=STEPS):
-    """Greedy decoding re-running the whole sequence each step (no cache) inside ``ablate``, the model computing
-    its own M-RoPE positions each time (get_rope_index over the grown sequence). Returns (ids, step logits)."""
-    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    step_logits = []
-    for _ in range(steps):
-        with torch.no_grad(), ablate(model, op, start_layer=start):
-            logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False,
-                           **extra).logits[:, -1]
-        step_logits.append(logits)
-        next_ids = logits.clone()
-        next_ids[:, suppressed(model)] = -torch.inf
-        next_ids = next_ids.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones_like(next_ids)], 1)
-        types = torch.cat([types, torch.zeros_like(next_ids)], 1)
-    return ids, step_logits
-
-
 @pytest.mark.parametrize("attn, ops", [("sdpa", OPS), ("eager", ["mask_v2v", "skip_attn_ffn", "drop_v2t"])])
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_with_cache_equals_greedy_recomputation(kind, attn, ops):
@@ -150,7 +126,8 @@ def test_generate_with_cache_equals_greedy_recomputation(kind, attn, ops):
         with torch.no_grad(), ablate(model, op, start_layer=1 if op != "drop_v2t" else 0):
             out = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, suppress_tokens=suppressed(model))
-        ids, logits = greedy_recomputation(model, batch, op, 1 if op != "drop_v2t" else 0)
+        start = 1 if op != "drop_v2t" else 0
+        ids, logits = greedy_recomputation(model, batch, STEPS, lambda: ablate(model, op, start_layer=start))
         assert torch.equal(out.sequences, ids), op
         for got, want in zip(out.logits, logits):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""``apply_proxyv``: convert a HF LLaVA model to ProxyV, permanently and per instance.
+"""``apply_proxyv``: convert a HF LLaVA or Qwen-VL model to ProxyV, permanently and per instance.
 
 What it attaches (nothing else changes, no transformers class is patched):
 
@@ -7,7 +7,9 @@ What it attaches (nothing else changes, no transformers class is patched):
   (keys ``model.proxyv.layers.<i>.*`` and ``model.proxyv.initializer.*``);
 * ``config.proxyv`` -- the settings (a dict), so :func:`analysis.proxyv.load_proxyv` can rebuild;
 * a forward pre-hook and a forward hook on the core (plan the chunk / drop the proxies), and
-  ``core.get_image_features`` on the instance (records ``image_sizes`` during ``generate()``);
+  ``core.get_image_features`` on the instance (records ``image_sizes`` during ``generate()``; Qwen-VL:
+  ``get_image_features`` / ``get_video_features`` record the grids, and a pre-hook on the language model
+  records the M-RoPE positions the proxies' positions are made from);
 * ``layer.forward`` on the instances of decoder layers >= start layer.
 """
 
@@ -18,11 +20,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..ablation import QwenVisionTracker, VisionTracker
 from ..attention import check_backend
 from ..layout import compute_layout
-from ..models import decoder_layers, llava_core, text_config_of
+from ..models import decoder_layers, is_qwen_vl_model, text_config_of, vlm_core
 from .plan import build_plan
-from .runtime import ImageSizeRecorder, ProxyV, proxyv_layer_forward
+from .runtime import EncoderRecorder, ProxyV, proxyv_layer_forward
 
 INITS = ("spatial", "learned", "none")  # "none": no proxies, a context-free light MLP (paper Table 2)
 FORMAT = 1
@@ -36,9 +39,17 @@ class ProxyVSettings:
     reduce_factor: int = 4  # init="none": recorded as given, unused (there are no proxies)
     init: str = "spatial"
     light_width: int = 0  # light-MLP (and learned-query) width I; 0 -> hidden // 4 when applied
+    learned_proxies: int = 0  # learned proxies per crop / grid block; 0 -> side^2 // f^2 (LLaVA's fixed crop)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "format": FORMAT}
+        data = asdict(self)
+        if not data["learned_proxies"]:  # written only where set: checkpoints of earlier versions stay equal
+            del data["learned_proxies"]
+        return {**data, "format": FORMAT}
+
+    def learned_count(self, rows: int, cols: int) -> int:
+        """Learned proxies per crop of a rows x cols grid."""
+        return self.learned_proxies or rows * cols // self.reduce_factor**2
 
     @classmethod
     def from_dict(cls, data: dict) -> ProxyVSettings:
@@ -48,9 +59,17 @@ class ProxyVSettings:
         return cls(**data)
 
 
-def _crop_side(core) -> int:
+def _crop_side(core) -> int | None:
+    """The side of a LLaVA crop's patch grid; ``None`` for Qwen-VL (native-resolution grids of any shape)."""
+    if is_qwen_vl_model(core):
+        return None
     vision = core.config.vision_config
     return vision.image_size // vision.patch_size
+
+
+def _deepstack_layers(core) -> int:
+    """How many decoder layers DeepStack injects vision features after (Qwen3-VL: layers 0..n-1; else 0)."""
+    return len(getattr(core.config.vision_config, "deepstack_visual_indexes", None) or ())
 
 
 def _window(attn) -> int | None:
@@ -72,11 +91,22 @@ def _check(core, layers, settings: ProxyVSettings) -> None:
     side = _crop_side(core)
     if f < 1:
         raise ValueError(f"reduce_factor must be >= 1, got {f}")
-    if settings.init == "spatial" and side % f:
+    if not isinstance(settings.learned_proxies, int) or settings.learned_proxies < 0:
+        raise ValueError(f"learned_proxies must be an int >= 0, got {settings.learned_proxies!r}")
+    if side is None:  # Qwen-VL: grids of any shape, padded to a multiple of f (see plan.py)
+        if settings.init == "learned" and not settings.learned_proxies:
+            raise ValueError("init='learned' on a Qwen-VL model needs learned_proxies=N (proxies per image and per "
+                             "video block): its grids have no fixed size to derive N from")
+        deep = _deepstack_layers(core)
+        if L < deep:
+            raise ValueError(f"start_layer={L}: Qwen3-VL's DeepStack adds vision features to the vision tokens after "
+                             f"decoder layers 0..{deep - 1}, which proxies made earlier would miss; use start_layer "
+                             f">= {deep}")
+    elif settings.init == "spatial" and side % f:
         divisors = [d for d in range(1, side + 1) if side % d == 0]
         raise ValueError(f"reduce_factor={f} does not divide the {side}x{side} crop grid, which spatial proxies "
                          f"need; use one of {divisors}, or init='learned'")
-    if settings.init == "learned" and side * side < f * f:
+    if side is not None and settings.init == "learned" and not settings.learned_count(side, side):
         raise ValueError(f"reduce_factor={f} leaves no proxy for a {side}x{side} crop grid")
     if settings.light_width < 1:
         raise ValueError(f"light_width must be >= 1, got {settings.light_width}")
@@ -96,12 +126,15 @@ def _check(core, layers, settings: ProxyVSettings) -> None:
 
 
 def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "spatial",
-                 light_width: int | None = None, seed: int | None = None):
+                 light_width: int | None = None, seed: int | None = None, learned_proxies: int = 0):
     """Convert ``model`` to ProxyV in place and return it.
 
     Args:
         model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` (or its
-            ``.model``) with a Llama / Qwen2 / Mistral backbone, ``attn_implementation`` eager or sdpa.
+            ``.model``) with a Llama / Qwen2 / Mistral backbone, or a ``Qwen2VLForConditionalGeneration`` /
+            ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` (or its ``.model``:
+            proxies per image and per temporal block of a video, M-RoPE positions; docs/qwen.md, "ProxyV");
+            ``attn_implementation`` eager or sdpa.
         start_layer: first decoder layer L that runs ProxyV (0 <= L < number of layers).
         reduce_factor: f; each crop's side x side grid gets (side/f)^2 spatial proxies (side^2 // f^2
             learned ones). Official default 4 (24x24 -> 6x6).
@@ -113,13 +146,15 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
             official code uses hidden // 4 from width 1024 on and hidden // 2 below.)
         seed: if given, the new parameters are initialised from ``torch.manual_seed(seed)`` without
             touching the global RNG state; otherwise from the global RNG.
+        learned_proxies: learned proxies per crop (init="learned"); 0 -> side^2 // f^2 on LLaVA; required on
+            Qwen-VL, whose grids have no fixed size.
     Returns:
         ``model``, with the new parameters trainable (``requires_grad``), see :func:`proxyv_parameters`.
     """
-    core = llava_core(model)
+    core = vlm_core(model)
     layers = decoder_layers(core)
     text = text_config_of(core)
-    settings = ProxyVSettings(start_layer, reduce_factor, init, light_width or text.hidden_size // 4)
+    settings = ProxyVSettings(start_layer, reduce_factor, init, light_width or text.hidden_size // 4, learned_proxies)
     _check(core, layers, settings)
     reference = layers[start_layer].post_attention_layernorm
     norm_factory = functools.partial(type(reference), text.hidden_size, eps=text.rms_norm_eps)
@@ -127,11 +162,18 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        proxyv = ProxyV(settings, len(layers), text.hidden_size, _crop_side(core), norm_factory)
+        side = _crop_side(core)
+        learned = settings.learned_count(side, side) if side else settings.learned_proxies
+        proxyv = ProxyV(settings, len(layers), text.hidden_size, learned, norm_factory)
     core.proxyv = proxyv.to(device=weight.device, dtype=weight.dtype)
+    proxyv.locator = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, "text")
+    proxyv.locator.who = "ProxyV"
     core.register_forward_pre_hook(proxyv.pre_hook, with_kwargs=True)
     core.register_forward_hook(proxyv.post_hook)
-    core.get_image_features = ImageSizeRecorder(core, proxyv)
+    for kind in ("image", "video") if is_qwen_vl_model(core) else ("image",):
+        setattr(core, f"get_{kind}_features", EncoderRecorder(core, proxyv, kind))
+    if is_qwen_vl_model(core):
+        core.language_model.register_forward_pre_hook(proxyv.record_positions, with_kwargs=True)
     rotary = core.language_model.rotary_emb
     for i in range(start_layer, len(layers)):
         layers[i].forward = functools.partial(proxyv_layer_forward, layers[i], proxyv, rotary)
@@ -143,7 +185,7 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
 
 def proxyv_parameters(model) -> list[torch.nn.Parameter]:
     """The trainable ProxyV parameters of ``model`` (light MLPs, and learned queries + key projection)."""
-    core = llava_core(model)
+    core = vlm_core(model)
     if not hasattr(core, "proxyv"):
         raise ValueError("the model has no ProxyV; call apply_proxyv() first")
     return list(core.proxyv.parameters())
@@ -176,17 +218,20 @@ class ProxyVShapes:
         return "none" if self.proxies_per_crop == 0 else "learned" if self.learned else "spatial"
 
 
-def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, settings: dict | None = None):
+def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, settings: dict | None = None, *,
+                  image_grid_thw=None, video_grid_thw=None):
     """The ProxyV shapes of a batch (``None`` without vision tokens), from a config with ``config.proxyv``.
 
-    ``settings`` overrides ``config.proxyv`` (a dict as :meth:`ProxyVSettings.to_dict` writes it).
+    ``settings`` overrides ``config.proxyv`` (a dict as :meth:`ProxyVSettings.to_dict` writes it). Qwen-VL
+    configs take the batch's ``image_grid_thw`` / ``video_grid_thw`` instead of ``image_sizes``.
     """
     data = settings if settings is not None else getattr(config, "proxyv", None)
     if data is None:
         raise ValueError("config has no proxyv settings; pass settings= or use a ProxyV model's config")
     s = ProxyVSettings.from_dict(data)
-    layout = compute_layout(input_ids, config, attention_mask, image_sizes)
-    plan = build_plan(layout, s.reduce_factor, s.init == "learned", proxies=s.init != "none")
+    grids = {k: v for k, v in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)) if v is not None}
+    layout = compute_layout(input_ids, config, attention_mask, image_sizes, **grids)
+    plan = build_plan(layout, s)
     if plan is None:
         return None
     width = s.light_width or config.text_config.hidden_size // 4

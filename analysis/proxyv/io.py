@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.utils import cached_file
 
-from ..models import generation_class, llava_core
+from ..models import vlm_core, vlm_generation_class
 from .apply import ProxyVSettings, apply_proxyv
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -61,7 +61,7 @@ def load_proxyv(path, **from_pretrained_kwargs):
 
     Args:
         path: a directory or hub id, as for ``from_pretrained``.
-        **from_pretrained_kwargs: passed to ``<LLaVA class>.from_pretrained`` (``dtype``,
+        **from_pretrained_kwargs: passed to ``<LLaVA or Qwen-VL class>.from_pretrained`` (``dtype``,
             ``attn_implementation``, ``device_map``, ...).
     Returns:
         the model (and the loading info if ``output_loading_info=True`` was passed).
@@ -71,18 +71,19 @@ def load_proxyv(path, **from_pretrained_kwargs):
     config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if getattr(config, "proxyv", None) is None:
         raise ValueError(f"{path} is not a ProxyV checkpoint (config.json has no 'proxyv'); use from_pretrained")
-    model_class = generation_class(config.model_type, str(path))
+    model_class = vlm_generation_class(config.model_type, str(path))
     settings = ProxyVSettings.from_dict(config.proxyv)
     with _own_load_report():
         model, info = model_class.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
     apply_proxyv(model, **{k: v for k, v in vars(settings).items()})
-    prefix = next(name for name, module in model.named_modules() if module is llava_core(model).proxyv) + "."
+    prefix = next(name for name, module in model.named_modules() if module is vlm_core(model).proxyv) + "."
     state = {}
     for file in _checkpoint_files(path, hub_kwargs):
         with safe_open(file, framework="pt") as f:
             state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})  # noqa: SIM118
-    llava_core(model).proxyv.load_state_dict(state, strict=True)  # missing or extra ProxyV keys: an error
-    info = {**info, "unexpected_keys": {k for k in info["unexpected_keys"] if not k.startswith(prefix)}}
+    vlm_core(model).proxyv.load_state_dict(state, strict=True)  # missing or extra ProxyV keys: an error
+    # HF reports our keys as unexpected, under its own load-time renaming (Qwen-VL: model.language_model.proxyv.*)
+    info = {**info, "unexpected_keys": {k for k in info["unexpected_keys"] if ".proxyv." not in f".{k}"}}
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems:
         warnings.warn(f"loading {path}: {problems}", stacklevel=2)

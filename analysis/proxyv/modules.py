@@ -78,13 +78,14 @@ class LightUpdate(nn.Module):
 def spatial_proxies(cells: torch.Tensor, factor: int) -> torch.Tensor:
     """Bilinear downsampling of crop grids, as the official code does it.
 
-    cells: (C, side, side, D), side divisible by ``factor``. Returns (C, (side/f)^2, D), row-major.
+    cells: (C, H, W, D), H and W divisible by ``factor`` (LLaVA crops: H = W = side). Returns
+    (C, (H/f)*(W/f), D), row-major.
     """
-    C, side, _, D = cells.shape
-    small = side // factor
-    grid = F.interpolate(cells.permute(0, 3, 1, 2), size=(small, small), mode="bilinear",
-                         align_corners=False, antialias=False)  # (C, D, side/f, side/f)
-    return grid.permute(0, 2, 3, 1).reshape(C, small * small, D)
+    C, H, W, D = cells.shape
+    rows, cols = H // factor, W // factor
+    grid = F.interpolate(cells.permute(0, 3, 1, 2), size=(rows, cols), mode="bilinear",
+                         align_corners=False, antialias=False)  # (C, D, H/f, W/f)
+    return grid.permute(0, 2, 3, 1).reshape(C, rows * cols, D)
 
 
 class LearnedProxies(nn.Module):

@@ -1,13 +1,19 @@
 """Where the proxies of a batch are: one plan per prefill chunk, from the token layout.
 
-Vocabulary (shapes): B samples, T rows in the chunk, C crops with vision cells in the batch,
-S = side^2 cells per crop, n proxies per crop (``(side/f)^2`` spatial, ``side^2 // f^2`` learned),
+Vocabulary (shapes): B samples, T rows in the chunk, C crops with vision cells in the batch, each crop laid on
+a common H x W grid (S = H*W cells), n proxies per crop (``(H/f)*(W/f)`` spatial, a fixed count learned),
 P = the largest proxy count of a sample, Nv / Nt = the largest count of full-vision / other rows.
 
-* Full vision tokens are the cells of the crop grids of :mod:`analysis.layout` (base crop and
-  high-res crops). Everything else -- text, LLaVA-NeXT ``image_newline`` tokens, a CLS token under
-  ``vision_feature_select_strategy="full"``, padding -- is computed in full, as text (the official
-  code treats newline tokens as text too).
+* Full vision tokens are the cells of the crop grids of :mod:`analysis.layout` (LLaVA: base crop and
+  high-res crops; Qwen-VL: one grid per image and one per temporal block of a video, see
+  :mod:`analysis.layout_qwen`). Everything else -- text, LLaVA-NeXT ``image_newline`` tokens, a CLS token under
+  ``vision_feature_select_strategy="full"``, Qwen's vision start/end and timestamp tokens, padding -- is
+  computed in full, as text (the official code treats newline tokens as text too).
+* Crops of different shapes (Qwen-VL grids have the image's own aspect ratio) are laid on one H x W grid:
+  the largest crop's rows and columns, rounded up to a multiple of f for spatial proxies; a crop fills its
+  top-left corner and the rest counts as removed cells. For an integer factor, a bilinear proxy reads only
+  cells of its own f x f block (:func:`analysis.proxyv.modules.spatial_proxies`), so this is exactly the
+  per-crop computation, whatever the other crops' shapes.
 * AnyRes crops: LLaVA-NeXT's unpadding removes whole rows or columns of the merged high-res grid,
   so the cells a crop keeps form a rectangle. Spatial proxies downsample the crop's full grid with
   removed cells filled by their nearest kept cell (edge replication); a proxy exists only where
@@ -15,8 +21,9 @@ P = the largest proxy count of a sample, Nv / Nt = the largest count of full-vis
   Learned proxies attend over kept cells only, wherever they are (the kept cells of a crop need not
   form a rectangle: token reduction before the start layer leaves any subset, see
   :func:`remap_layout`); every crop with a kept cell gets n proxies.
-* Proxies of a sample are ordered image by image, crop by crop, row-major; proxy k of an image has
-  rotary position ``position(image's first token) + k``, as in the official code.
+* Proxies of a sample are ordered image by image, crop by crop, row-major. Their rotary positions: LLaVA
+  (1-D): proxy k of an image has ``position(image's first token) + k``, as in the official code; Qwen-VL
+  (M-RoPE): see :mod:`analysis.proxyv.runtime` (the positions downsampled like the features).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class ProxyPlan:
     vision_flat: torch.Tensor  # (B*Nv,) long
     text_put: tuple  # (slots, rows): valid text slots (or None: all) and their flat rows, for index_put_
     vision_put: tuple
-    side: int
+    grid: tuple[int, int]  # (H, W): the common grid of the crops, S = H * W
     factor: int
     learned: bool
     counts: tuple  # per sample, per image, per crop: number of proxies (for FLOPs)
@@ -89,36 +96,64 @@ class ProxyPlan:
 
 
 def _kept_rectangle(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column source indices (side,) that fill a crop's removed cells from the nearest kept one."""
+    """Row (H,) and column (W,) source indices that fill a crop's removed cells from the nearest kept one."""
     rows, cols = kept.any(1), kept.any(0)
     if not torch.equal(kept, rows[:, None] & cols[None, :]):
         raise RuntimeError("the kept cells of a crop do not form a rectangle; unexpected LLaVA-NeXT unpadding")
     r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
-    side = kept.shape[0]
-    return torch.arange(side).clamp(int(r[0]), int(r[-1])), torch.arange(side).clamp(int(c[0]), int(c[-1]))
+    H, W = kept.shape
+    return torch.arange(H).clamp(int(r[0]), int(r[-1])), torch.arange(W).clamp(int(c[0]), int(c[-1]))
 
 
-def build_plan(layout, factor: int, learned: bool, proxies: bool = True) -> ProxyPlan | None:
-    """The plan of a chunk from its :class:`analysis.layout.BatchLayout`; ``None`` without vision cells.
+def grids_of(sample) -> tuple:
+    """A sample's images (LLaVA) or images and videos in sequence order (Qwen-VL), each with ``start``/``crops``."""
+    return getattr(sample, "grids", None) or sample.images
 
-    ``proxies=False`` (``init="none"``): no proxy at all (P = 0, n = 0 per crop; ``factor`` unused); the plan
-    then only says which rows are full vision tokens, and its mask is the text rows' one."""
+
+def common_grid(layout, factor: int, spatial: bool) -> tuple[int, int] | None:
+    """(H, W) of the grid every crop of the batch is laid on (``None`` without crops)."""
+    shapes = [crop.positions.shape for s in layout.samples for image in grids_of(s) for crop in image.crops]
+    if not shapes:
+        return None
+    H, W = max(h for h, _ in shapes), max(w for _, w in shapes)
+    if spatial:
+        H, W = -(-H // factor) * factor, -(-W // factor) * factor
+    return H, W
+
+
+def _placed(positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A crop's (h, w) positions in the top-left corner of an (H, W) grid of -1 (removed)."""
+    if tuple(positions.shape) == grid:
+        return positions
+    out = positions.new_full(grid, -1)
+    out[:positions.shape[0], :positions.shape[1]] = positions
+    return out
+
+
+def build_plan(layout, settings) -> ProxyPlan | None:
+    """The plan of a chunk from its token layout (:mod:`analysis.layout`); ``None`` without vision cells.
+
+    ``settings``: a :class:`~analysis.proxyv.apply.ProxyVSettings`. ``init="none"``: no proxy at all (P = 0,
+    n = 0 per crop; ``reduce_factor`` unused); the plan then only says which rows are full vision tokens, and
+    its mask is the text rows' one."""
+    factor, learned, proxies = settings.reduce_factor, settings.init == "learned", settings.init != "none"
     B, T = layout.image_mask.shape
     device = layout.image_mask.device
     vision = torch.zeros(B, T, dtype=torch.bool)
     context = torch.zeros(B, T, dtype=torch.long)  # per position: local proxy slot (spatial) / flat cell (learned)
     cell_src, cell_valid, crop_local, crop_sample, counts = [], [], [], [], []
     starts, ranks = [[] for _ in range(B)], [[] for _ in range(B)]
-    side = None
+    grid = common_grid(layout, factor, spatial=proxies and not learned)
+    if grid is not None:
+        H, W = grid
+        small_w = W // factor
+        n = 0 if not proxies else settings.learned_count(H, W) if learned else (H // factor) * small_w
     for b, sample in enumerate(layout.samples):
         sample_counts = []
-        for image in sample.images:
+        for image in grids_of(sample):
             image_counts, rank = [], 0
             for crop in image.crops:
-                positions = crop.positions.cpu()  # (side, side), -1 where removed
-                side = positions.shape[0]
-                small = side // factor
-                n = 0 if not proxies else side * side // factor**2 if learned else small * small
+                positions = _placed(crop.positions.cpu(), grid)  # (H, W), -1 where removed
                 kept = positions >= 0
                 if not kept.any():
                     image_counts.append(0)
@@ -132,7 +167,7 @@ def build_plan(layout, factor: int, learned: bool, proxies: bool = True) -> Prox
                 if learned or not proxies:
                     exists = torch.ones(n, dtype=torch.bool)
                 else:
-                    exists = kept.view(small, factor, small, factor).any(3).any(1).flatten()  # (n,)
+                    exists = kept.view(H // factor, factor, small_w, factor).any(3).any(1).flatten()  # (n,)
                 m = int(exists.sum())
                 first = len(starts[b])
                 local = torch.full((n,), -1, dtype=torch.long)
@@ -146,9 +181,9 @@ def build_plan(layout, factor: int, learned: bool, proxies: bool = True) -> Prox
                 # Which proxy (spatial) or cell (learned) gives each kept cell its context.
                 r, c = kept.nonzero().unbind(1)
                 if learned:
-                    context[b, positions[r, c]] = (len(cell_src) - 1) * side * side + r * side + c
+                    context[b, positions[r, c]] = (len(cell_src) - 1) * H * W + r * W + c
                 elif proxies:
-                    context[b, positions[r, c]] = local[(r // factor) * small + c // factor]
+                    context[b, positions[r, c]] = local[(r // factor) * small_w + c // factor]
                 vision[b, positions[r, c]] = True
             sample_counts.append(tuple(image_counts))
         counts.append(tuple(sample_counts))
@@ -181,7 +216,7 @@ def build_plan(layout, factor: int, learned: bool, proxies: bool = True) -> Prox
         proxy_rank=proxy_rank.to(**to), row_context=row_context.to(**to),
         text_flat=text_flat.to(**to), vision_flat=vision_flat.to(**to),
         text_put=_put(text_flat, text_valid, device), vision_put=_put(vision_flat, vision_valid, device),
-        side=side, factor=factor, learned=learned, counts=tuple(counts),
+        grid=grid, factor=factor, learned=learned, counts=tuple(counts),
     )
 
 

@@ -9,7 +9,15 @@ Per ProxyV layer (index >= start layer), in a forward whose chunk holds vision c
     h[vision]  = GuidedUpdate(h[vision], context_proj(p) at each cell's proxy)
 
 Full vision rows are never queries and never enter the FFN; their keys and values are computed
-(text reads them, and they are cached). With ``init="none"`` there are no proxies (P = 0): queries are
+(text reads them, and they are cached).
+
+Rotary positions of the proxies: LLaVA (1-D) as the official code, proxy k of an image at
+``position(image's first token) + k``. Qwen-VL (M-RoPE, a (temporal, height, width) position per token): a
+proxy's position is its cells' positions downsampled exactly like its features -- spatial proxies by the
+same bilinear taps, so a proxy sits at the (fractional) centre of its f x f block, in its block's temporal
+position; learned proxies (no spatial place) at the mean position of their crop's cells. The official 1-D
+rule would put a grid's proxies on a line after its first token, giving them temporal and spatial positions
+no vision token has. With ``init="none"`` there are no proxies (P = 0): queries are
 the text rows, keys the sequence, and the vision rows get the context-free ``LightUpdate(h[vision])``. Chunks without vision cells (decode steps, text-only
 input) and layers below the start layer run HF's own forward untouched.
 """
@@ -25,7 +33,7 @@ import torch
 from torch import nn
 
 from ..attention import project_kv, split_attention
-from ..layout import compute_layout, image_token_id
+from ..layout import compute_layout
 from .modules import GuidedUpdate, LearnedProxies, LightUpdate, spatial_proxies
 from .plan import ProxyPlan, build_plan
 
@@ -51,6 +59,7 @@ class ForwardState:
     proxies: torch.Tensor | None = None  # (B, P, D)
     splat: torch.Tensor | None = None  # (C, S, n), learned only
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # proxies' (cos, sin), each (B, P, hd)
+    mrope: torch.Tensor | None = None  # Qwen-VL: (3, B, T) M-RoPE positions of the chunk's rows, else None
     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' [proxies, text] (cos, sin), (B, P + Nt, hd)
 
     def start(self, hidden: torch.Tensor, position_ids: torch.Tensor, position_embeddings, rotary,
@@ -68,16 +77,38 @@ class ForwardState:
         if plan.learned:
             per_crop, self.splat = initializer(cells, plan.cell_valid)  # (C, n, D), (C, S, n)
         else:
-            per_crop = spatial_proxies(cells.view(C, plan.side, plan.side, D), plan.factor)  # (C, n, D)
-        slots = plan.crop_proxy.flatten()  # (C*n,)
-        exists = slots >= 0
-        P = plan.n_proxies
-        flat = hidden.new_zeros(B * P, D).index_copy(0, slots[exists], per_crop.reshape(-1, D)[exists])
-        self.proxies = flat.view(B, P, D)
-        positions = position_ids.expand(B, T).gather(1, plan.proxy_start) + plan.proxy_rank  # (B, P)
+            per_crop = spatial_proxies(cells.view(C, *plan.grid, D), plan.factor)  # (C, n, D)
+        self.proxies = self._slotted(per_crop, B)
+        if self.mrope is None:
+            positions = position_ids.expand(B, T).gather(1, plan.proxy_start) + plan.proxy_rank  # (B, P)
+        else:
+            positions = self._mrope_positions(B)  # (3, B, P) float
         self.rope = rotary(hidden, positions)
         self.q_rope = tuple(torch.cat([proxy, take(t.expand(B, -1, -1), plan.text_flat, Nt)], dim=1)
                             for proxy, t in zip(self.rope, position_embeddings))
+
+    def _slotted(self, per_crop: torch.Tensor, B: int) -> torch.Tensor:
+        """(C, n, F) per-crop values -> (B, P, F) in the proxy slots (zeros where no proxy exists)."""
+        plan = self.plan
+        slots = plan.crop_proxy.flatten()  # (C*n,)
+        exists = slots >= 0
+        F = per_crop.shape[-1]
+        flat = per_crop.new_zeros(B * plan.n_proxies, F)
+        return flat.index_copy(0, slots[exists], per_crop.reshape(-1, F)[exists]).view(B, plan.n_proxies, F)
+
+    def _mrope_positions(self, B: int) -> torch.Tensor:
+        """(3, B, P) float M-RoPE positions of the proxies, downsampled from their cells' like the features."""
+        plan = self.plan
+        C, S = plan.cell_src.shape
+        cells = self.mrope.reshape(3, -1).index_select(1, plan.cell_src.flatten()).view(3, C, S).permute(1, 2, 0)
+        cells = cells.double()  # (C, S, 3); exact for positions of any size
+        if plan.learned:
+            valid = plan.cell_valid[..., None]
+            centre = (cells * valid).sum(1) / valid.sum(1)  # (C, 3): the mean position of the crop's cells
+            per_crop = centre[:, None, :].expand(C, plan.crop_proxy.shape[1], 3)
+        else:
+            per_crop = spatial_proxies(cells.view(C, *plan.grid, 3), plan.factor)
+        return self._slotted(per_crop, B).permute(2, 0, 1).float()
 
     def context(self, projected: torch.Tensor) -> torch.Tensor:
         """Each full vision row's proxy context (B, Nv, I), from ``context_proj(proxies)`` (B, P, I)."""
@@ -100,7 +131,7 @@ class ProxyV(nn.Module):
     ``initializer`` the :class:`LearnedProxies` (learned variant only).
     """
 
-    def __init__(self, settings, n_layers: int, hidden: int, side: int, norm_factory):
+    def __init__(self, settings, n_layers: int, hidden: int, learned_proxies: int, norm_factory):
         super().__init__()
         self.settings = settings
         width = settings.light_width
@@ -109,7 +140,7 @@ class ProxyV(nn.Module):
             {str(i): update(hidden, width, norm_factory()) for i in range(settings.start_layer, n_layers)}
         )
         if settings.init == "learned":
-            self.initializer = LearnedProxies(hidden, width, side * side // settings.reduce_factor**2)
+            self.initializer = LearnedProxies(hidden, width, learned_proxies)
         else:
             self.initializer = None
         self.state: ForwardState | None = None
@@ -117,7 +148,7 @@ class ProxyV(nn.Module):
         self.bound: list = []  # (layer, forward) pairs that apply_proxyv attached
         self.host = None  # a token reduction running the ProxyV layers on its kept rows (analysis.reduction)
         self._key_vision: torch.Tensor | None = None  # (B, K) full-vision mask of every cache position
-        self._encoded_image_sizes = None
+        self.locator = None  # the VisionTracker that finds each call's vision tokens (set by apply_proxyv)
         self._warned_embeds = False
 
     def extra_repr(self) -> str:
@@ -134,8 +165,8 @@ class ProxyV(nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        pixels = kwargs.get("pixel_values") is not None
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        encoded = any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())
         if input_ids is None:
             if (pixels or encoded) and not self._warned_embeds:
                 warnings.warn("ProxyV locates vision tokens from input_ids; called with inputs_embeds, the "
@@ -147,16 +178,13 @@ class ProxyV(nn.Module):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("ProxyV supports 2-D (batch, seq) attention masks only")
         plan = None
-        # Image-token ids are vision tokens only in a call that carries image features.
-        if (pixels or encoded) and bool((input_ids == image_token_id(core.config)).any()):
-            image_sizes = kwargs.get("image_sizes")
-            if image_sizes is None and not pixels:
-                image_sizes, self._encoded_image_sizes = self._encoded_image_sizes, None
-            chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
-            plan_layout = getattr(self.host, "proxyv_layout", compute_layout)  # VisionZip: its merged tokens
-            layout = self.layout = plan_layout(input_ids, core.config, chunk_mask, image_sizes)
-            plan = build_plan(layout, self.settings.reduce_factor, self.settings.init == "learned",
-                              proxies=self.settings.init != "none")
+        # Vision-token ids are vision tokens only in a call that carries their features (the locator decides).
+        chunk_mask = attention_mask[:, past:] if attention_mask is not None else None
+        compute = getattr(self.host, "proxyv_layout", compute_layout)  # VisionZip: its merged tokens
+        layout = self.locator.layout_of_call(input_ids, chunk_mask, kwargs, compute)
+        if layout is not None:
+            self.layout = layout
+            plan = build_plan(layout, self.settings)
         vision = plan.vision if plan is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if past == 0:
             self._key_vision = vision
@@ -171,31 +199,39 @@ class ProxyV(nn.Module):
             valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(self._key_vision)
             self.state = ForwardState(plan, plan.allowed(past, valid, self._key_vision))
 
+    def record_positions(self, language_model, args, kwargs):
+        """Pre-hook on a Qwen-VL language model: keep the (3, B, T) M-RoPE positions of this call."""
+        positions = kwargs.get("position_ids")
+        if self.state is not None:
+            if positions is None or positions.dim() != 3:
+                raise RuntimeError("ProxyV on Qwen-VL: the language model was called without M-RoPE position_ids "
+                                   "(3, batch, seq); call the model with input_ids so it computes them")
+            self.state.mrope = positions[-3:]  # (4, B, T) carries the text positions first
+
     def post_hook(self, core, args, output):
         self.state = self.layout = None  # free the proxies (and their graph) once the forward is done
 
-    def record_image_sizes(self, image_sizes) -> None:
-        self._encoded_image_sizes = image_sizes
 
+class EncoderRecorder:
+    """``core.get_image_features`` (Qwen-VL: also ``get_video_features``) of a ProxyV model: records what the
+    layout needs from an encoder call, then calls the class's method.
 
-class ImageSizeRecorder:
-    """``core.get_image_features`` of a ProxyV model: records ``image_sizes`` and calls the class's method.
-
-    generate() encodes images before the first forward and passes the features without
-    ``image_sizes``; LLaVA-NeXT's layout needs them. (A callable object rather than a closure, so
-    that ``copy.deepcopy`` of the model points the copy at the copy.)
+    generate() encodes images (and videos) before the first forward and passes the features without
+    ``image_sizes`` (LLaVA-NeXT's layout needs them) or ``image_grid_thw`` / ``video_grid_thw`` (Qwen-VL's).
+    Qwen3-VL's video encoder calls the image encoder with the video's grid: only the outermost call records.
+    (A callable object rather than a closure, so that ``copy.deepcopy`` of the model points the copy at the copy.)
     """
 
-    def __init__(self, core, proxyv: ProxyV):
-        self.core, self.proxyv = core, proxyv
+    def __init__(self, core, proxyv: ProxyV, kind: str = "image"):
+        self.core, self.proxyv, self.kind = core, proxyv, kind
 
     @property
     def __signature__(self):  # generate() picks the encoder's arguments by its signature
-        return inspect.signature(functools.partial(type(self.core).get_image_features, self.core))
+        return inspect.signature(functools.partial(getattr(type(self.core), f"get_{self.kind}_features"), self.core))
 
     def __call__(self, *args, **kwargs):
-        self.proxyv.record_image_sizes(kwargs.get("image_sizes"))  # HF passes it by keyword
-        return type(self.core).get_image_features(self.core, *args, **kwargs)
+        method = functools.partial(getattr(type(self.core), f"get_{self.kind}_features"), self.core)
+        return self.proxyv.locator.encoder_call(self.kind, method, args, kwargs)
 
 
 def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention_mask=None, position_ids=None,

@@ -197,8 +197,7 @@ class Reduction:
                 slot_of = torch.full(proxyv.layout.image_mask.shape, -1, dtype=torch.long, device=hidden.device)
                 sample, slot = rows.valid.nonzero(as_tuple=True)
                 slot_of[sample, rows.index[sample, slot]] = slot  # fillers map nowhere
-                plan = build_plan(remap_layout(proxyv.layout, slot_of, rows.valid), proxyv.settings.reduce_factor,
-                                  learned=True)
+                plan = build_plan(remap_layout(proxyv.layout, slot_of, rows.valid), proxyv.settings)
                 if plan is not None:
                     proxyv.state = ForwardState(plan, plan.allowed(0, rows.valid, plan.vision))
         if proxyv.state is None:  # a decode step, or no vision cell left: the plain pruned layer
@@ -264,6 +263,10 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
         raise ValueError(f"reduction_context runs the reduction family ({', '.join(METHODS)}), got {variant!r}")
     proxyv = getattr(core, "proxyv", None)
     check_model(proxyv, variant)
+    if proxyv is not None and is_qwen_vl_model(core):
+        raise NotImplementedError(f"{variant.method} on a ProxyV {type(core).__name__} is not supported yet: token "
+                                  "reduction combines with ProxyV on LLaVA models only; run it on the model without "
+                                  "ProxyV")
     if proxyv is not None:
         check_on_proxyv(variant.method, proxyv.settings.start_layer, drops(variant.method, variant.layers),
                         proxyv.settings.init)
