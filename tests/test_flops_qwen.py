@@ -2,8 +2,8 @@
 tower per block, PatchMerger, DeepStack mergers, decoder per layer and component, LM head), the operators' formulas
 against hand counts, the shipped configs against their HF classes and parameter counts, the CLI.
 
-The operators are not wired into these classes here (issue 12, item 2): the counter checks the baseline forward;
-the operators' executed and theoretical counts are checked against counts written out in the tests."""
+The counter checks the baseline forward here (FastV and PyramidDrop: tests/test_flops_reduction_qwen.py); the
+operators' executed and theoretical counts are checked against counts written out in the tests."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from qwen_helpers import PAIR, VIDEOS, make_batch, model_for
 from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
 from analysis.flops import PrefillTokens, TextDims, count_flops, load_config, main
+from analysis.flops.measure import by_module
 from analysis.flops.measure_qwen import measure_qwen_torch
 from analysis.flops.qwen import QwenVisionDims, grid_of_resolution, qwen_vision_flops
 
@@ -32,9 +33,7 @@ def assert_exact(report, tokens, config, measured):
     assert measured.visual_outside_parts == 0  # position embedding interpolation, vision rotary: no products
     assert [layer.total for layer in report.per_layer] == list(measured.per_layer)
     for layer, components in zip(report.per_layer, measured.components):
-        executed = {name: sum(groups.values()) for name, groups in layer.executed.items()}
-        attention = executed.pop("attn_scores") + executed.pop("attn_values")
-        assert {**executed, "attention": attention} == components, f"layer {layer.layer}"
+        assert by_module(layer.executed) == components, f"layer {layer.layer}"
     assert report.total == measured.decoder
     assert report.lm_head == measured.lm_head
     vision = qwen_vision_flops(config, tokens.vision_grids)
@@ -162,10 +161,12 @@ def test_operators_by_hand_on_qwen25_vl_7b():
     assert report.lm_head == 2 * n * d * 152064
 
 
-def test_other_families_refuse_qwen_configs():
+def test_visionzip_and_proxyv_refuse_qwen_configs():
+    """FastV and PyramidDrop are counted on these configs (tests/test_flops_reduction_qwen.py); VisionZip (no CLS token
+    to rank with) and ProxyV are not."""
     config = load_config("qwen3-vl-8b")
     tokens = PrefillTokens.from_qwen_counts(config, [(1, 16, 16)], (), 10)
-    for op, options in (("fastv", {"start_layer": 3}), ("pdrop", {}), ("visionzip", {})):
+    for op, options in (("visionzip", {}), ("proxyv", {"start_layer": 8})):
         with pytest.raises(NotImplementedError, match="not modelled yet"):
             count_flops(config, tokens, op, **options)
 

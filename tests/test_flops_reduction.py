@@ -22,7 +22,7 @@ from analysis.flops import (
     main,
     mean_flops,
 )
-from analysis.flops.measure import _module_names, _split, torch_flop_counter
+from analysis.flops.measure import _module_names, _split, by_module, torch_flop_counter
 from analysis.flops.reduction import fastv_kept, pdrop_kept, reduction_flops
 from analysis.variant import resolve_variant
 
@@ -256,12 +256,8 @@ def assert_exact(model, batch, op, newline_tokens="vision", **where):
     assert split.decoder_outside_layers == 0
     assert [layer.total for layer in report.per_layer] == list(split.per_layer)
     for layer, components in zip(report.per_layer, split.components):
-        got = {name: sum(groups.values()) for name, groups in layer.executed.items()}
         # PyramidDrop's ranking runs the layer's own q_proj / k_proj modules; FastV's score row is a matmul of its own
-        expected = {"q_proj": got["q_proj"] + got.get("rank_q_proj", 0), "k_proj": got["k_proj"] + got.get("rank_k_proj", 0),
-                    **{name: got[name] for name in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
-                    "attention": got["attn_scores"] + got["attn_values"] + got.get("rank_scores", 0)}
-        assert expected == components, layer.layer
+        assert by_module(layer.executed) == components, layer.layer
     assert report.total == split.decoder and report.lm_head == split.lm_head and report.vision == split.vision
     # the kept vision tokens and the rows the forward outputs are the execution's
     depth = TextDims.from_config(model.config).layers

@@ -39,6 +39,23 @@ LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj":
            "down_proj": "mlp.down_proj"}
 
 
+# The module torch's counter finds each analytic component in (a linear layer of LINEARS, else "attention": what a
+# layer counts beyond its linear layers). A token reduction's ranking runs in the layer's own q_proj / k_proj
+# (PyramidDrop) or as a product beside its attention (FastV's score row).
+MODULE_OF = {"attn_scores": "attention", "attn_values": "attention", "rank_scores": "attention",
+             "rank_q_proj": "q_proj", "rank_k_proj": "k_proj"}
+
+
+def by_module(executed: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """A layer's executed breakdown (component -> group -> FLOPs) as :func:`measure_torch` splits a layer: per
+    linear layer and ``attention``."""
+    out: dict[str, int] = {}
+    for component, groups in executed.items():
+        module = MODULE_OF.get(component, component)
+        out[module] = out.get(module, 0) + sum(groups.values())
+    return out
+
+
 def _sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 

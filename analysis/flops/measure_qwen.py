@@ -9,6 +9,7 @@ PatchMerger, each DeepStack merger (Qwen3-VL).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,10 +52,16 @@ class MeasuredQwenFlops:
         return self.visual - self.tower - self.merger - sum(self.deepstack)
 
 
-def measure_qwen_torch(model, batch: Mapping) -> MeasuredQwenFlops:
-    """FlopCounterMode's count of ``model(**batch)`` for a Qwen-VL ``*ForConditionalGeneration`` model."""
+def measure_qwen_torch(model, batch: Mapping, op: str = "none", **where) -> MeasuredQwenFlops:
+    """FlopCounterMode's count of ``model(**batch)`` for a Qwen-VL ``*ForConditionalGeneration`` model: plain (``op``
+    "none", nothing in ``where``) or inside ``ablate(model, op, **where)`` (``where``: ``layers`` / ``start_layer`` /
+    ``end_layer`` and the method's parameters, e.g. ``keep``). A token reduction's ranking runs inside the layers'
+    modules (PyramidDrop: the layer's own q_proj / k_proj; FastV: a product of its own, counted in the layer)."""
+    from ..ablation import ablate
+
+    context = contextlib.nullcontext() if op == "none" and not where else ablate(model, op, **where)
     counter = torch_flop_counter()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), context, counter:
         model(**batch)
     counts = {name: sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()}
     name_of = {id(module): f"{type(model).__name__}.{name}" for name, module in model.named_modules() if name}

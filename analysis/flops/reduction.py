@@ -47,6 +47,14 @@ which for a pruned forward is the last stage's B·N rows (:meth:`ReductionFlops.
 ``positions`` (PyramidDrop's renumbered or original position ids) changes no FLOPs. A batch without any
 vision token executes the baseline (nothing to rank or drop).
 
+**Qwen2-VL / Qwen2.5-VL / Qwen3-VL**: the same functions, fed the Qwen token layout
+(:meth:`~analysis.flops.PrefillTokens.from_batch`: image and video pad tokens are vision tokens, a sample's kept
+counts are over all of them together) and the Qwen text config's dims; the vision side (tower, PatchMerger, DeepStack
+mergers) runs in full before the decoder and is counted by :mod:`analysis.flops.qwen` in
+:func:`~analysis.flops.count_flops`, as for the plain forward. Kept rows keep their M-RoPE positions and DeepStack adds
+its features to the alive vision rows: no products, nothing counted. Exact against torch's counter in
+tests/test_flops_reduction_qwen.py.
+
 Kept counts are the execution's own functions (:mod:`analysis.reduction.counts`, imported: the two cannot
 disagree, float rounding included). Each other piece of the model is one small function below (the
 schedule of stages, a stage's layer, a ranking), so a change in what executes changes one of them.

@@ -177,11 +177,14 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
 
 
 def _check_qwen_variant(counted) -> None:
-    """On Qwen-VL configs: the operators (their rows and (query, key) pairs need only the token masks) and the
-    baseline; ProxyV, token reduction and VisionZip are not counted for these classes yet (issue 12, item 2)."""
-    if not isinstance(counted, OperatorVariant):
+    """On Qwen-VL configs: the operators and the baseline, FastV and PyramidDrop (their rows, (query, key) pairs and
+    rankings need only the token masks; the vision side runs unchanged). ProxyV and VisionZip (and token reduction on
+    a ProxyV checkpoint) are not counted for these classes."""
+    from .reduction import ReductionFlops
+
+    if not (isinstance(counted, OperatorVariant) or type(counted) is ReductionFlops):
         raise NotImplementedError(f"FLOPs of {counted.name!r} on Qwen-VL models are not modelled yet; the operators "
-                                  f"of analysis.ops and the baseline are")
+                                  f"of analysis.ops, fastv, pdrop and the baseline are")
 
 
 def _model_extras(config, variant) -> dict:
