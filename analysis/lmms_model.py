@@ -22,7 +22,8 @@ Plays the role of lmms-eval's ``llava_hf`` except:
   chat template writes ``<|vision_start|><|image_pad|><|vision_end|>`` per image, the processor sizes each image
   within ``min_pixels`` / ``max_pixels`` (model_args; default: the checkpoint's), the batch carries
   ``image_grid_thw`` instead of ``image_sizes``, and the prompt shapes add the ``vision_grids`` the tower's FLOPs
-  need. Only the six operators run on them so far (token reduction and ProxyV: one-line error);
+  need. The six operators and token reduction (FastV, PyramidDrop; ``positions='original'``) run on them;
+  VisionZip and ProxyV are one-line errors;
 * it records what the runner needs beside the scores: the token shapes of every prompt (for
   FLOPs: :func:`analysis.flops.mean_flops`) and a few prompts to time the prefill on (:meth:`prefill_latency`).
 """
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import QWEN_VL_CLASSES, qwen_unsupported, vlm_generation_class
+from .models import QWEN_VL_CLASSES, qwen_runs, qwen_unsupported, vlm_generation_class
 from .variant import Variant, family, family_of, resolve_variant
 
 IMAGE_TOKEN = "<image>"
@@ -152,7 +153,7 @@ class LlavaAblate(lmms):
                 raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA or Qwen-VL checkpoint)")
             model, processor = load_llava(pretrained, device, dtype, attn_implementation, min_pixels, max_pixels)
         self._model, self.processor = model, processor
-        self.qwen = is_qwen_vl_config(model.config)  # a Qwen-VL model: grids, no image_sizes, operators only
+        self.qwen = is_qwen_vl_config(model.config)  # a Qwen-VL model: grids, no image_sizes, fewer methods
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = None if pretrained is None else str(pretrained)  # None: a model passed in memory
         self._device = next(model.parameters()).device
@@ -205,7 +206,7 @@ class LlavaAblate(lmms):
             if isinstance(layers, str):
                 layers = [int(i) for i in layers.replace(";", " ").replace(":", " ").split()]
             op = self._resolve(op, start_layer, end_layer, layers, bool(blind), params)
-        if self.qwen and op.family != "ablation":
+        if self.qwen and not qwen_runs(op.method, op.family):
             raise ValueError(qwen_unsupported(op.method, self._model.config.model_type))
         self.variant = op
         family(op.family).load("execute")  # an execution that cannot import fails here, not mid-evaluation
@@ -214,9 +215,14 @@ class LlavaAblate(lmms):
         return self.variant
 
     def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool, params: dict) -> Variant:
-        if self.qwen:  # before resolving: ProxyV / reduction parameters are not the point on Qwen-VL
-            if family_of(op).name != "ablation":
+        if self.qwen:  # before resolving: a refused method's parameters are not the point on Qwen-VL
+            if not qwen_runs(op, family_of(op).name):
                 raise ValueError(qwen_unsupported(op, self._model.config.model_type))
+            if op == "pdrop":  # M-RoPE: kept rows keep their own positions (as ablate() on these classes)
+                params = {"positions": "original", **params}
+                if params["positions"] != "original":
+                    raise ValueError(f"op=pdrop positions={params['positions']} on a Qwen-VL model: M-RoPE has no "
+                                     "1-D renumbering; use positions=original (the default on Qwen-VL)")
             return resolve_variant(op, self.num_layers, start_layer=start_layer, end_layer=end_layer, layers=layers,
                                    params=params, blind=blind)
         settings = getattr(self._model.config, "proxyv", None)

@@ -24,8 +24,8 @@ GENERATION_CLASSES = {kind: classes[0] for kind, classes in LLAVA_CLASSES.items(
 SUPPORTED_CLASSES = (*GENERATION_CLASSES.values(), *(classes[1] for classes in LLAVA_CLASSES.values()))
 SUPPORTED_BACKBONES = ("llama", "qwen2", "mistral")
 # Qwen-VL classes (issue 12): config.model_type -> (generation class, core model), text backbone model_types.
-# The operators of analysis.ops (ablate), the FLOPs model, the runner and the lmms-eval plugin drive them;
-# llava_core() -- and with it training -- still refuses them; vlm_core() accepts both.
+# The operators of analysis.ops and token reduction (ablate), ProxyV, the FLOPs model, the runner and the lmms-eval
+# plugin drive them; llava_core() -- and with it training -- still refuses them; vlm_core() accepts both.
 QWEN_VL_CLASSES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLModel),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel),
@@ -35,11 +35,24 @@ QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
 
 
+# Methods beyond the six operators that the runner and the lmms-eval plugin run on Qwen-VL models (executed by
+# analysis.reduction, counted by analysis.flops.reduction). Another method (e.g. proxyv) runs once it is listed here.
+QWEN_VL_METHODS = ("fastv", "pdrop")
+
+
+def qwen_runs(method: str, family_name: str) -> bool:
+    """Whether the runner and the plugin run ``method`` (of the variant family ``family_name``) on Qwen-VL models."""
+    return family_name == "ablation" or method in QWEN_VL_METHODS
+
+
 def qwen_unsupported(method: str, model_type: str) -> str:
-    """The one line refusing a non-operator method on a Qwen-VL model."""
-    return (f"op={method} is not supported on Qwen-VL models ({model_type}) yet: only the six operators "
-            "(none, mask_v2v, skip_attn, skip_ffn, skip_attn_ffn, drop_v2t) run on them; token reduction and ProxyV "
-            "on Qwen-VL are issue 12 work in progress")
+    """The one line refusing a method :func:`qwen_runs` does not run on a Qwen-VL model."""
+    if method == "visionzip":
+        return (f"op=visionzip is not supported on Qwen-VL models ({model_type}): VisionZip picks dominant tokens by "
+                "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop")
+    return (f"op={method} is not supported on Qwen-VL models ({model_type}) yet: the six operators (none, mask_v2v, "
+            f"skip_attn, skip_ffn, skip_attn_ffn, drop_v2t) and token reduction ({', '.join(QWEN_VL_METHODS)}) run on "
+            "them; ProxyV on Qwen-VL is issue 12 work in progress")
 
 
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")

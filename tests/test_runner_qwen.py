@@ -1,8 +1,9 @@
 """The runner and the lmms-eval plugin on Qwen-VL (issue 12, item 4): the model configs of the real Instruct
 checkpoints (weights from the HF cache only; missing -> the exact ``hf download``), a tiny random-weight
 Qwen2.5-VL saved like a hub checkpoint and run by the plugin and by ``experiments/run.py`` (a 2-run sweep through
-the synthetic twins: records, FLOPs equal to the analytic count of every evaluated prompt, report), and the
-one-line refusal of token reduction and ProxyV on Qwen-VL. Scores of random weights are ~0: not asserted."""
+the synthetic twins: records, FLOPs equal to the analytic count of every evaluated prompt, report; FastV and
+PyramidDrop the same way), and the one-line refusal of VisionZip and ProxyV on Qwen-VL. Scores of random weights are
+~0: not asserted."""
 
 from __future__ import annotations
 
@@ -77,13 +78,39 @@ def test_qwen_model_configs(name, tmp_path, monkeypatch):
     assert "\n" not in message and f"get them with: hf download {hub_id} (~{model['download_gb']} GB)" in message
 
 
-@pytest.mark.parametrize("op", ["fastv", "pdrop", "visionzip", "proxyv"])
-def test_token_reduction_and_proxyv_refused_on_qwen(op, checkpoint, tmp_path):
+@pytest.mark.parametrize("op, message", [
+    ("visionzip", "op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): VisionZip picks dominant tokens by "
+                  "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop"),
+    ("proxyv", "op=proxyv is not supported on Qwen-VL models (qwen2_5_vl) yet"),
+])
+def test_visionzip_and_proxyv_refused_on_qwen(op, message, checkpoint, tmp_path):
     with pytest.raises(ConfigError) as error:
         prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"op={op}", "start_layer=1",
                          f"run.runs_dir={tmp_path}"))
-    message = str(error.value)
-    assert "\n" not in message and f"op={op} is not supported on Qwen-VL models (qwen2_5_vl) yet" in message
+    assert "\n" not in str(error.value) and message in str(error.value)
+
+
+def test_token_reduction_is_prepared_on_qwen(checkpoint, tmp_path):
+    """FastV and PyramidDrop run on Qwen-VL; PyramidDrop with positions='original' (M-RoPE: kept rows keep their own
+    positions), which replaces the op group's LLaVA default 'renumber'."""
+    common = ("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"run.runs_dir={tmp_path}", *TINY_PIXELS)
+    fastv = prepare(_compose(*common, "op=fastv", "start_layer=1"))
+    assert fastv.variant.label == "fastv L1–3 (keep=0.5)"
+    pdrop = prepare(_compose(*common, "op=pdrop", "op.layers=[1,2]"))
+    assert pdrop.variant.layers == (1, 2) and pdrop.variant.options["positions"] == "original"
+    assert pdrop.cfg["op"]["positions"] == "original"  # the record's config says what ran
+
+
+def test_visionzip_on_qwen_is_one_line_from_the_command_line(checkpoint, tmp_path):
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "model=qwen2.5-vl-3b", "op=visionzip",
+           f"model.pretrained={checkpoint}", f"run.runs_dir={tmp_path / 'runs'}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
+    assert lines == ["error: model qwen2.5-vl-3b: op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): "
+                     "VisionZip picks dominant tokens by the CLS token's attention and the Qwen-VL vision towers have "
+                     "no CLS token; use op=fastv or op=pdrop"], lines
+    assert not list((tmp_path / "runs").rglob("result.json"))
 
 
 def test_operator_runs_are_prepared_with_the_pixel_bounds_in_their_identity(checkpoint, tmp_path):
@@ -124,34 +151,44 @@ def test_plugin_loads_a_qwen_checkpoint_and_answers(kind, checkpoint, tmp_path):
     grids = [shape["vision_grids"] for shape in lm.prompt_shapes[:2]]
     assert all(4 * 16 <= t * h * w * 16 <= 1024 for ((t, h, w),) in grids)  # within max_pixels: <= 16 tokens
     assert [s["vision"] for s in lm.prompt_shapes[:2]] == [t * h * w // 4 for ((t, h, w),) in grids]
-    for op in ("fastv", "proxyv"):
+    for op in ("visionzip", "proxyv"):
         with pytest.raises(ValueError, match=f"^op={op} is not supported on Qwen-VL models"):
             lm.set_variant(op, start_layer=1)
     assert lm.variant.method == "skip_ffn"  # a refused variant leaves the current one
+    with pytest.raises(ValueError, match="^op=pdrop positions=renumber on a Qwen-VL model: M-RoPE"):
+        lm.set_variant("pdrop", layers=[1, 2], positions="renumber")
+    assert lm.set_variant("pdrop", layers="1;2").options["positions"] == "original"
+    lm.set_variant("fastv", start_layer=1, keep=0.5)  # token reduction runs: a padded batch equals each alone
+    batched = lm._generate(prompts, images, {"until": ["\n\n"]})
+    assert batched == [lm._generate([p], [ims], {"until": ["\n\n"]})[0] for p, ims in zip(prompts, images)]
 
 
 # ----------------------------------------------------------------------------- the runner, end to end
 
 @pytest.mark.slow
 def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
-    """`experiments/run.py -m model=qwen2.5-vl-3b model.pretrained=<tiny> op=none,skip_ffn start_layer=1`: a
-    baseline and one op through the four synthetic twins (2 samples each), records, FLOPs, report."""
+    """`experiments/run.py -m model=qwen2.5-vl-3b model.pretrained=<tiny> op=none,skip_ffn,fastv start_layer=1`, then
+    `op=pdrop op.layers=[1,2]` into the same runs: a baseline, an operator, FastV and PyramidDrop through the four
+    synthetic twins (2 samples each), records, FLOPs, report."""
     from analysis.flops import PrefillTokens, count_flops
     from analysis.lmms_model import LlavaAblate
     from analysis.twins import EVAL_SEED, generate
     from analysis.twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
-    from analysis.variant import resolve_variant
+    from analysis.variant import Variant
 
     runs = tmp_path / "runs"
-    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", "model=qwen2.5-vl-3b", "op=none,skip_ffn",
-           "start_layer=1", f"model.pretrained={checkpoint}", *TINY_PIXELS, f"run.runs_dir={runs}",
-           f"run.reports_dir={tmp_path / 'reports'}", "eval.limit=2", "run.threads=1", "run.progress=false",
-           "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    paths = sorted(runs.glob("qwen2.5-vl-3b-synthetic*/*/result.json"))
+    common = ["model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", *TINY_PIXELS, f"run.runs_dir={runs}",
+              f"run.reports_dir={tmp_path / 'reports'}", "run.sweep_name=tiny-qwen", "eval.limit=2", "run.threads=1",
+              "run.progress=false", "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
+    for sweep_args in (["op=none,skip_ffn,fastv", "start_layer=1"], ["op=pdrop", "op.layers=[1,2]"]):
+        cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", *sweep_args, *common]
+        out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    paths = sorted((runs / "tiny-qwen").glob("*/result.json"))
     records = {p.parent: json.loads(p.read_text()) for p in paths}
-    assert sorted(r["op"] for r in records.values()) == ["none", "skip_ffn"], out.stderr[-3000:]
+    labels = sorted(r["variant"]["label"] for r in records.values())
+    assert labels == ["fastv L1–3 (keep=0.5)", "none", "pdrop L1–3 (keep=0.5, positions=original)",
+                      "skip_ffn L1–3"], labels
     lm = LlavaAblate(str(checkpoint), progress=False, min_pixels=256, max_pixels=4096)
     config = lm.model.config
     for run_dir, record in records.items():
@@ -162,7 +199,7 @@ def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
         assert len(samples) == 8 and {s["task"] for s in samples} == set(TASKS)
         # FLOPs == the analytic count of each evaluated prompt (its batch through the FLOPs package's own
         # Qwen-VL path: layout, grids, tower, merger), with the run's own (the checkpoint's) config
-        variant = resolve_variant(record["op"], 3, start_layer=None if record["op"] == "none" else 1)
+        variant = Variant.from_record(record["variant"])
         reports = []
         for task in TASKS:
             for doc in generate(task, "eval", 2, EVAL_SEED):
@@ -174,15 +211,15 @@ def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
             expected = sum(getattr(r, key) for r in reports) / len(reports)
             assert flops[key] == pytest.approx(expected, rel=1e-12), key
         assert flops["vision"] > 0 and set(flops["vision_parts"]) >= {"tower", "merger"}
-        assert (flops["reduction"] > 0) == (record["op"] == "skip_ffn")
-    reports_md = list((tmp_path / "reports").rglob("report.md"))
-    assert reports_md and "skip_ffn" in reports_md[0].read_text()
+        assert (flops["reduction"] > 0) == (record["op"] != "none")
+    report = (tmp_path / "reports" / "tiny-qwen" / "report.md").read_text()
+    assert "skip_ffn" in report and "fastv L1–3 (keep=0.5)" in report and "pdrop L1–3 (keep=0.5, positions=original)" in report
 
 
 @pytest.mark.slow
 def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
-    """lmms-eval's own CLI with the plugin on a saved Qwen3-VL fixture (pixel bounds as model_args); op=fastv on it
-    is the one-line SystemExit that ends the CLI."""
+    """lmms-eval's own CLI with the plugin on a saved Qwen3-VL fixture (pixel bounds as model_args); op=visionzip on
+    it is the one-line SystemExit that ends the CLI."""
     from analysis import twins
     from analysis.lmms_model import LlavaAblate
 
@@ -198,6 +235,6 @@ def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
     (samples,) = (tmp_path / "out").rglob("*_samples_synth_ocrbench.jsonl")
     assert len(samples.read_text().splitlines()) == 3
     # a refused op: the one line the CLI prints (LlavaAblate.create_from_arg_string is what the CLI calls), in process
-    with pytest.raises(SystemExit, match="^llava_ablate: op=fastv is not supported on Qwen-VL models") as error:
-        LlavaAblate.create_from_arg_string(f"pretrained={path},op=fastv,start_layer=1")
+    with pytest.raises(SystemExit, match="^llava_ablate: op=visionzip is not supported on Qwen-VL models") as error:
+        LlavaAblate.create_from_arg_string(f"pretrained={path},op=visionzip")
     assert "\n" not in str(error.value)

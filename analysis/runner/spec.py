@@ -270,19 +270,24 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
     return variant, model, base
 
 
-def _check_qwen_method(cfg: dict, hf_config) -> None:
-    """Qwen-VL models run the six operators only (token reduction and ProxyV on them: issue 12, not yet)."""
-    from ..models import QWEN_VL_CLASSES, qwen_unsupported
+def _qwen_op(cfg: dict, hf_config) -> dict:
+    """The config to run on a Qwen-VL model (others: unchanged): a method the runner does not run there fails in one
+    line (:func:`analysis.models.qwen_runs`); pdrop runs with ``positions='original'`` (M-RoPE: every kept row keeps
+    its own (t, h, w) position; the op group's LLaVA default ``renumber`` has no meaning there and is replaced)."""
+    from ..models import QWEN_VL_CLASSES, qwen_runs, qwen_unsupported
 
     method = cfg["op"]["name"]
     if hf_config.model_type not in QWEN_VL_CLASSES:
-        return
+        return cfg
     try:
         fam = family_of(method)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if fam.name != "ablation":
+    if not qwen_runs(method, fam.name):
         raise ConfigError(f"model {cfg['model']['name']}: {qwen_unsupported(method, hf_config.model_type)}")
+    if method == "pdrop":
+        return {**cfg, "op": {**cfg["op"], "positions": "original"}}
+    return cfg
 
 
 def _check_countable(variant: Variant, model: ModelRef) -> None:
@@ -318,7 +323,7 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     model = ModelRef(cfg["model"]["name"], resolve_weights(cfg["model"]), cfg["model"])
     hf_config = _hf_config(model)
     num_layers = hf_config.text_config.num_hidden_layers
-    _check_qwen_method(cfg, hf_config)
+    cfg = _qwen_op(cfg, hf_config)
     variant, model, base = _variant(cfg, model, num_layers, hf_config)
     _check_countable(variant, model)
     ev = cfg["eval"]
