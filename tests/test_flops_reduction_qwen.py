@@ -13,7 +13,13 @@ from qwen_helpers import MULTI, PAIR, VIDEOS, make_batch, model_for
 from test_flops_qwen import assert_exact
 
 from analysis import ablate
-from analysis.flops import PrefillTokens, TextDims, count_flops, load_config, make_variant
+from analysis.flops import (
+    PrefillTokens,
+    TextDims,
+    count_flops,
+    load_config,
+    make_variant,
+)
 from analysis.flops.measure_qwen import measure_qwen_torch
 
 # the tiny fixtures have 3 decoder layers (Qwen3-VL: DeepStack added after layers 0 and 1)
@@ -74,7 +80,7 @@ def test_fastv_by_hand_on_qwen25_vl_7b():
     prompt token's score row over 448 keys (counted in layer 2), layers 2..27 on 64 + 192 rows; the vision side is
     the baseline's (the tower and merger run on the whole image)."""
     config = load_config("qwen2.5-vl-7b")
-    d, h, kv, hd, f, layers = 3584, 28, 4, 128, 18944, 28
+    d, h, kv, hd, f = 3584, 28, 4, 128, 18944  # 28 layers
     tokens = PrefillTokens.from_qwen_counts(config, [(1, 32, 48)], (), 64, 20)
     row = 2 * d * h * hd * 2 + 2 * d * kv * hd * 2 + 3 * 2 * d * f  # q, o, k, v, gate, up, down
     pair = 2 * 2 * h * hd

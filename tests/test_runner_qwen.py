@@ -79,8 +79,8 @@ def test_qwen_model_configs(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("op, message", [
-    ("visionzip", "op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): VisionZip picks dominant tokens by "
-                  "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop"),
+    ("visionzip", ("op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): VisionZip picks dominant tokens by "
+                   "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop")),
     ("proxyv", "op=proxyv is not supported on Qwen-VL models (qwen2_5_vl) yet"),
 ])
 def test_visionzip_and_proxyv_refused_on_qwen(op, message, checkpoint, tmp_path):
@@ -107,9 +107,9 @@ def test_visionzip_on_qwen_is_one_line_from_the_command_line(checkpoint, tmp_pat
     out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
-    assert lines == ["error: model qwen2.5-vl-3b: op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): "
-                     "VisionZip picks dominant tokens by the CLS token's attention and the Qwen-VL vision towers have "
-                     "no CLS token; use op=fastv or op=pdrop"], lines
+    assert lines == [("error: model qwen2.5-vl-3b: op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): "
+                      "VisionZip picks dominant tokens by the CLS token's attention and the Qwen-VL vision towers have "
+                      "no CLS token; use op=fastv or op=pdrop")], lines
     assert not list((tmp_path / "runs").rglob("result.json"))
 
 
