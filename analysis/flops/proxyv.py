@@ -221,9 +221,11 @@ def _check_shapes(shapes: ProxyVShapes, reduce_factor, init, light_width) -> Non
         raise ValueError(f"init={init!r} but shapes= were made for init={shapes.init!r}")
     if light_width and light_width != shapes.light_width:
         raise ValueError(f"light_width={light_width} but shapes= were made for light_width={shapes.light_width}")
-    if reduce_factor is not None and shapes.init != "none":  # no proxies: the factor is unused
-        side = math.isqrt(shapes.cells_per_crop)
-        n = side * side // reduce_factor**2 if shapes.learned else (side // reduce_factor) ** 2
+    side = math.isqrt(shapes.cells_per_crop)
+    # Spatial proxies on square crops (LLaVA): (side/f)^2 each. Learned counts may be set (learned_proxies), and
+    # Qwen-VL grids lie on a common H x W grid: their shapes come from the plan itself, nothing to re-derive.
+    if reduce_factor is not None and shapes.init == "spatial" and side * side == shapes.cells_per_crop:
+        n = (side // reduce_factor) ** 2
         if n != shapes.proxies_per_crop:
             raise ValueError(f"reduce_factor={reduce_factor} gives {n} proxies per {side}x{side} crop, but shapes= "
                              f"have {shapes.proxies_per_crop}")

@@ -178,13 +178,21 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
 
 def _check_qwen_variant(counted) -> None:
     """On Qwen-VL configs: the operators and the baseline, FastV and PyramidDrop (their rows, (query, key) pairs and
-    rankings need only the token masks; the vision side runs unchanged). ProxyV and VisionZip (and token reduction on
-    a ProxyV checkpoint) are not counted for these classes."""
+    rankings need only the token masks; the vision side runs unchanged), and ProxyV given its ``shapes=``
+    (:func:`analysis.proxyv.proxyv_shapes` of the batch, or :func:`analysis.flops.proxyv.qwen_shapes` of the tokens).
+    VisionZip (and token reduction on a ProxyV checkpoint) are not counted for these classes."""
+    from .proxyv import ProxyVFlops
     from .reduction import ReductionFlops
 
+    if isinstance(counted, ProxyVFlops):
+        if counted.shapes is None:
+            raise ValueError("FLOPs of ProxyV on a Qwen-VL model need its shapes=: pass "
+                             "shapes=proxyv_shapes(config, input_ids, attention_mask, image_grid_thw=..., "
+                             "video_grid_thw=..., settings=...) (analysis.proxyv)")
+        return
     if not (isinstance(counted, OperatorVariant) or type(counted) is ReductionFlops):
         raise NotImplementedError(f"FLOPs of {counted.name!r} on Qwen-VL models are not modelled yet; the operators "
-                                  f"of analysis.ops, fastv, pdrop and the baseline are")
+                                  f"of analysis.ops, fastv, pdrop, proxyv and the baseline are")
 
 
 def _model_extras(config, variant) -> dict:
