@@ -304,10 +304,10 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
                 f"visionzip on {type(model).__name__}: VisionZip picks dominant tokens by the CLS token's attention "
                 "and the Qwen-VL vision towers have no CLS token; use fastv or pdrop (they rank with the LLM's "
                 "attention and run on these classes)")
-        if op not in ("fastv", "pdrop"):
+        if op not in ("fastv", "pdrop", "proxyv"):
             raise NotImplementedError(
                 f"ablate({op!r}) on {type(model).__name__}: the Qwen-VL classes support the operators "
-                f"({', '.join(sorted(OPERATORS))}) and token reduction (fastv, pdrop); {op!r} does not yet (issue 12)")
+                f"({', '.join(sorted(OPERATORS))}), token reduction (fastv, pdrop) and proxyv; not {op!r}")
         if op == "pdrop":
             params.setdefault("positions", "original")  # M-RoPE: kept rows keep their own positions
     from .variant import family, resolve_variant

@@ -269,3 +269,35 @@ def layout_of_batch(batch, config) -> QwenBatchLayout:
     return compute_qwen_layout(batch["input_ids"], config, batch.get("attention_mask"),
                                image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
                                mm_token_type_ids=batch.get("mm_token_type_ids"))
+
+
+def layout_of_tokens(tokens, model_type: str) -> QwenBatchLayout:
+    """A Qwen layout rebuilt from :class:`analysis.flops.PrefillTokens` (what the runner records per prompt): each
+    sample's vision positions in order, consumed grid by grid (``tokens.vision_grids``, in sequence order, sample
+    after sample; ``tokens.crop_shapes[b]``: the merged ``(h, w)`` of each block of sample b). Kinds are not recorded:
+    a grid of one block is called an image, of several a video."""
+    grids = iter(tokens.vision_grids)
+    merge_of = {}
+    samples = []
+    for b, blocks in enumerate(tokens.crop_shapes):
+        vision = tokens.vision[b].nonzero().flatten()
+        cursor, grids_b, n_blocks = 0, [], 0
+        while n_blocks < len(blocks):
+            t, h, w = next(grids)
+            mh, mw = blocks[n_blocks]
+            merge_of.setdefault("merge", h // mh)
+            size = t * mh * mw
+            grids_b.append(VisionGrid("image" if t == 1 else "video", len(grids_b), (t, h, w),
+                                      vision[cursor:cursor + size].view(t, mh, mw)))
+            cursor, n_blocks = cursor + size, n_blocks + t
+        if cursor != len(vision):
+            raise ValueError(f"sample {b}: its grids hold {cursor} vision tokens, the tokens mark {len(vision)}")
+        valid = tokens.valid[b]
+        samples.append(QwenSampleLayout(tuple(grids_b), vision, (valid & ~tokens.vision[b]).nonzero().flatten(),
+                                        (~valid).nonzero().flatten()))
+    kinds = torch.zeros_like(tokens.vision)
+    video = torch.zeros_like(tokens.vision)
+    for b, sample in enumerate(samples):
+        for grid in sample.grids:
+            (kinds if grid.kind == "image" else video)[b, grid.positions.flatten()] = True
+    return QwenBatchLayout(model_type, tuple(samples), kinds, video, tokens.valid)

@@ -37,7 +37,7 @@ QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for 
 
 # Methods beyond the six operators that the runner and the lmms-eval plugin run on Qwen-VL models (executed by
 # analysis.reduction, counted by analysis.flops.reduction). Another method (e.g. proxyv) runs once it is listed here.
-QWEN_VL_METHODS = ("fastv", "pdrop")
+QWEN_VL_METHODS = ("fastv", "pdrop", "proxyv")
 
 
 def qwen_runs(method: str, family_name: str) -> bool:
@@ -50,9 +50,8 @@ def qwen_unsupported(method: str, model_type: str) -> str:
     if method == "visionzip":
         return (f"op=visionzip is not supported on Qwen-VL models ({model_type}): VisionZip picks dominant tokens by "
                 "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop")
-    return (f"op={method} is not supported on Qwen-VL models ({model_type}) yet: the six operators (none, mask_v2v, "
-            f"skip_attn, skip_ffn, skip_attn_ffn, drop_v2t) and token reduction ({', '.join(QWEN_VL_METHODS)}) run on "
-            "them; ProxyV on Qwen-VL is issue 12 work in progress")
+    return (f"op={method} is not supported on Qwen-VL models ({model_type}): the six operators (none, mask_v2v, "
+            f"skip_attn, skip_ffn, skip_attn_ffn, drop_v2t), {', '.join(QWEN_VL_METHODS)} run on them")
 
 
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")

@@ -172,11 +172,10 @@ def test_unsupported_attention_backend_is_one_line():
     enter(model, "skip_ffn")  # skip_ffn leaves attention to HF
 
 
-def test_non_operator_methods_are_refused_on_qwen():
-    """Token reduction (fastv, pdrop) runs on these classes (tests/test_reduction_qwen.py); ProxyV does not yet."""
-    with pytest.raises(NotImplementedError, match=r"^ablate\('proxyv'\) on Qwen3VLForConditionalGeneration: the "
-                                                  r"Qwen-VL classes support the operators \(.*skip_attn_ffn.*\) and "
-                                                  r"token reduction \(fastv, pdrop\); 'proxyv' does not yet"):
+def test_proxyv_needs_a_proxyv_checkpoint_on_qwen():
+    """Token reduction (fastv, pdrop) runs on these classes (tests/test_reduction_qwen.py); ``proxyv`` runs a trained
+    ProxyV model (tests/test_proxyv_qwen.py): on a plain one it is one clear error."""
+    with pytest.raises(TypeError, match=r"runs a trained ProxyV checkpoint; this model is not one"):
         enter(model_for("qwen3_vl"), "proxyv", start_layer=1)
 
 

@@ -63,8 +63,16 @@ def test_analytic_equals_torch_counter(kind, init, attn, samples):
         assert report.total < report.baseline and report.theoretical < report.theoretical_baseline
 
 
-def test_shapes_are_required_on_qwen():
-    model = proxyv_model("qwen2_5_vl", "sdpa", "spatial")
-    batch = make_batch("qwen2_5_vl", SAMPLE_SETS["pair"])
-    with pytest.raises(ValueError, match=r"^FLOPs of ProxyV on a Qwen-VL model need its shapes="):
-        count_flops(model.config, PrefillTokens.from_batch(batch, model.config), "proxyv", start_layer=START)
+@pytest.mark.parametrize("init", ["spatial", "learned", "none"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_tokens_alone_give_the_same_count(kind, init):
+    """What the runner has per prompt -- the vision mask, the blocks and the grids in sequence order, no input_ids --
+    gives the same report as the batch's own plan (Qwen3-VL: timestamps between a video's blocks)."""
+    model = proxyv_model(kind, "sdpa", init)
+    s = model.config.proxyv
+    for samples in SAMPLE_SETS.values():
+        batch = make_batch(kind, samples)
+        report, tokens = analytic(model, batch)
+        alone = count_flops(model.config, tokens, "proxyv", start_layer=s["start_layer"],
+                            reduce_factor=s["reduce_factor"], init=s["init"], light_width=s["light_width"])
+        assert alone == report

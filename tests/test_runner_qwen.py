@@ -81,9 +81,9 @@ def test_qwen_model_configs(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("op, message", [
     ("visionzip", ("op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): VisionZip picks dominant tokens by "
                    "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop")),
-    ("proxyv", "op=proxyv is not supported on Qwen-VL models (qwen2_5_vl) yet"),
+    ("proxyv", "model qwen2.5-vl-3b has no trained proxyv checkpoint for start_layer=1 (listed in model.proxyv: none)"),
 ])
-def test_visionzip_and_proxyv_refused_on_qwen(op, message, checkpoint, tmp_path):
+def test_visionzip_and_untrained_proxyv_refused_on_qwen(op, message, checkpoint, tmp_path):
     with pytest.raises(ConfigError) as error:
         prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"op={op}", "start_layer=1",
                          f"run.runs_dir={tmp_path}"))
@@ -214,6 +214,49 @@ def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
         assert (flops["reduction"] > 0) == (record["op"] != "none")
     report = (tmp_path / "reports" / "tiny-qwen" / "report.md").read_text()
     assert "skip_ffn" in report and "fastv L1–3 (keep=0.5)" in report and "pdrop L1–3 (keep=0.5, positions=original)" in report
+
+
+@pytest.mark.slow
+def test_runner_on_a_tiny_qwen_proxyv_checkpoint(checkpoint, tmp_path):
+    """A ProxyV Qwen2.5-VL checkpoint (spatial proxies from layer 1, f = 2, saved with save_pretrained) through
+    `experiments/run.py model.pretrained=<tiny> +model.proxyv={1: <it>} op=proxyv start_layer=1`: a record whose FLOPs equal the analytic count of every
+    evaluated prompt (ProxyV's shapes from the batch's own plan), and the plugin's answers equal a fresh load's."""
+    from transformers import AutoProcessor
+
+    from analysis.flops import PrefillTokens, count_flops
+    from analysis.lmms_model import LlavaAblate
+    from analysis.proxyv import apply_proxyv, proxyv_shapes
+    from analysis.twins import EVAL_SEED, generate
+    from analysis.twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
+    from analysis.variant import Variant
+
+    path = tmp_path / "tiny-qwen-proxyv"
+    apply_proxyv(tiny_qwen.build_model("qwen2_5_vl", seed=0), 1, 2, seed=0).save_pretrained(path)
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(path)
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}",
+           f"+model.proxyv={{1:'{path}'}}", "op=proxyv", "start_layer=1", "op.reduce_factor=2", *TINY_PIXELS, f"run.runs_dir={runs}", f"run.reports_dir={tmp_path / 'reports'}",
+           "run.sweep_name=tiny-qwen-proxyv", "eval.limit=2", "run.threads=1", "run.progress=false",
+           "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (runs / "tiny-qwen-proxyv").glob("*/result.json")]
+    assert record["status"] == "ok" and record["variant"]["family"] == "proxyv" and record["n_samples"] == 8
+    lm = LlavaAblate(str(path), progress=False, min_pixels=256, max_pixels=4096)
+    config = lm.model.config
+    variant = Variant.from_record(record["variant"])
+    reports = []
+    for task in TASKS:
+        for doc in generate(task, "eval", 2, EVAL_SEED):
+            images = twin_doc_to_visual(doc)
+            batch = lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images])
+            shapes = proxyv_shapes(config, batch["input_ids"], batch["attention_mask"],
+                                   image_grid_thw=batch["image_grid_thw"])
+            reports.append(count_flops(config, PrefillTokens.from_batch(batch, config), variant, lm_head="last",
+                                       shapes=shapes))
+    for key in ("total", "baseline", "theoretical", "lm_head", "vision"):
+        expected = sum(getattr(r, key) for r in reports) / len(reports)
+        assert record["flops"][key] == pytest.approx(expected, rel=1e-12), key
 
 
 @pytest.mark.slow

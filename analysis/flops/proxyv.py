@@ -74,7 +74,7 @@ import math
 
 import torch
 
-from ..proxyv.apply import INITS, ProxyVShapes
+from ..proxyv.apply import INITS, ProxyVSettings, ProxyVShapes, shapes_of_layout
 from ..variant import Variant
 from .decoder import Breakdown, LayerFlops, baseline_flops
 from .dims import TextDims
@@ -132,13 +132,13 @@ def proxyv_layer_flops(dims: TextDims, shapes: ProxyVShapes, first: bool, theore
 
 # ----------------------------------------------------------------------------- the family's FLOPs variant
 
-def proxyv_flops(variant: Variant, shapes: ProxyVShapes | None = None) -> ProxyVFlops:
+def proxyv_flops(variant: Variant, shapes: ProxyVShapes | None = None, learned_proxies: int = 0) -> ProxyVFlops:
     """The layer-FLOPs variant of a ``proxyv`` :class:`~analysis.variant.Variant` (the family registry's
     ``flops``): its layers, and its ``reduce_factor`` / ``init`` / ``light_width`` options (missing or
     ``None``: 4, spatial, hidden // 4, or those of ``shapes``)."""
     options = variant.options
     return ProxyVFlops(variant.layers, reduce_factor=options.get("reduce_factor"), init=options.get("init"),
-                       light_width=options.get("light_width"), shapes=shapes)
+                       light_width=options.get("light_width"), shapes=shapes, learned_proxies=learned_proxies)
 
 
 class ProxyVFlops:
@@ -156,8 +156,9 @@ class ProxyVFlops:
     name = "proxyv"
 
     def __init__(self, layers, reduce_factor: int | None = None, init: str | None = None,
-                 light_width: int | None = None, shapes: ProxyVShapes | None = None):
+                 light_width: int | None = None, shapes: ProxyVShapes | None = None, learned_proxies: int = 0):
         self.layers = tuple(layers)
+        self.learned_proxies = learned_proxies  # learned proxies per crop where set (Qwen-VL: required for learned)
         if not self.layers or list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
             raise ValueError(f"ProxyV runs on consecutive layers from its start layer to the last one, "
                              f"got {list(self.layers)}")
@@ -202,6 +203,11 @@ class ProxyVFlops:
         if self.shapes is not None:
             shapes = self.shapes
             _check_tokens(shapes, tokens)
+        elif tokens.vision_grids:  # Qwen-VL: the plan of the layout the tokens record
+            shapes = qwen_shapes(tokens, self.start, self.reduce_factor, self.init, width, self.learned_proxies,
+                                 dims.hidden)
+            if shapes is None:
+                return None
         else:
             shapes = derive_shapes(tokens, self.reduce_factor, self.init == "learned", width,
                                    proxies=self.init != "none")
@@ -240,6 +246,19 @@ def _check_tokens(shapes: ProxyVShapes, tokens: PrefillTokens) -> None:
         raise ValueError(f"the tokens mark {list(vision)} vision tokens per sample, ProxyV has "
                          f"{list(shapes.sample_vision)} full vision tokens: build them with newline tokens as text, "
                          "PrefillTokens.from_batch(batch, config, newline_tokens='text')")
+
+
+def qwen_shapes(tokens: PrefillTokens, start_layer: int, reduce_factor: int, init: str, light_width: int,
+                learned_proxies: int, hidden: int) -> ProxyVShapes | None:
+    """ProxyV shapes of Qwen-VL prefill tokens (vision mask, blocks and grids in sequence order, as the runner
+    records them): the plan of the layout they describe, exactly as :func:`analysis.proxyv.proxyv_shapes` makes it
+    from the batch."""
+    from ..layout_qwen import layout_of_tokens
+
+    if init == "learned" and not learned_proxies:
+        raise ValueError("learned ProxyV on Qwen-VL: pass learned_proxies= (the checkpoint's config.proxyv has it)")
+    settings = ProxyVSettings(start_layer, reduce_factor, init, light_width, learned_proxies)
+    return shapes_of_layout(layout_of_tokens(tokens, "qwen"), settings, hidden)
 
 
 def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int,

@@ -178,17 +178,14 @@ def count_flops(config, tokens: PrefillTokens, variant: Variant | str | Operator
 
 def _check_qwen_variant(counted) -> None:
     """On Qwen-VL configs: the operators and the baseline, FastV and PyramidDrop (their rows, (query, key) pairs and
-    rankings need only the token masks; the vision side runs unchanged), and ProxyV given its ``shapes=``
-    (:func:`analysis.proxyv.proxyv_shapes` of the batch, or :func:`analysis.flops.proxyv.qwen_shapes` of the tokens).
+    rankings need only the token masks; the vision side runs unchanged), and ProxyV (its ``shapes=``
+    from :func:`analysis.proxyv.proxyv_shapes` of the batch, or :func:`analysis.flops.proxyv.qwen_shapes` of the
+    tokens).
     VisionZip (and token reduction on a ProxyV checkpoint) are not counted for these classes."""
     from .proxyv import ProxyVFlops
     from .reduction import ReductionFlops
 
-    if isinstance(counted, ProxyVFlops):
-        if counted.shapes is None:
-            raise ValueError("FLOPs of ProxyV on a Qwen-VL model need its shapes=: pass "
-                             "shapes=proxyv_shapes(config, input_ids, attention_mask, image_grid_thw=..., "
-                             "video_grid_thw=..., settings=...) (analysis.proxyv)")
+    if isinstance(counted, ProxyVFlops):  # shapes= of the batch, or the plan of the layout the tokens record
         return
     if not (isinstance(counted, OperatorVariant) or type(counted) is ReductionFlops):
         raise NotImplementedError(f"FLOPs of {counted.name!r} on Qwen-VL models are not modelled yet; the operators "
@@ -197,7 +194,7 @@ def _check_qwen_variant(counted) -> None:
 
 def _model_extras(config, variant) -> dict:
     """What the model itself adds to a variant's count: a ProxyV checkpoint's settings for token reduction
-    (the reduction runs on its ProxyV layers)."""
+    (the reduction runs on its ProxyV layers), and its learned-proxy count for ProxyV itself."""
     settings = getattr(config, "proxyv", None)
     if not settings or hasattr(variant, "layer_flops"):
         return {}
@@ -205,6 +202,11 @@ def _model_extras(config, variant) -> dict:
 
     name = variant.method if isinstance(variant, Variant) else getattr(variant, "name", variant)
     try:
-        return {"proxyv_settings": dict(settings)} if family_of(name).name == "reduction" else {}
+        family_name = family_of(name).name
     except ValueError:
         return {}
+    if family_name == "reduction":
+        return {"proxyv_settings": dict(settings)}
+    if family_name == "proxyv" and settings.get("learned_proxies"):  # the checkpoint's own learned count
+        return {"learned_proxies": settings["learned_proxies"]}
+    return {}

@@ -31,8 +31,8 @@ class PrefillTokens:
     number is how many crops run through the vision tower.
 
     Qwen-VL (:meth:`from_qwen_counts`, or :meth:`from_batch` with a Qwen-VL config): ``vision_grids`` holds the
-    ``(t, h, w)`` patch grid of every image and video the tower runs on (``image_grid_thw`` then
-    ``video_grid_thw`` rows), and ``crop_shapes[b]`` the merged ``(h, w)`` of each temporal block of sample b (the
+    ``(t, h, w)`` patch grid of every image and video the tower runs on (in sequence order, sample after sample),
+    and ``crop_shapes[b]`` the merged ``(h, w)`` of each temporal block of sample b (the
     analogue of a crop: an image, or a video's block of ``temporal_patch_size`` frames).
     """
 
@@ -142,12 +142,12 @@ class PrefillTokens:
     def _from_qwen_batch(cls, batch: Mapping, config, valid: torch.Tensor) -> PrefillTokens:
         """A Qwen-VL processor batch: its image and video tokens (``analysis.layout_qwen``), grids and blocks."""
         from ..layout_qwen import layout_of_batch
-        from .qwen import grids_of_batch
-
         layout = layout_of_batch(batch, config)
         shapes = tuple(tuple(tuple(block.shape) for grid in sample.grids for block in grid.blocks)
                        for sample in layout.samples)
-        return cls(layout.vision_mask().cpu(), valid.cpu(), shapes, grids_of_batch(batch))
+        # the grids in sequence order, sample after sample (as the plugin records them per prompt)
+        grids = tuple(tuple(int(x) for x in grid.grid_thw) for sample in layout.samples for grid in sample.grids)
+        return cls(layout.vision_mask().cpu(), valid.cpu(), shapes, grids)
 
     @classmethod
     def from_qwen_counts(cls, config, image_grids=(), video_grids=(), text_tokens: int = 0,

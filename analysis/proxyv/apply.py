@@ -231,10 +231,15 @@ def proxyv_shapes(config, input_ids, attention_mask=None, image_sizes=None, sett
     s = ProxyVSettings.from_dict(data)
     grids = {k: v for k, v in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)) if v is not None}
     layout = compute_layout(input_ids, config, attention_mask, image_sizes, **grids)
-    plan = build_plan(layout, s)
+    return shapes_of_layout(layout, s, config.text_config.hidden_size)
+
+
+def shapes_of_layout(layout, settings: ProxyVSettings, hidden: int) -> ProxyVShapes | None:
+    """The ProxyV shapes of a token layout (``None`` without vision cells); ``hidden``: the model width D."""
+    plan = build_plan(layout, settings)
     if plan is None:
         return None
-    width = s.light_width or config.text_config.hidden_size // 4
+    width = settings.light_width or hidden // 4
     valid = layout.valid_mask
     allowed = plan.allowed(0, valid, plan.vision)  # (B, P + Nt, T + P)
     text_valid = plan.text_valid & torch.gather(valid, 1, plan.text_rows)  # padding rows are no queries

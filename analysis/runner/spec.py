@@ -191,8 +191,9 @@ def _trained_checkpoint(model_cfg: dict, family: str, start: int | None,
     if start not in available:
         listed = ", ".join(map(str, sorted(available))) or "none"
         raise ConfigError(f"model {model_cfg['name']} has no trained {family} checkpoint for start_layer={start} "
-                          f"(listed in model.{family}: {listed}); train one with experiments/train.py "
-                          f"(variant=proxyv start_layer={start}) and add it to conf/model/{model_cfg['name']}.yaml")
+                          f"(listed in model.{family}: {listed}); train one (LLaVA: experiments/train.py "
+                          f"variant=proxyv start_layer={start}; Qwen-VL: apply_proxyv and your own trainer, "
+                          f"docs/qwen.md) and add it to conf/model/{model_cfg['name']}.yaml")
     paths = available[start] if isinstance(available[start], (list, tuple)) else [available[start]]
     wanted = {k: v for k, v in (wanted or {}).items() if v is not None}
     seen = []
