@@ -3,6 +3,9 @@
 Each picture is a GRID x GRID lattice of cells (8 x 8 px at the default 64 px, one CLIP patch
 each) with at most one glyph per cell; the answer is only readable from the picture. Samples are
 deterministic in (twin, split, seed, index), and the train / eval splits never share content.
+``HR_TWINS`` are the same four drawn at 128 px on a 16 x 16 lattice of the same 8 px cells
+(``synth_<name>_hr``): legible to the tiny tower only in LLaVA-NeXT's 64 px AnyRes crops, not in
+the base crop (the picture shrunk to 64 px); ``TWINS`` stays the four 64 px ones.
 Scoring goes through lmms-eval's own metric functions (``tasks/utils.py``).
 
     >>> docs = generate("synth_docvqa", "eval", n=4, seed=0)
@@ -17,14 +20,17 @@ from pathlib import Path
 from analysis.twins.base import SPLITS, Scene, Twin, split_of
 from analysis.twins.blind import blank_image
 from analysis.twins.canvas import BAR, BLANK, CELL_VOCAB, CHARSET, GRID
-from analysis.twins.chartqa import ChartQA
-from analysis.twins.docvqa import DocVQA
-from analysis.twins.ocrbench import OCRBench
-from analysis.twins.textvqa import TextVQA
+from analysis.twins.chartqa import ChartQA, ChartQAHR
+from analysis.twins.docvqa import DocVQA, DocVQAHR
+from analysis.twins.ocrbench import OCRBench, OCRBenchHR
+from analysis.twins.textvqa import TextVQA, TextVQAHR
 
 TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQA(), DocVQA(), OCRBench(), ChartQA())}
+HR_TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQAHR(), DocVQAHR(), OCRBenchHR(), ChartQAHR())}
+ALL_TWINS: dict[str, Twin] = {**TWINS, **HR_TWINS}
 TASKS_DIR = Path(__file__).parent / "tasks"
 GROUP = "synth_finegrained"
+GROUP_HR = "synth_finegrained_hr"
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "twins"  # where the task yamls read eval splits
 EVAL_SEED = 1234
 EVAL_SIZE = 200
@@ -39,6 +45,9 @@ __all__ = [
     "EVAL_SIZE",
     "GRID",
     "GROUP",
+    "GROUP_HR",
+    "HR_TWINS",
+    "ALL_TWINS",
     "SPLITS",
     "TASKS_DIR",
     "TWINS",
@@ -56,14 +65,15 @@ __all__ = [
 
 def get(name: str) -> Twin:
     """The twin called ``name``; the error lists the known names."""
-    if name not in TWINS:
-        raise KeyError(f"unknown twin {name!r}; known: {sorted(TWINS)}")
-    return TWINS[name]
+    if name not in ALL_TWINS:
+        raise KeyError(f"unknown twin {name!r}; known: {sorted(ALL_TWINS)}")
+    return ALL_TWINS[name]
 
 
-def generate(name: str, split: str, n: int, seed: int, image_size: int = 64, start: int = 0) -> list[dict]:
+def generate(name: str, split: str, n: int, seed: int, image_size: int | None = None, start: int = 0) -> list[dict]:
     """Samples ``start .. start+n-1`` of a twin's split: dicts with id, image (PIL RGB,
-    image_size square), question, answers (list[str]), answer (canonical str), cells (GRID x GRID
+    image_size square, default the twin's: 64, or 128 for ``_hr``), question, answers (list[str]),
+    answer (canonical str), cells (grid x grid
     list of the character drawn in each cell, "" for none, BAR for a chart bar) and the twin's
     own fields. Sample i is the same whatever ``n`` and ``start``."""
     twin = get(name)
@@ -71,7 +81,7 @@ def generate(name: str, split: str, n: int, seed: int, image_size: int = 64, sta
 
 
 def write_split(name: str, split: str, n: int, seed: int, out_dir: str | Path = DATA_DIR,
-                image_size: int = 64) -> Path:
+                image_size: int | None = None) -> Path:
     """Generate ``n`` samples and write them to ``out_dir/<name>/<split>.parquet``; returns the path.
     Same arguments, same bytes."""
     from analysis.twins.parquet import write_parquet
@@ -92,11 +102,13 @@ def score(name: str, predictions: list[str], docs: list[dict]) -> float:
 
 def ensure_eval_data(tasks) -> None:
     """Write the eval split of every twin among ``tasks`` whose parquet file is missing (a clean
-    checkout ships them; this regenerates the same bytes), under a lock so that parallel jobs write once."""
+    checkout ships the 64 px ones; the ``_hr`` ones are written on first use), under a lock so that
+    parallel jobs write once."""
     from analysis.results import file_lock
 
-    for name in tasks:
-        if name in TWINS:
+    groups = {GROUP: list(TWINS), GROUP_HR: list(HR_TWINS)}
+    for name in [member for task in tasks for member in groups.get(task, [task])]:
+        if name in ALL_TWINS:
             path = DATA_DIR / name / "eval.parquet"
             if not path.exists():
                 with file_lock(path.parent / ".write.lock"):

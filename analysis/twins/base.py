@@ -24,7 +24,7 @@ EVAL_SHARE = 8  # one content hash in EVAL_SHARE belongs to the eval split, the 
 class Scene:
     """The content of one sample before drawing.
 
-    ``cells`` is GRID x GRID: the character each cell will show, ``""`` if none. ``extra`` holds
+    ``cells`` is grid x grid: the character each cell will show, ``""`` if none. ``extra`` holds
     the twin-specific fields of the sample (JSON-able scalars).
     """
 
@@ -34,9 +34,9 @@ class Scene:
     extra: dict = field(default_factory=dict)
 
 
-def empty_cells() -> list[list[str]]:
-    """A GRID x GRID grid of blank cells."""
-    return [[""] * GRID for _ in range(GRID)]
+def empty_cells(grid: int = GRID) -> list[list[str]]:
+    """A grid x grid lattice of blank cells."""
+    return [[""] * grid for _ in range(grid)]
 
 
 def split_of(name: str, cells: list[list[str]]) -> str:
@@ -55,6 +55,8 @@ class Twin:
 
     ``metric`` is the key of the twin's ``process_results`` output that ``score`` averages;
     ``fields`` names the twin-specific columns (``Scene.extra`` keys) stored with each sample.
+    ``grid`` is the number of cells per side and ``image_size`` the default picture size (its eval
+    split's): 8 and 64 for the standard twins, 16 and 128 for the high-resolution ones (8 px cells both).
     """
 
     name: str = ""
@@ -63,6 +65,8 @@ class Twin:
     fields: tuple[str, ...] = ()
     clutter: tuple[int, int] = (0, 3)  # inclusive range of clutter shapes per image
     noise: float = 3.0
+    grid: int = GRID
+    image_size: int = 64
 
     def compose(self, rng: np.random.Generator) -> Scene:
         raise NotImplementedError
@@ -74,16 +78,17 @@ class Twin:
         """Reference answers; one unless the real benchmark has several per question."""
         return [scene.answer]
 
-    def sample(self, split: str, seed: int, index: int, image_size: int = 64) -> dict:
-        """Sample ``index`` of ``split`` for ``seed``: id, image (PIL), question, answers, answer,
-        cells (GRID x GRID characters, "" for none) and the twin's ``fields``."""
+    def sample(self, split: str, seed: int, index: int, image_size: int | None = None) -> dict:
+        """Sample ``index`` of ``split`` for ``seed``: id, image (PIL, ``image_size`` square, default the
+        twin's), question, answers, answer, cells (grid x grid characters, "" for none) and the twin's
+        ``fields``."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = sample_rng(self.name, split, seed, index)
         scene = self.compose(rng)
         while split_of(self.name, scene.cells) != split:
             scene = self.compose(rng)
-        canvas = Canvas(image_size, rng)
+        canvas = Canvas(image_size or self.image_size, rng, grid=self.grid)
         self.paint(scene, canvas)
         if canvas.cells != scene.cells:  # the cells are a training target: they must be exact
             raise AssertionError(f"{self.name}: painted cells differ from the scene")

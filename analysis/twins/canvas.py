@@ -1,7 +1,8 @@
 """Drawing on a grid of square cells aligned with the vision tower's patches.
 
-A twin image is ``image_size`` pixels square, cut into ``GRID x GRID`` cells; with the tiny
-model's CLIP tower (64 px, patch 8) one cell is exactly one vision token. Every glyph fills one
+A twin image is ``image_size`` pixels square, cut into ``grid x grid`` cells (``GRID`` = 8 for the
+standard twins, 16 for the high-resolution ``_hr`` ones); with the tiny model's CLIP tower (64 px,
+patch 8) one cell of a 64 px image, or of a 64 px AnyRes crop of a 128 px one, is one vision token. Every glyph fills one
 cell, so "which token holds which character" is known exactly and recorded in ``Canvas.cells``
 (the target of a dense per-patch objective).
 """
@@ -55,23 +56,25 @@ def mid_color(rng: np.random.Generator) -> Color:
 
 
 class Canvas:
-    """An RGB image on a ``GRID x GRID`` lattice of cells, and the character drawn in each cell.
+    """An RGB image on a ``grid x grid`` lattice of cells, and the character drawn in each cell.
 
     ``cells[r][c]`` is the glyph drawn in row ``r``, column ``c`` (``BAR`` for a bar cell,
     ``BLANK`` otherwise); ``busy[r, c]`` says the cell holds content that clutter must avoid.
     """
 
-    def __init__(self, image_size: int, rng: np.random.Generator, background: Color | None = None):
-        if image_size % GRID:
-            raise ValueError(f"image_size must be a multiple of {GRID}, got {image_size}")
+    def __init__(self, image_size: int, rng: np.random.Generator, background: Color | None = None,
+                 grid: int = GRID):
+        if image_size % grid:
+            raise ValueError(f"image_size must be a multiple of {grid}, got {image_size}")
         self.size = image_size
-        self.cell = image_size // GRID
+        self.grid = grid
+        self.cell = image_size // grid
         self.rng = rng
         self.background = background or light_color(rng)
         self.image = Image.new("RGB", (image_size, image_size), self.background)
         self.draw = ImageDraw.Draw(self.image)
-        self.cells = [[BLANK] * GRID for _ in range(GRID)]
-        self.busy = np.zeros((GRID, GRID), dtype=bool)
+        self.cells = [[BLANK] * grid for _ in range(grid)]
+        self.busy = np.zeros((grid, grid), dtype=bool)
 
     def box(self, row: int, col: int, height: int = 1, width: int = 1, inset: int = 0) -> tuple[int, int, int, int]:
         """Pixel rectangle (x0, y0, x1, y1), inclusive, of a block of cells, shrunk by ``inset`` px."""
@@ -104,7 +107,7 @@ class Canvas:
                     self.cells[r][c] = mark
 
     def free_cells(self, avoid: np.ndarray | None = None) -> list[tuple[int, int]]:
-        """Cells neither busy nor in ``avoid`` (a GRID x GRID bool mask), in row-major order."""
+        """Cells neither busy nor in ``avoid`` (a grid x grid bool mask), in row-major order."""
         blocked = self.busy if avoid is None else self.busy | avoid
         return [(int(r), int(c)) for r, c in zip(*np.nonzero(~blocked))]
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.twins.base import Scene, Twin, empty_cells
-from analysis.twins.canvas import BAR, GRID, LETTERS, Canvas, dark_color
+from analysis.twins.canvas import BAR, LETTERS, Canvas, dark_color
 
-LABEL_ROW = GRID - 1  # labels on the bottom row, bars above it
 KINDS = ("tallest", "shortest", "value")
 QUESTIONS = {
     "tallest": "Which bar is the tallest?",
@@ -33,7 +32,8 @@ def bar_color(rng: np.random.Generator) -> tuple[int, int, int]:
 
 @dataclass
 class ChartQA(Twin):
-    """``bars`` bars in every other column; heights drawn without replacement from 1..GRID-1."""
+    """``bars`` bars in every other column; heights drawn without replacement from 1..grid-1; labels on
+    the bottom row, bars above it."""
 
     bars: tuple[int, int] = (3, 4)
 
@@ -44,14 +44,15 @@ class ChartQA(Twin):
 
     def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.bars[0], self.bars[1] + 1))
-        slots = range(int(rng.integers(2)), GRID, 2)
+        label_row = self.grid - 1
+        slots = range(int(rng.integers(2)), self.grid, 2)
         columns = sorted(int(c) for c in rng.choice(list(slots), size=n, replace=False))
         labels = [str(k) for k in rng.choice(list(LETTERS), size=n, replace=False)]
-        heights = [int(h) for h in rng.choice(np.arange(1, LABEL_ROW + 1), size=n, replace=False)]
-        cells = empty_cells()
+        heights = [int(h) for h in rng.choice(np.arange(1, label_row + 1), size=n, replace=False)]
+        cells = empty_cells(self.grid)
         for col, label, height in zip(columns, labels, heights):
-            cells[LABEL_ROW][col] = label
-            for r in range(LABEL_ROW - height, LABEL_ROW):
+            cells[label_row][col] = label
+            for r in range(label_row - height, label_row):
                 cells[r][col] = BAR
         kind = str(rng.choice(KINDS))
         if kind == "value":
@@ -67,10 +68,23 @@ class ChartQA(Twin):
 
     def paint(self, scene: Scene, canvas: Canvas) -> None:
         ink = dark_color(canvas.rng)
-        extra = scene.extra
+        extra, label_row = scene.extra, self.grid - 1
         for col, label, height in zip(extra["columns"], extra["labels"], extra["values"]):
-            canvas.fill(LABEL_ROW - height, col, bar_color(canvas.rng), height=height, mark=BAR)
-            canvas.glyph(LABEL_ROW, col, label, ink)
+            canvas.fill(label_row - height, col, bar_color(canvas.rng), height=height, mark=BAR)
+            canvas.glyph(label_row, col, label, ink)
         # The baseline: one ink line along the bottom edge of the bar rows.
-        y = LABEL_ROW * canvas.cell - 1
+        y = label_row * canvas.cell - 1
         canvas.draw.line((0, y, canvas.size - 1, y), fill=ink)
+
+
+@dataclass
+class ChartQAHR(ChartQA):
+    """synth_chartqa at 128 px: bars of 1-15 cells over eight slots of a 16 x 16 lattice of 8 px cells;
+    the labels (every answer names or locates one) are legible only in the AnyRes crops."""
+
+    bars: tuple[int, int] = (3, 5)
+
+    name = "synth_chartqa_hr"
+    clutter = (0, 4)
+    grid = 16
+    image_size = 128

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.twins.base import Scene, Twin, empty_cells
-from analysis.twins.canvas import DIGITS, GRID, LETTERS, Canvas, dark_color
+from analysis.twins.canvas import DIGITS, LETTERS, Canvas, dark_color
 
 QUESTIONS = ("What is the value of {key}?", "What is the {key} field?")
 
@@ -31,12 +31,12 @@ class DocVQA(Twin):
 
     def compose(self, rng: np.random.Generator) -> Scene:
         n = int(rng.integers(self.lines[0], self.lines[1] + 1))
-        rows = sorted(int(r) for r in rng.choice(GRID, size=n, replace=False))
+        rows = sorted(int(r) for r in rng.choice(self.grid, size=n, replace=False))
         keys = [str(k) for k in rng.choice(list(LETTERS), size=n, replace=False)]
         lengths = rng.integers(self.value_length[0], self.value_length[1] + 1, size=n)
         values = ["".join(rng.choice(list(DIGITS), size=int(length))) for length in lengths]
-        col = int(rng.integers(GRID - (2 + self.value_length[1]) + 1))
-        cells = empty_cells()
+        col = int(rng.integers(self.grid - (2 + self.value_length[1]) + 1))
+        cells = empty_cells(self.grid)
         for row, key, value in zip(rows, keys, values):
             line = f"{key}:{value}"
             cells[row][col:col + len(line)] = list(line)
@@ -51,3 +51,15 @@ class DocVQA(Twin):
             for c, char in enumerate(row):
                 if char:
                     canvas.glyph(r, c, char, ink)
+
+
+@dataclass
+class DocVQAHR(DocVQA):
+    """synth_docvqa at 128 px: the form on a 16 x 16 lattice of 8 px cells, two to four lines."""
+
+    lines: tuple[int, int] = (2, 4)
+
+    name = "synth_docvqa_hr"
+    clutter = (0, 6)
+    grid = 16
+    image_size = 128

@@ -13,7 +13,7 @@ import numpy as np
 from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
 
 from analysis.twins.base import Scene, Twin, empty_cells
-from analysis.twins.canvas import CHARSET, GRID, Canvas, dark_color
+from analysis.twins.canvas import CHARSET, Canvas, dark_color
 
 QUESTIONS = ("What does the sign say?", "What is written on the sign?", "What text is on the sign?")
 # Pale saturated plates, distinct from the nearly grey paper of ``light_color``.
@@ -40,11 +40,12 @@ class TextVQA(Twin):
         text = "".join(rng.choice(list(CHARSET), size=n))
         while _normalize(text) != text.lower():  # e.g. "THE" (an article) or "TWO" (a number word)
             text = "".join(rng.choice(list(CHARSET), size=n))
-        row, col = int(rng.integers(GRID)), int(rng.integers(GRID - n + 1))
-        cells = empty_cells()
+        g = self.grid
+        row, col = int(rng.integers(g)), int(rng.integers(g - n + 1))
+        cells = empty_cells(g)
         cells[row][col:col + n] = list(text)
         # Strays keep one cell away from the plate: a plate is read by its colour, not by a guess.
-        near = np.zeros((GRID, GRID), dtype=bool)
+        near = np.zeros((g, g), dtype=bool)
         near[max(row - 1, 0):row + 2, max(col - 1, 0):col + n + 1] = True
         free = [(int(r), int(c)) for r, c in zip(*np.nonzero(~near))]
         k = int(rng.integers(self.strays[0], self.strays[1] + 1))
@@ -60,10 +61,23 @@ class TextVQA(Twin):
         canvas.fill(row, col, PLATES[scene.extra["plate"]], width=n)
         ink = dark_color(canvas.rng)
         canvas.text(row, col, scene.answer, ink)
-        for r in range(GRID):
-            for c in range(GRID):
+        for r in range(self.grid):
+            for c in range(self.grid):
                 if scene.cells[r][c] and not (r == row and col <= c < col + n):
                     canvas.glyph(r, c, scene.cells[r][c], ink)
 
     def answers(self, scene: Scene) -> list[str]:
         return [scene.answer] * N_ANNOTATORS
+
+
+@dataclass
+class TextVQAHR(TextVQA):
+    """synth_textvqa at 128 px: a 16 x 16 lattice of the same 8 px cells (legible only in the AnyRes
+    crops); more strays and clutter for the four times larger page."""
+
+    strays: tuple[int, int] = (2, 6)
+
+    name = "synth_textvqa_hr"
+    clutter = (4, 10)
+    grid = 16
+    image_size = 128

@@ -70,3 +70,5 @@ SCORING = {
     "synth_ocrbench": (ocrbench_results, "ocrbench_accuracy", ocrbench_accuracy),
     "synth_chartqa": (chartqa_results, "relaxed_overall", mean),
 }
+# The high-resolution twins (128 px, read through LLaVA-NeXT's AnyRes crops) score as their 64 px originals.
+SCORING.update({f"{name}_hr": scoring for name, scoring in list(SCORING.items())})
