@@ -23,15 +23,19 @@ def prompt_text(processor, question: str) -> str:
 
 @torch.no_grad()
 def answer(model, processor, samples: list[dict], blind: bool = False, batch_size: int = 32,
-           max_new_tokens: int = 8, context=contextlib.nullcontext) -> list[str]:
-    """Greedy predictions (special tokens removed, stripped) for ``samples`` (dicts with image, question)."""
+           max_new_tokens: int = 8, context=contextlib.nullcontext, prepare=None) -> list[str]:
+    """Greedy predictions (special tokens removed, stripped) for ``samples`` (dicts with image, question).
+    ``prepare(batch, samples)``, if given, edits each processor batch before ``generate`` (e.g. the tiny
+    LLaVA-NeXT's base-crop-only evaluation, :func:`analysis.tiny_next.base_only`)."""
     predictions = []
     processor.tokenizer.padding_side = "left"
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         images = [twins.blank_image(s["image"]) if blind else s["image"] for s in chunk]
         batch = processor(images=images, text=[prompt_text(processor, s["question"]) for s in chunk],
-                          return_tensors="pt", padding=True)
+                          return_tensors="pt", padding=True).to(model.device)  # a GPU-trained model stays there
+        if prepare is not None:
+            batch = prepare(batch, chunk)
         with context():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=processor.tokenizer.pad_token_id)
@@ -42,7 +46,8 @@ def answer(model, processor, samples: list[dict], blind: bool = False, batch_siz
 
 def score_twins(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, blind: bool = False,
              names=None, **kwargs) -> dict[str, float]:
-    """Score per twin (0..1) on the first ``n`` eval samples, plus their mean under ``"mean"``."""
+    """Score per twin (0..1) on the first ``n`` eval samples (each twin's own image size), plus their mean
+    under ``"mean"``; ``names``: the twins (default the four 64 px ones, ``twins.TWINS``)."""
     scores = {}
     for name in names or sorted(twins.TWINS):
         samples = twins.generate(name, "eval", n, seed)
@@ -52,11 +57,13 @@ def score_twins(model, processor, n: int = 200, seed: int = twins.EVAL_SEED, bli
 
 
 def load_checkpoint(path, dtype=torch.float32):
-    """(model, processor) of a saved LLaVA checkpoint (a ProxyV one through ``load_proxyv``), offline, in eval
-    mode, in ``dtype``. Raises FileNotFoundError naming the missing path and how to make it."""
+    """(model, processor) of a saved LLaVA / LLaVA-NeXT checkpoint (a ProxyV one through ``load_proxyv``),
+    offline, in eval mode, in ``dtype``. Raises FileNotFoundError naming the missing path and how to make it."""
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from analysis.models import generation_class
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -64,12 +71,13 @@ def load_checkpoint(path, dtype=torch.float32):
             f"no checkpoint at {path} (config.json missing); the tiny models ship in the repository under "
             "checkpoints/ (tiny-llava and its fine-tunes); docs/training.md says how each is trained"
         )
-    if getattr(AutoConfig.from_pretrained(path), "proxyv", None) is not None:
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "proxyv", None) is not None:
         from analysis.proxyv import load_proxyv
 
         model = load_proxyv(path, dtype=dtype).eval()
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        model = generation_class(config.model_type, str(path)).from_pretrained(path, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 

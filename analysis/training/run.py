@@ -46,17 +46,38 @@ def load_model(path: str, attn_implementation: str | None = None):
     return model, AutoProcessor.from_pretrained(path)
 
 
+def twin_names(cfg) -> list[str] | None:
+    """The twins a run trains and evaluates on (``data.twins``; None: the four 64 px ones), checked."""
+    names = cfg["data"].get("twins")
+    if names is None:
+        return None
+    from .. import twins
+
+    names = [names] if isinstance(names, str) else list(names)
+    expanded = [m for n in names for m in {twins.GROUP: list(twins.TWINS), twins.GROUP_HR: list(twins.HR_TWINS)}
+                .get(n, [n])]
+    for name in expanded:
+        twins.get(name)  # an unknown name is one line listing the known ones
+    if len({twins.get(n).image_size for n in expanded}) != 1:
+        raise ValueError(f"data.twins mixes image sizes ({expanded}); train the 64 px and the 128 px twins apart")
+    return expanded
+
+
 def dataset(cfg, processor, output_dir: Path) -> LlavaConversations:
     data = cfg["data"]
     if data.get("json"):
         json_path = Path(data["json"])
         folder = Path(data.get("image_folder") or json_path.parent)
     else:
+        from .. import twins
+
+        names = twin_names(cfg)
+        size = {} if names is None else {"names": names, "image_size": twins.get(names[0]).image_size}
         json_path = export_twins(output_dir / "data", n=int(data["twins_per_task"]), split="train",
-                                 seed=int(cfg["train"]["seed"]))
+                                 seed=int(cfg["train"]["seed"]), **size)
         folder = json_path.parent
     return LlavaConversations(load_records(json_path), folder, processor, max_length=data.get("max_length"),
-                              on_bad=data.get("on_bad", "skip"))
+                              on_bad=data.get("on_bad", "skip"), workers=int(data.get("workers") or 1))
 
 
 def learning_rates(cfg) -> dict:
@@ -189,19 +210,20 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return max(found)[1] if found else None
 
 
-def evaluate_twins(model, processor, n: int, context, blind: bool = False) -> dict:
+def evaluate_twins(model, processor, n: int, context, blind: bool = False, names=None) -> dict:
     """Greedy scores on the twins' eval splits (the tiny models' check), under the training context; ``blind``:
-    every image blank."""
+    every image blank; ``names``: the twins (default the four 64 px ones)."""
     from .evaluate import score_twins
 
     model.eval()
-    return score_twins(model, processor, n=n, context=context or contextlib.nullcontext, blind=blind)
+    return score_twins(model, processor, n=n, context=context or contextlib.nullcontext, blind=blind, names=names)
 
 
 def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Path:
     """Train as ``cfg`` says (a resolved ``conf/train.yaml``; ``overrides``: the command line's, recorded);
     returns the saved checkpoint's directory."""
     check_config(cfg)
+    twin_names(cfg)  # a bad data.twins is one line before anything loads
     t = cfg["train"]
     torch.set_num_threads(int(t.get("threads") or 1))
     out = Path(t["output_dir"])
@@ -221,9 +243,11 @@ def train(cfg: dict, model_path: str, overrides: list[str] | None = None) -> Pat
               "world_size": args.world_size, "global_batch": args.per_device_train_batch_size
               * args.gradient_accumulation_steps * args.world_size, "log": trainer.state.log_history}
     if int(cfg.get("eval_twins") or 0) and trainer.is_world_process_zero() and not t.get("deepspeed"):
-        record["scores"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context)
+        names = twin_names(cfg)
+        record["scores"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context, names=names)
         if cfg.get("eval_blind"):
-            record["blind"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context, blind=True)
+            record["blind"] = evaluate_twins(model, processor, int(cfg["eval_twins"]), context, blind=True,
+                                             names=names)
     final = out / "model"
     dtype = DTYPES[t.get("save_dtype", "float32")]
     if dtype != torch.float32 and not t.get("deepspeed"):
