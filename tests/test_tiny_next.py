@@ -143,3 +143,32 @@ def test_run_config_picks_the_hr_twins():
         twin_names({"data": {"twins": ["synth_docvqa", "synth_docvqa_hr"]}})
     with pytest.raises(KeyError, match="known"):
         twin_names({"data": {"twins": ["synth_nope"]}})
+
+
+def test_train_py_runs_the_next_recipe_and_saves_a_checkpoint_that_loads_and_evaluates(tmp_path, built):
+    """experiments/train.py +recipe=tiny_next, shrunk to one step of two 128 px twins: a float16 LlavaNext
+    checkpoint with its processor and training.json (scores on the _hr twins and blind), loadable and scorable."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from analysis.training.evaluate import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    init = tiny_next.save(*built, tmp_path / "init")
+    out = tmp_path / "run"
+    args = [sys.executable, str(root / "experiments" / "train.py"), "+recipe=tiny_next", "model=tiny-next",
+            f"model.pretrained={init}", f"train.output_dir={out}", "train.max_steps=1", "train.warmup=0",
+            "train.per_device_train_batch_size=2", "data.twins_per_task=1", "eval_twins=1", "train.logging_steps=1"]
+    done = subprocess.run(args, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "model" / "training.json").read_text())
+    assert set(record["scores"]) == set(twins.HR_TWINS) | {"mean"} and set(record["blind"]) == set(record["scores"])
+    assert record["records"] == 4 and record["config"]["data"]["twins"] == "synth_finegrained_hr"
+    model, processor = load_checkpoint(out / "model")
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert model.config.image_grid_pinpoints == [[128, 128]] and type(processor).__name__ == "LlavaNextProcessor"
+    scores = tiny_next.evaluate(model, processor, 1, names=["synth_ocrbench_hr"], modes=("full", "base_only"))
+    assert set(scores) == {"full", "base_only"}
