@@ -14,6 +14,7 @@ onto the NeXT model key for key; only ``image_newline`` is new (HF's initialisat
     model, processor = build()                       # from checkpoints/tiny-llava
     save(model, processor, "runs/next/init")         # float16, like the shipped checkpoints
     python -m analysis.tiny_next --out runs/next/init --eval 40   # build, save, and score before training
+    python -m analysis.tiny_next --checkpoint runs/train/next/model --eval 200   # score a trained one
 
 Base crop only (``base_only``): the same prompt with the 272 high-resolution image tokens (crops and
 newlines) removed and the packed image features cut to the base crop's 64, i.e. exactly what the model
@@ -97,14 +98,15 @@ def build(base=BASE, seed: int = SEED):
 
 
 def save(model, processor, out, dtype=torch.float16, record: dict | None = None) -> Path:
-    """Save as the shipped checkpoints are saved (``dtype`` weights, processor beside them, ``build.json``)."""
+    """Save as the shipped checkpoints are saved (``dtype`` weights, processor beside them, ``build.json``);
+    ``model`` is left in float32."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out)
     model.to(torch.float32)
     processor.save_pretrained(out)
-    (out / "build.json").write_text(json.dumps({"entry": "analysis/tiny_next.py", "base": str(BASE), **(record or {})},
-                                               indent=2, default=str))
+    (out / "build.json").write_text(json.dumps({"entry": "analysis/tiny_next.py", **(record or {})}, indent=2,
+                                               default=str))
     return out
 
 
@@ -232,25 +234,41 @@ def main(argv=None) -> None:
     from analysis import twins
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the initial (untrained) NeXT checkpoint")
+    parser.add_argument("--out", help="folder for the initial (untrained) NeXT checkpoint, built from --base")
+    parser.add_argument("--checkpoint", help="instead: score this saved NeXT checkpoint (e.g. a trained one)")
     parser.add_argument("--base", default=str(BASE))
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--eval", type=int, default=0, help="score N eval samples per high-res twin (0: skip)")
     parser.add_argument("--modes", nargs="+", default=["full", "base_only", "blank_crops", "blind"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", help="also write the record (scores, prompt composition) to this file")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if bool(args.out) == bool(args.checkpoint):
+        parser.error("give --out (build from --base) or --checkpoint (score a saved model), one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = build(args.base, args.seed)
-    record = {"base": args.base, "seed": args.seed, "pinpoints": PINPOINTS, "image_tokens": IMAGE_TOKENS,
-              "prompt": prompt_composition(processor, twin_questions(twins.HR_TWINS))}
+    if args.checkpoint:
+        from .training.evaluate import load_checkpoint
+
+        model, processor = load_checkpoint(args.checkpoint)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        record = {"checkpoint": args.checkpoint}
+    else:
+        model, processor = build(args.base, args.seed)
+        record = {"base": args.base, "seed": args.seed}
+    record.update({"pinpoints": PINPOINTS, "image_tokens": IMAGE_TOKENS,
+                   "prompt": prompt_composition(processor, twin_questions(twins.HR_TWINS))})
     if args.eval:
         start = time.time()
         record["eval_n"] = args.eval
-        record["scores"] = evaluate(model, processor, args.eval, modes=args.modes)
+        record["scores"] = evaluate(model, processor, args.eval, modes=args.modes, batch_size=args.batch_size)
         record["eval_s"] = round(time.time() - start, 1)
-    save(model, processor, args.out, record=record)
-    print(json.dumps({k: v for k, v in record.items()}, indent=1, default=str))
+    if args.out:
+        save(model, processor, args.out, record=record)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    print(json.dumps(record, indent=1, default=str))
 
 
 if __name__ == "__main__":
