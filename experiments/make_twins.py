@@ -13,11 +13,12 @@ from analysis import twins
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--twins", nargs="+", default=list(twins.TWINS), choices=list(twins.TWINS))
+    parser.add_argument("--twins", nargs="+", default=list(twins.TWINS), choices=list(twins.ALL_TWINS),
+                        help="default: the four 64 px twins; the synth_*_hr ones are 128 px")
     parser.add_argument("--splits", nargs="+", default=["eval"], choices=list(twins.SPLITS))
     parser.add_argument("--n", type=int, default=twins.EVAL_SIZE, help="samples per twin and split")
     parser.add_argument("--seed", type=int, default=twins.EVAL_SEED)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=None, help="default: each twin's own (64, or 128 for _hr)")
     parser.add_argument("--out", default=str(twins.DATA_DIR))
     args = parser.parse_args()
     for name in args.twins:

@@ -372,12 +372,13 @@ def twin_records(samples: list[dict], image_dir: str = "images") -> list[tuple[d
                                 {"from": "gpt", "value": s["answer"]}]}, s["image"]) for s in samples]
 
 
-def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=None, image_size: int = 64,
+def export_twins(out_dir, n: int, split: str = "train", seed: int = 0, names=None, image_size: int | None = 64,
                  workers: int | None = None) -> Path:
     """Write ``n`` samples of each twin (interleaved round-robin, as the training stream draws them) as
     ``out_dir/<split>.json`` in LLaVA's format with PNG images under ``out_dir/images/``; the image folder
-    to read it with is ``out_dir``. Returns the JSON path. Same arguments, same files, whatever ``workers``
-    (processes drawing and writing the images; default: up to 8 CPUs for large exports)."""
+    to read it with is ``out_dir``; ``image_size`` None: each twin's own (128 for ``synth_*_hr``). Returns the
+    JSON path. Same arguments, same files, whatever ``workers`` (processes drawing and writing the images;
+    default: up to 8 CPUs for large exports)."""
     from analysis import twins
 
     names = list(names or twins.TWINS)
