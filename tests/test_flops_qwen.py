@@ -66,7 +66,9 @@ def test_tokens_of_a_batch_follow_the_grids():
     model = model_for("qwen2_5_vl")
     batch = make_batch("qwen2_5_vl", VIDEOS)
     tokens = PrefillTokens.from_batch(batch, model.config)
-    grids = [tuple(g) for g in batch["image_grid_thw"].tolist()] + [tuple(g) for g in batch["video_grid_thw"].tolist()]
+    images = [tuple(g) for g in batch["image_grid_thw"].tolist()]
+    videos = [tuple(g) for g in batch["video_grid_thw"].tolist()]
+    grids = [videos[0], images[0], videos[1]]  # in sequence order: sample 0 a video then an image, sample 1 a video
     assert list(tokens.vision_grids) == grids
     assert int(tokens.vision.sum()) == sum(t * h * w for t, h, w in grids) // 4
     # per sample one (h, w) block per image and per temporal block of a video
@@ -161,14 +163,22 @@ def test_operators_by_hand_on_qwen25_vl_7b():
     assert report.lm_head == 2 * n * d * 152064
 
 
-def test_visionzip_and_proxyv_refuse_qwen_configs():
+def test_visionzip_refuses_qwen_configs_and_proxyv_counts_by_hand():
     """FastV and PyramidDrop are counted on these configs (tests/test_flops_reduction_qwen.py); VisionZip (no CLS token
-    to rank with) and ProxyV are not."""
+    to rank with) is not. ProxyV from token counts: one 16 x 16-patch image (8 x 8 merged tokens, f = 4: 2 x 2
+    proxies) -- from layer 8 the FFN and the projections run on the 4 proxies and the 10 text rows, not the 64 cells."""
     config = load_config("qwen3-vl-8b")
     tokens = PrefillTokens.from_qwen_counts(config, [(1, 16, 16)], (), 10)
-    for op, options in (("visionzip", {}), ("proxyv", {"start_layer": 8})):
-        with pytest.raises(NotImplementedError, match="not modelled yet"):
-            count_flops(config, tokens, op, **options)
+    with pytest.raises(NotImplementedError, match="not modelled yet"):
+        count_flops(config, tokens, "visionzip")
+    report = count_flops(config, tokens, "proxyv", start_layer=8)
+    d, f = config.text_config.hidden_size, config.text_config.intermediate_size
+    assert report.per_layer[9].executed["gate_proj"] == {"vision": 2 * 4 * d * f, "text": 2 * 10 * d * f, "padding": 0}
+    assert report.per_layer[7].executed["gate_proj"] == {"vision": 2 * 64 * d * f, "text": 2 * 10 * d * f, "padding": 0}
+    with pytest.raises(ValueError, match="learned ProxyV on Qwen-VL needs its proxies per block"):
+        count_flops(config, tokens, "proxyv", start_layer=8, init="learned")
+    learned = count_flops(config, tokens, "proxyv", start_layer=8, init="learned", learned_proxies=6)
+    assert learned.per_layer[9].executed["gate_proj"]["vision"] == 2 * 6 * d * f
 
 
 # ----------------------------------------------------------------------------- shipped configs
@@ -253,7 +263,9 @@ def test_cli_table_with_sizes_and_deepstack(capsys):
     (["--config", "qwen2.5-vl-7b", "--image-grid", "2,36,54"], "an image grid has T = 1"),
     (["--config", "qwen2.5-vl-7b", "--image-size", "504"], "--image-size takes HxW"),
     (["--config", "qwen2.5-vl-7b", "--vision-tokens", "576"], "--vision-tokens does not apply to Qwen-VL"),
-    (["--config", "qwen2.5-vl-7b", "--image-grid", "1,36,54", "--op", "proxyv"], "not modelled yet"),
+    (["--config", "qwen2.5-vl-7b", "--image-grid", "1,36,54", "--op", "visionzip"], "not modelled yet"),
+    (["--config", "qwen2.5-vl-7b", "--image-grid", "1,36,54", "--op", "proxyv", "--proxy-init", "learned"],
+     "learned ProxyV on Qwen-VL needs its proxies per block"),
     (["--config", "llava-1.5-7b", "--image-grid", "1,36,54"], "--image-grid applies to Qwen-VL configs"),
 ])
 def test_cli_bad_input_is_one_line(capsys, args, message):

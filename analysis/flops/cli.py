@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_REDUCE_FACTOR})")
     parser.add_argument("--proxy-init", choices=INITS, default=None,
                         help=f"--op proxyv: proxy initialiser (default {DEFAULT_INIT})")
+    parser.add_argument("--learned-proxies", type=int, default=None, metavar="N",
+                        help="--op proxyv --proxy-init learned: learned proxies per crop / grid block (required on "
+                             "Qwen-VL configs; LLaVA default side^2 / F^2)")
     parser.add_argument("--on-proxyv", type=int, default=None, metavar="L",
                         help="--op fastv / pdrop / visionzip on a ProxyV model from layer L (learned proxies, reduce "
                              "factor --proxy-reduce, default 4): its ProxyV layers are counted")
@@ -234,6 +237,8 @@ def _variant_options(args) -> dict:
         if args.proxy_reduce is not None and args.on_proxyv is None:
             raise ValueError("--proxy-reduce applies to --op proxyv, or to a reduction with --on-proxyv L")
         return _reduction_options(args)
+    if args.learned_proxies is not None and (args.op != "proxyv" or args.proxy_init != "learned"):
+        raise ValueError("--learned-proxies applies to --op proxyv --proxy-init learned only")
     if args.op != "proxyv":
         given = [flag for flag, value in (("--proxy-reduce", args.proxy_reduce), ("--proxy-init", args.proxy_init))
                  if value is not None and args.on_proxyv is None]
@@ -247,8 +252,9 @@ def _variant_options(args) -> dict:
     if args.newline_as == "vision":
         raise ValueError("ProxyV computes newline tokens as text; drop --newline-as vision")
     args.newline_as = "text"
+    learned = {"learned_proxies": args.learned_proxies} if args.learned_proxies else {}
     return {"reduce_factor": DEFAULT_REDUCE_FACTOR if args.proxy_reduce is None else args.proxy_reduce,
-            "init": args.proxy_init or DEFAULT_INIT}
+            "init": args.proxy_init or DEFAULT_INIT, **learned}
 
 
 def _reduction_options(args) -> dict:

@@ -256,7 +256,8 @@ def qwen_shapes(tokens: PrefillTokens, start_layer: int, reduce_factor: int, ini
     from ..layout_qwen import layout_of_tokens
 
     if init == "learned" and not learned_proxies:
-        raise ValueError("learned ProxyV on Qwen-VL: pass learned_proxies= (the checkpoint's config.proxyv has it)")
+        raise ValueError("learned ProxyV on Qwen-VL needs its proxies per block: pass learned_proxies=N (CLI: "
+                         "--learned-proxies N; a ProxyV checkpoint's config.proxyv has it)")
     settings = ProxyVSettings(start_layer, reduce_factor, init, light_width, learned_proxies)
     return shapes_of_layout(layout_of_tokens(tokens, "qwen"), settings, hidden)
 
