@@ -52,8 +52,10 @@ def build_config(args):
         if hasattr(text, "max_window_layers"):
             text.max_window_layers = args.layers
     if args.width:  # a toy width for smoke tests: heads of the same size
-        head = text.hidden_size // text.num_attention_heads
-        text.num_attention_heads = max(1, args.width // head)
+        head = text.hidden_size // text.num_attention_heads  # M-RoPE sections are sized for this head width
+        if args.width % head:
+            raise SystemExit(f"error: --width {args.width} must be a multiple of the head width {head}")
+        text.num_attention_heads = args.width // head
         text.num_key_value_heads = min(text.num_key_value_heads, text.num_attention_heads)
         text.hidden_size, text.intermediate_size = args.width, 4 * args.width
         config.vision_config.out_hidden_size = args.width
@@ -93,8 +95,32 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def call(model, batch, variant, L, device):
-    """Seconds and peak extra MiB of one prefill of ``variant``."""
+class DecoderClock:
+    """The language model's share of a forward: CUDA events (or wall clock on CPU) at its forward pre-hook and hook,
+    so the decoder -- the only part the operators and ProxyV change -- is timed inside the real call."""
+
+    def __init__(self, model, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks = []
+        lm = model.model.language_model
+        lm.register_forward_pre_hook(lambda *a: self.marks.append(self._mark()))
+        lm.register_forward_hook(lambda *a: self.marks.append(self._mark()))
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self) -> float:
+        start, end = self.marks[-2:]
+        self.marks.clear()
+        return start.elapsed_time(end) / 1000 if self.cuda else end - start
+
+
+def call(model, clock, batch, variant, L, device):
+    """Seconds (whole prefill, decoder alone) and peak extra MiB of one prefill of ``variant``."""
     context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
     cuda = device.startswith("cuda")
     if cuda:
@@ -107,7 +133,20 @@ def call(model, batch, variant, L, device):
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
-    return seconds, peak
+    return seconds, clock.seconds(), peak
+
+
+def profile_table(model, batch, variant, L, device) -> str:
+    """torch.profiler's table of one prefill of ``variant`` (top operators by device time, or CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    with profile(activities=activities) as prof, torch.no_grad(), context:
+        model(**batch, logits_to_keep=1)
+        synchronize(device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
 
 
 def main() -> None:
@@ -127,6 +166,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="write torch.profiler tables of one prefill per variant here")
     args = parser.parse_args()
 
     config = build_config(args)
@@ -142,6 +182,7 @@ def main() -> None:
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
     batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
     models = {"none": model, **{op: model for op in OPS}, "proxyv": proxyv}
+    clocks = {id(m): DecoderClock(m, args.device) for m in (model, proxyv)}
 
     tokens = PrefillTokens.from_batch(batch_cpu, config)
     shapes = proxyv_shapes(proxyv.config, batch_cpu["input_ids"], batch_cpu["attention_mask"],
@@ -155,14 +196,20 @@ def main() -> None:
 
     for _ in range(args.warmup):
         for name, m in models.items():
-            call(m, batch, name, L, args.device)
+            call(m, clocks[id(m)], batch, name, L, args.device)
     times = {name: [] for name in models}
+    decoder_times = {name: [] for name in models}
     peaks = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, m in models.items():
-            seconds, peak = call(m, batch, name, L, args.device)
+            seconds, decoder, peak = call(m, clocks[id(m)], batch, name, L, args.device)
             times[name].append(seconds)
+            decoder_times[name].append(decoder)
             peaks[name].append(peak)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        for name in ("none", "skip_ffn", "proxyv"):
+            (args.profile / f"profile_{name}.txt").write_text(profile_table(models[name], batch, name, L, args.device))
 
     def total(report):
         return report.total + report.lm_head + report.vision
@@ -171,13 +218,18 @@ def main() -> None:
     rows = []
     for name in models:
         ratio = statistics.median(t / b for t, b in zip(times[name], times["none"]))
+        decoder_ratio = statistics.median(t / b for t, b in zip(decoder_times[name], decoder_times["none"]))
         f = total(flops[name])
         time_saved, flops_saved = 1 - ratio, 1 - f / base_flops
+        decoder_saved = 1 - flops[name].total / flops["none"].total
         rows.append({
             "variant": name if name == "none" else f"{name}-L{L}", "median_s": statistics.median(times[name]),
             "time_ratio": ratio, "flops": f, "decoder_flops": flops[name].total, "time_saved": time_saved,
-            "flops_saved": flops_saved, "decoder_flops_saved": 1 - flops[name].total / flops["none"].total,
+            "flops_saved": flops_saved, "decoder_flops_saved": decoder_saved,
             "saved_ratio": time_saved / flops_saved if flops_saved > 0 else None,
+            "decoder_median_s": statistics.median(decoder_times[name]), "decoder_time_ratio": decoder_ratio,
+            "decoder_time_saved": 1 - decoder_ratio,
+            "decoder_saved_ratio": (1 - decoder_ratio) / decoder_saved if decoder_saved > 0 else None,
             "peak_extra_mib": max(peaks[name]),
         })
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({load_note()})"
@@ -190,12 +242,17 @@ def main() -> None:
     print(f"{args.config}: {layers} layers, width {meta['width']}, {n_vision} vision tokens "
           f"({args.blocks} blocks of {args.side // 2}x{args.side // 2}) + {args.text} text, {meta['proxies']} proxies; "
           f"{args.dtype} {args.attn} on {device}; medians of {args.repeats} rounds")
-    print(f"{'variant':<18}{'median s':>10}{'time x':>8}{'FLOPs saved':>13}{'time saved':>12}{'ratio':>7}"
-          f"{'decoder FLOPs saved':>21}{'peak MiB':>10}")
+    print("whole prefill (tower, decoder, LM head on the last row) | decoder alone (what the variants change)")
+    print(f"{'variant':<18}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>6} |{'s':>8}{'FLOPs saved':>12}"
+          f"{'time saved':>11}{'ratio':>6}{'peak MiB':>10}")
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.2f}"
+
     for r in rows:
-        ratio = "-" if r["saved_ratio"] is None else f"{r['saved_ratio']:.2f}"
-        print(f"{r['variant']:<18}{r['median_s']:>10.4f}{r['time_ratio']:>8.3f}{r['flops_saved']:>12.1%}"
-              f"{r['time_saved']:>12.1%}{ratio:>7}{r['decoder_flops_saved']:>20.1%}{r['peak_extra_mib']:>10.0f}")
+        print(f"{r['variant']:<18}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
+              f"{fmt(r['saved_ratio']):>6} |{r['decoder_median_s']:>8.4f}{r['decoder_flops_saved']:>12.1%}"
+              f"{r['decoder_time_saved']:>11.1%}{fmt(r['decoder_saved_ratio']):>6}{r['peak_extra_mib']:>10.0f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
