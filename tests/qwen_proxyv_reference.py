@@ -14,7 +14,7 @@ tokens of a kind in batch order belong to the k-th grid rows, raster order); not
 from __future__ import annotations
 
 import torch
-from proxyv_reference import bilinear_taps, guided_update, learned_crop_proxies
+from proxyv_reference import bilinear_taps, ffn, guided_update, learned_crop_proxies
 from qwen_reference import deepstack_rows, language_model_inputs, linear, mrope, rms_norm
 
 
@@ -36,11 +36,6 @@ def attention(layer, config, x_q, pos_q, x_kv, pos_kv, allowed):
     scores = torch.einsum("ihd,jhd->hij", q, k) / hd**0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return linear(torch.einsum("hij,jhd->ihd", probs, v).reshape(len(x_q), heads * hd), attn.o_proj)
-
-
-def ffn(layer, x):
-    mlp = layer.mlp
-    return linear(torch.nn.functional.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
 
 
 def sample_grids(batch, config):
