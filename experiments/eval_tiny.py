@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.training.evaluate import load_checkpoint, score_twins, trained_context  # noqa: E402
+from analysis.training.run import twin_names  # noqa: E402
 
 
 def main() -> None:
@@ -35,12 +36,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.checkpoint)
     path = Path(args.checkpoint) / "training.json"
-    context = trained_context(model, json.loads(path.read_text())) if path.exists() else None
+    record = json.loads(path.read_text()) if path.exists() else None
+    context = trained_context(model, record) if record else None
+    names = twin_names(record["config"]) if record else None  # the twins it was trained on (NeXT: the 128 px ones)
     if args.op:
         from analysis.ablation import ablate
 
         context = lambda: ablate(model, args.op, start_layer=args.start_layer)  # noqa: E731
-    scores = score_twins(model, processor, n=args.n, blind=args.blind, **({"context": context} if context else {}))
+    scores = score_twins(model, processor, n=args.n, blind=args.blind, names=names,
+                         **({"context": context} if context else {}))
     print(json.dumps(scores, indent=2))
     if args.record and not args.op:
         record = json.loads(path.read_text())

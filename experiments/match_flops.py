@@ -1,6 +1,7 @@
 """FLOPs-matched token reduction for the ProxyV comparison (the paper's Table 5), on the evaluated prompts.
 
     python experiments/match_flops.py                 # the embedded tiny model and its ProxyV checkpoints
+    python experiments/match_flops.py --model tiny-next --eval synthetic_hr   # the tiny LLaVA-NeXT on its twins
 
 For each trained ProxyV checkpoint of the model config, prints the executed decoder FLOPs it saves on
 the twins' eval prompts (the samples the sweep scores) and the FastV / PyramidDrop keep ratios that
@@ -25,7 +26,6 @@ from analysis.flops.visionzip import placeholders_per_image  # noqa: E402
 from analysis.lmms_model import LlavaAblate  # noqa: E402
 from analysis.runner.spec import REPO_ROOT  # noqa: E402
 
-TASKS = ("synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa")
 VISIONZIP_RATIO = (54, 10)  # the official LLaVA-1.5 budget: 54 dominant (CLS included) + 10 contextual
 
 
@@ -51,12 +51,14 @@ def match_visionzip(config, prompts, target: float) -> tuple[int, int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="a conf/model/ name")
+    p.add_argument("--eval", default="synthetic", help="a conf/eval/ name: its tasks are the prompts")
     p.add_argument("--limit", type=int, default=50, help="eval samples per twin (the sweep's eval.limit)")
     p.add_argument("--fastv-start", type=int, default=2, help="FastV's K (its paper's LLaVA setting: 2)")
     args = p.parse_args()
     model_cfg = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
+    tasks = tuple(OmegaConf.load(REPO_ROOT / "conf" / "eval" / f"{args.eval}.yaml").tasks)
     base = LlavaAblate(str(REPO_ROOT / model_cfg.pretrained), device="cpu", progress=False)
-    prompts = twin_prompt_shapes(base, TASKS, args.limit)
+    prompts = twin_prompt_shapes(base, tasks, args.limit)
     print(f"{len(prompts)} prompts; mean vision tokens {sum(p['mask'].count('v') for p in prompts) / len(prompts):.1f},"
           f" mean length {sum(len(p['mask']) for p in prompts) / len(prompts):.1f}")
     print(f"{'ProxyV':<10}{'saved':>8}  {'FastV K=' + str(args.fastv_start) + ' keep':>16}{'saved':>8}"
@@ -65,7 +67,7 @@ def main() -> None:
         if not isinstance(path, str):  # several checkpoints for a start layer: the first, as the sweep's default
             path = path[0]
         proxyv = LlavaAblate(str(REPO_ROOT / path), device="cpu", progress=False)
-        target = mean_flops(proxyv.model.config, twin_prompt_shapes(proxyv, TASKS, args.limit),
+        target = mean_flops(proxyv.model.config, twin_prompt_shapes(proxyv, tasks, args.limit),
                             proxyv.variant)["reduction"]
         fastv = match_param(base.model.config, prompts, "fastv", "keep", target, start_layer=args.fastv_start)
         pdrop = match_param(base.model.config, prompts, "pdrop", "keep", target)

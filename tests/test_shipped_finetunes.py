@@ -12,6 +12,7 @@ import torch
 
 from analysis import twins
 from analysis.training import evaluate as ev
+from analysis.training.run import twin_names
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = 24  # eval samples per twin; the record holds the scores of exactly this subset
@@ -38,7 +39,8 @@ def test_fine_tune_is_what_it_says_and_reaches_its_scores(name):
     else:
         assert proxyv is None
     assert next(model.parameters()).dtype == torch.float32
-    scores = ev.score_twins(model, processor, n=SUBSET, context=ev.trained_context(model, record))
+    names = twin_names(config)  # the twins it was trained and scored on (the NeXT models: the 128 px ones)
+    scores = ev.score_twins(model, processor, n=SUBSET, context=ev.trained_context(model, record), names=names)
     recorded = record[f"eval_n{SUBSET}"]
-    for twin in twins.TWINS:
+    for twin in names or twins.TWINS:
         assert abs(scores[twin] - recorded[twin]) <= TOLERANCE, (twin, scores[twin], recorded[twin])
