@@ -74,16 +74,14 @@ def build_processor(base=BASE):
 def build(base=BASE, seed: int = SEED):
     """(LlavaNextForConditionalGeneration in float32, eval mode; its processor), weights from ``base`` (a
     LLaVA-1.5 checkpoint of the same shapes), ``image_newline`` drawn from ``seed``."""
-    from transformers import (
-        GenerationConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-    )
+    from transformers import GenerationConfig
 
-    old = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    from .models import generation_class
+
+    old = generation_class("llava").from_pretrained(base, dtype=torch.float32)
     config = next_config(old.config)
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).to(torch.float32)
+    model = generation_class("llava_next")(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
     if sorted(missing) != ["model.image_newline"] or unexpected:
         raise RuntimeError(f"{base}: its state dict does not map onto the NeXT model (missing {missing}, "
@@ -208,7 +206,7 @@ def blank_crops(processor):
     return prepare
 
 
-def evaluate(model, processor, n: int, names=None, modes=("full", "base_only", "blank_crops", "blind"),
+def score_modes(model, processor, n: int, names=None, modes=("full", "base_only", "blank_crops", "blind"),
              batch_size: int = 8) -> dict:
     """Greedy scores per twin and mode on the first ``n`` eval samples of the high-resolution twins."""
     from analysis import twins
@@ -262,7 +260,7 @@ def main(argv=None) -> None:
     if args.eval:
         start = time.time()
         record["eval_n"] = args.eval
-        record["scores"] = evaluate(model, processor, args.eval, modes=args.modes, batch_size=args.batch_size)
+        record["scores"] = score_modes(model, processor, args.eval, modes=args.modes, batch_size=args.batch_size)
         record["eval_s"] = round(time.time() - start, 1)
     if args.out:
         save(model, processor, args.out, record=record)

@@ -1,0 +1,223 @@
+"""The long-video prefill benchmark on Qwen-VL shapes (``experiments/bench_qwen_video.py``; docs/qwen.md, "Long-video
+benchmark"): a random-weight model of a shipped config, one prompt around one video, the baseline, the skip operators
+and ProxyV timed in rounds -- the whole prefill and, inside the same calls, the decoder alone -- beside their analytic
+FLOPs and peak memory."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from .ablation import ablate
+from .bench import load_note
+from .flops import PrefillTokens, count_flops, load_config
+from .models import vlm_generation_class
+from .proxyv import apply_proxyv, proxyv_shapes
+
+OPS = ("skip_attn", "skip_ffn", "skip_attn_ffn")
+
+
+def build_config(args):
+    config = load_config(args.config)
+    if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"--config {args.config} is {config.model_type}; this benchmark builds Qwen2-VL / "
+                         "Qwen2.5-VL prompts (Qwen3-VL videos need timestamp text between blocks)")
+    text = config.text_config
+    if args.layers:
+        text.num_hidden_layers = args.layers
+        if hasattr(text, "max_window_layers"):
+            text.max_window_layers = args.layers
+    if args.width:  # a toy width for smoke tests: heads of the same size
+        head = text.hidden_size // text.num_attention_heads  # M-RoPE sections are sized for this head width
+        if args.width % head:
+            raise ValueError(f"--width {args.width} must be a multiple of the head width {head}")
+        text.num_attention_heads = args.width // head
+        text.num_key_value_heads = min(text.num_key_value_heads, text.num_attention_heads)
+        text.hidden_size, text.intermediate_size = args.width, 4 * args.width
+        config.vision_config.out_hidden_size = args.width
+    if args.vision_depth:
+        config.vision_config.depth = args.vision_depth
+        config.vision_config.fullatt_block_indexes = [args.vision_depth - 1]
+    return config
+
+
+def build_batch(config, args):
+    """One prompt: text, <|vision_start|>, the video's tokens, <|vision_end|>, text; its pixels are random."""
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    if args.side % merge:
+        raise ValueError(f"--side {args.side} must be a multiple of spatial_merge_size={merge}")
+    n_vision = args.blocks * (args.side // merge) ** 2
+    half = args.text // 2
+    filler = 1000  # any ordinary token id
+    ids = [filler] * half + [config.vision_start_token_id] + [config.video_token_id] * n_vision
+    ids += [config.vision_end_token_id] + [filler] * (args.text - half)
+    input_ids = torch.tensor([ids])
+    patches = args.blocks * args.side * args.side
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == config.video_token_id).long() * 2,
+        "pixel_values_videos": torch.randn(patches, width, generator=generator),
+        "video_grid_thw": torch.tensor([[args.blocks, args.side, args.side]]),
+        "second_per_grid_ts": torch.tensor([1.0]),
+    }, n_vision
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class DecoderClock:
+    """The language model's share of a forward: CUDA events (or wall clock on CPU) at its forward pre-hook and hook,
+    so the decoder -- the only part the operators and ProxyV change -- is timed inside the real call."""
+
+    def __init__(self, model, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks = []
+        lm = model.model.language_model
+        lm.register_forward_pre_hook(lambda *a: self.marks.append(self._mark()))
+        lm.register_forward_hook(lambda *a: self.marks.append(self._mark()))
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self) -> float:
+        start, end = self.marks[-2:]
+        self.marks.clear()
+        return start.elapsed_time(end) / 1000 if self.cuda else end - start
+
+
+def call(model, clock, batch, variant, L, device):
+    """Seconds (whole prefill, decoder alone) and peak extra MiB of one prefill of ``variant``."""
+    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad(), context:
+        model(**batch, logits_to_keep=1)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    return seconds, clock.seconds(), peak
+
+
+def profile_table(model, batch, variant, L, device) -> str:
+    """torch.profiler's table of one prefill of ``variant`` (top operators by device time, or CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    with profile(activities=activities) as prof, torch.no_grad(), context:
+        model(**batch, logits_to_keep=1)
+        synchronize(device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    """(meta, rows) of the benchmark for the parsed options ``args`` (see the script's ``--help``)."""
+    config = build_config(args)
+    batch_cpu, n_vision = build_batch(config, args)
+    layers = config.text_config.num_hidden_layers
+    L = layers // 2 if args.start_layer < 0 else args.start_layer
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = vlm_generation_class(config.model_type)._from_config(config, dtype=dtype,
+                                                                     attn_implementation=args.attn).eval()
+    proxyv = apply_proxyv(copy.deepcopy(model), L, args.reduce_factor, seed=0)
+    batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
+    models = {"none": model, **{op: model for op in OPS}, "proxyv": proxyv}
+    clocks = {id(m): DecoderClock(m, args.device) for m in (model, proxyv)}
+
+    tokens = PrefillTokens.from_batch(batch_cpu, config)
+    shapes = proxyv_shapes(proxyv.config, batch_cpu["input_ids"], batch_cpu["attention_mask"],
+                           video_grid_thw=batch_cpu["video_grid_thw"])
+    flops = {"none": count_flops(config, tokens, lm_head="last")}
+    for op in OPS:
+        flops[op] = count_flops(config, tokens, op, start_layer=L, lm_head="last")
+    s = proxyv.config.proxyv
+    flops["proxyv"] = count_flops(config, tokens, "proxyv", start_layer=L, reduce_factor=s["reduce_factor"],
+                                  init=s["init"], light_width=s["light_width"], shapes=shapes, lm_head="last")
+
+    for _ in range(args.warmup):
+        for name, m in models.items():
+            call(m, clocks[id(m)], batch, name, L, args.device)
+    times = {name: [] for name in models}
+    decoder_times = {name: [] for name in models}
+    peaks = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, m in models.items():
+            seconds, decoder, peak = call(m, clocks[id(m)], batch, name, L, args.device)
+            times[name].append(seconds)
+            decoder_times[name].append(decoder)
+            peaks[name].append(peak)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        for name in ("none", "skip_ffn", "proxyv"):
+            (args.profile / f"profile_{name}.txt").write_text(profile_table(models[name], batch, name, L, args.device))
+
+    def total(report):
+        return report.total + report.lm_head + report.vision
+
+    base_time, base_flops = statistics.median(times["none"]), total(flops["none"])
+    rows = []
+    for name in models:
+        ratio = statistics.median(t / b for t, b in zip(times[name], times["none"]))
+        decoder_ratio = statistics.median(t / b for t, b in zip(decoder_times[name], decoder_times["none"]))
+        f = total(flops[name])
+        time_saved, flops_saved = 1 - ratio, 1 - f / base_flops
+        decoder_saved = 1 - flops[name].total / flops["none"].total
+        rows.append({
+            "variant": name if name == "none" else f"{name}-L{L}", "median_s": statistics.median(times[name]),
+            "time_ratio": ratio, "flops": f, "decoder_flops": flops[name].total, "time_saved": time_saved,
+            "flops_saved": flops_saved, "decoder_flops_saved": decoder_saved,
+            "saved_ratio": time_saved / flops_saved if flops_saved > 0 else None,
+            "decoder_median_s": statistics.median(decoder_times[name]), "decoder_time_ratio": decoder_ratio,
+            "decoder_time_saved": 1 - decoder_ratio,
+            "decoder_saved_ratio": (1 - decoder_ratio) / decoder_saved if decoder_saved > 0 else None,
+            "peak_extra_mib": max(peaks[name]),
+        })
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({load_note()})"
+    meta = {"config": args.config, "layers": layers, "width": config.text_config.hidden_size,
+            "vision_depth": config.vision_config.depth, "blocks": args.blocks, "side": args.side,
+            "vision_tokens": n_vision, "text_tokens": args.text, "prompt_tokens": int(batch_cpu["input_ids"].shape[1]),
+            "proxies": int(shapes.proxies), "start_layer": L, "reduce_factor": args.reduce_factor,
+            "dtype": args.dtype, "attn": args.attn, "device": device, "repeats": args.repeats,
+            "torch": torch.__version__, "baseline_s": base_time}
+    return meta, rows
+
+
+def table(meta: dict, rows: list[dict]) -> str:
+    """The benchmark's figures as the script prints them."""
+    side = meta["side"] // 2
+    lines = [(f"{meta['config']}: {meta['layers']} layers, width {meta['width']}, {meta['vision_tokens']} vision tokens "
+              f"({meta['blocks']} blocks of {side}x{side}) + {meta['text_tokens']} text, {meta['proxies']} proxies; "
+              f"{meta['dtype']} {meta['attn']} on {meta['device']}; medians of {meta['repeats']} rounds"),
+             "whole prefill (tower, decoder, LM head on the last row) | decoder alone (what the variants change)",
+             (f"{'variant':<18}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>6} |{'s':>8}{'FLOPs saved':>12}"
+              f"{'time saved':>11}{'ratio':>6}{'peak MiB':>10}")]
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    for r in rows:
+        lines.append(f"{r['variant']:<18}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
+                     f"{fmt(r['saved_ratio']):>6} |{r['decoder_median_s']:>8.4f}{r['decoder_flops_saved']:>12.1%}"
+                     f"{r['decoder_time_saved']:>11.1%}{fmt(r['decoder_saved_ratio']):>6}{r['peak_extra_mib']:>10.0f}")
+    return "\n".join(lines)
