@@ -144,6 +144,12 @@ def test_shapes_derived_from_a_llava15_layout_are_exact(init, factor):
         report = analytic(model, batch, exact=False)
         assert report.to_dict() == analytic(model, batch).to_dict()
         assert_exact(model, batch, report)
+    if init == "learned":  # a checkpoint's own learned count (learned_proxies) reaches the count from tokens
+        counted = build("llava-llama", "eager", start_layer=2, reduce_factor=factor, init=init, learned_proxies=3)
+        batch = batch_of("llava", BATCHES[2])
+        report = analytic(counted, batch, exact=False)
+        assert report.to_dict() == analytic(counted, batch).to_dict()
+        assert_exact(counted, batch, report)
     # several images in a sample: the executed figure is still exact; the theoretical one needs shapes=
     batch = batch_of("llava", MULTI)
     derived, exact = analytic(model, batch, exact=False), analytic(model, batch)

@@ -74,7 +74,13 @@ import math
 
 import torch
 
-from ..proxyv.apply import INITS, ProxyVSettings, ProxyVShapes, shapes_of_layout
+from ..proxyv.apply import (
+    INITS,
+    ProxyVSettings,
+    ProxyVShapes,
+    learned_count,
+    shapes_of_layout,
+)
 from ..variant import Variant
 from .decoder import Breakdown, LayerFlops, baseline_flops
 from .dims import TextDims
@@ -210,7 +216,7 @@ class ProxyVFlops:
                 return None
         else:
             shapes = derive_shapes(tokens, self.reduce_factor, self.init == "learned", width,
-                                   proxies=self.init != "none")
+                                   proxies=self.init != "none", learned_proxies=self.learned_proxies)
             if shapes is None:
                 return None
         groups = _row_groups(shapes, _text_pairs(tokens))
@@ -263,11 +269,12 @@ def qwen_shapes(tokens: PrefillTokens, start_layer: int, reduce_factor: int, ini
 
 
 def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int,
-                  partial: bool = False, proxies: bool = True) -> ProxyVShapes | None:
+                  partial: bool = False, proxies: bool = True, learned_proxies: int = 0) -> ProxyVShapes | None:
     """ProxyV shapes from prefill tokens whose vision positions are their crops' cells (module docstring);
     ``None`` without vision tokens. ``partial`` (learned proxies only): a sample's cells may be fewer than its
     crops hold (token reduction before the start layer), each crop assumed to keep at least one cell.
-    ``proxies=False``: init "none" (no proxy per crop; ``reduce_factor`` and ``learned`` unused)."""
+    ``proxies=False``: init "none" (no proxy per crop; ``reduce_factor`` and ``learned`` unused).
+    ``learned_proxies``: learned proxies per crop where the checkpoint sets it (else side^2 // f^2)."""
     cells = tokens.vision & tokens.valid
     per_sample = cells.sum(1).tolist()
     if not any(per_sample):
@@ -285,9 +292,10 @@ def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, ligh
         divisors = [d for d in range(1, side + 1) if side % d == 0]
         raise ValueError(f"reduce_factor={reduce_factor} does not divide the {side}x{side} crop grid, which spatial "
                          f"proxies need; use one of {divisors}, or init='learned'")
-    if learned and side * side < reduce_factor**2:
+    if learned and not learned_count(learned_proxies, reduce_factor, side, side):
         raise ValueError(f"reduce_factor={reduce_factor} leaves no proxy for a {side}x{side} crop grid")
-    n = 0 if not proxies else side * side // reduce_factor**2 if learned else (side // reduce_factor) ** 2
+    n = (0 if not proxies else learned_count(learned_proxies, reduce_factor, side, side) if learned
+         else (side // reduce_factor) ** 2)
     if partial and not learned:
         raise ValueError("partial crops (token reduction before ProxyV) need learned proxies")
     for b, (count, crops) in enumerate(zip(per_sample, tokens.crop_shapes)):

@@ -49,7 +49,8 @@ def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> Pro
     a reduction leaves: its vision tokens are cells of its crops, possibly fewer than a crop holds; ``None``
     without a vision token."""
     factor, width = settings.get("reduce_factor") or DEFAULT_REDUCE_FACTOR, settings.get("light_width") or None
-    shapes = derive_shapes(block, factor, True, width or dims.hidden // 4, partial=True)
+    shapes = derive_shapes(block, factor, True, width or dims.hidden // 4, partial=True,
+                           learned_proxies=settings.get("learned_proxies", 0))
     if shapes is None:
         return None
     return ProxyVFlops(range(settings["start_layer"], dims.layers), factor, "learned", width, shapes=shapes)

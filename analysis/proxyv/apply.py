@@ -49,7 +49,7 @@ class ProxyVSettings:
 
     def learned_count(self, rows: int, cols: int) -> int:
         """Learned proxies per crop of a rows x cols grid."""
-        return self.learned_proxies or rows * cols // self.reduce_factor**2
+        return learned_count(self.learned_proxies, self.reduce_factor, rows, cols)
 
     @classmethod
     def from_dict(cls, data: dict) -> ProxyVSettings:
@@ -57,6 +57,11 @@ class ProxyVSettings:
         if data.pop("format", FORMAT) != FORMAT:
             raise ValueError(f"config.proxyv has an unknown format; this code reads format {FORMAT}")
         return cls(**data)
+
+
+def learned_count(learned_proxies: int, reduce_factor: int, rows: int, cols: int) -> int:
+    """Learned proxies per crop of a rows x cols grid: ``learned_proxies`` where set, else rows * cols // f^2."""
+    return learned_proxies or rows * cols // reduce_factor**2
 
 
 def _crop_side(core) -> int | None:
