@@ -25,6 +25,7 @@ from .attention import check_backend, split_attention
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
 from .models import (
+    QWEN_VL_METHODS,
     decoder_layers,
     is_qwen_vl_model,
     patch_instance,
@@ -304,7 +305,7 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
                 f"visionzip on {type(model).__name__}: VisionZip picks dominant tokens by the CLS token's attention "
                 "and the Qwen-VL vision towers have no CLS token; use fastv or pdrop (they rank with the LLM's "
                 "attention and run on these classes)")
-        if op not in ("fastv", "pdrop", "proxyv"):
+        if op not in QWEN_VL_METHODS:  # the methods the runner and the plugin run there: one list
             raise NotImplementedError(
                 f"ablate({op!r}) on {type(model).__name__}: the Qwen-VL classes support the operators "
                 f"({', '.join(sorted(OPERATORS))}), token reduction (fastv, pdrop) and proxyv; not {op!r}")

@@ -277,7 +277,6 @@ def layout_of_tokens(tokens, model_type: str) -> QwenBatchLayout:
     after sample; ``tokens.crop_shapes[b]``: the merged ``(h, w)`` of each block of sample b). Kinds are not recorded:
     a grid of one block is called an image, of several a video."""
     grids = iter(tokens.vision_grids)
-    merge_of = {}
     samples = []
     for b, blocks in enumerate(tokens.crop_shapes):
         vision = tokens.vision[b].nonzero().flatten()
@@ -285,7 +284,6 @@ def layout_of_tokens(tokens, model_type: str) -> QwenBatchLayout:
         while n_blocks < len(blocks):
             t, h, w = next(grids)
             mh, mw = blocks[n_blocks]
-            merge_of.setdefault("merge", h // mh)
             size = t * mh * mw
             grids_b.append(VisionGrid("image" if t == 1 else "video", len(grids_b), (t, h, w),
                                       vision[cursor:cursor + size].view(t, mh, mw)))

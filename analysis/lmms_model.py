@@ -22,8 +22,8 @@ Plays the role of lmms-eval's ``llava_hf`` except:
   chat template writes ``<|vision_start|><|image_pad|><|vision_end|>`` per image, the processor sizes each image
   within ``min_pixels`` / ``max_pixels`` (model_args; default: the checkpoint's), the batch carries
   ``image_grid_thw`` instead of ``image_sizes``, and the prompt shapes add the ``vision_grids`` the tower's FLOPs
-  need. The six operators and token reduction (FastV, PyramidDrop; ``positions='original'``) run on them;
-  VisionZip and ProxyV are one-line errors;
+  need. The six operators, FastV, PyramidDrop (``positions='original'``) and ProxyV checkpoints run on them;
+  VisionZip is a one-line error (no CLS token);
 * it records what the runner needs beside the scores: the token shapes of every prompt (for
   FLOPs: :func:`analysis.flops.mean_flops`) and a few prompts to time the prefill on (:meth:`prefill_latency`).
 """

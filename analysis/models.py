@@ -35,8 +35,8 @@ QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
 
 
-# Methods beyond the six operators that the runner and the lmms-eval plugin run on Qwen-VL models (executed by
-# analysis.reduction, counted by analysis.flops.reduction). Another method (e.g. proxyv) runs once it is listed here.
+# Methods beyond the six operators that the runner and the lmms-eval plugin run on Qwen-VL models (FastV and PyramidDrop:
+# analysis.reduction; ProxyV checkpoints: analysis.proxyv). A method not listed here is refused in one line.
 QWEN_VL_METHODS = ("fastv", "pdrop", "proxyv")
 
 

@@ -171,13 +171,14 @@ def apply_proxyv(model, start_layer: int, reduce_factor: int = 4, init: str = "s
         learned = settings.learned_count(side, side) if side else settings.learned_proxies
         proxyv = ProxyV(settings, len(layers), text.hidden_size, learned, norm_factory)
     core.proxyv = proxyv.to(device=weight.device, dtype=weight.dtype)
-    proxyv.locator = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, "text")
+    qwen = is_qwen_vl_model(core)
+    proxyv.locator = (QwenVisionTracker if qwen else VisionTracker)(core.config, "text")
     proxyv.locator.who = "ProxyV"
     core.register_forward_pre_hook(proxyv.pre_hook, with_kwargs=True)
     core.register_forward_hook(proxyv.post_hook)
-    for kind in ("image", "video") if is_qwen_vl_model(core) else ("image",):
+    for kind in proxyv.locator.ENCODERS:  # the encoders generate() calls before the first forward
         setattr(core, f"get_{kind}_features", EncoderRecorder(core, proxyv, kind))
-    if is_qwen_vl_model(core):
+    if qwen:
         core.language_model.register_forward_pre_hook(proxyv.record_positions, with_kwargs=True)
     rotary = core.language_model.rotary_emb
     for i in range(start_layer, len(layers)):

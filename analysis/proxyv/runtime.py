@@ -225,13 +225,16 @@ class EncoderRecorder:
     def __init__(self, core, proxyv: ProxyV, kind: str = "image"):
         self.core, self.proxyv, self.kind = core, proxyv, kind
 
+    def _method(self):
+        """The class's own encoder, bound to the core."""
+        return functools.partial(getattr(type(self.core), f"get_{self.kind}_features"), self.core)
+
     @property
     def __signature__(self):  # generate() picks the encoder's arguments by its signature
-        return inspect.signature(functools.partial(getattr(type(self.core), f"get_{self.kind}_features"), self.core))
+        return inspect.signature(self._method())
 
     def __call__(self, *args, **kwargs):
-        method = functools.partial(getattr(type(self.core), f"get_{self.kind}_features"), self.core)
-        return self.proxyv.locator.encoder_call(self.kind, method, args, kwargs)
+        return self.proxyv.locator.encoder_call(self.kind, self._method(), args, kwargs)
 
 
 def proxyv_layer_forward(layer, proxyv: ProxyV, rotary, hidden_states, attention_mask=None, position_ids=None,
