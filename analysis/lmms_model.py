@@ -24,6 +24,9 @@ Plays the role of lmms-eval's ``llava_hf`` except:
   ``image_grid_thw`` instead of ``image_sizes``, and the prompt shapes add the ``vision_grids`` the tower's FLOPs
   need. The six operators, FastV, PyramidDrop (``positions='original'``) and ProxyV checkpoints run on them;
   VisionZip is a one-line error (no CLS token);
+* videos: a task's ``doc_to_visual`` may give video file paths (as lmms-eval's video tasks do). On a Qwen-VL
+  checkpoint each is decoded and sampled (``fps``, ``max_num_frames``: :mod:`analysis.video_input`) and passed to
+  the processor as a ``<|video_pad|>`` part in the visuals' order; a LLaVA checkpoint refuses them in one line;
 * it records what the runner needs beside the scores: the token shapes of every prompt (for
   FLOPs: :func:`analysis.flops.mean_flops`) and a few prompts to time the prefill on (:meth:`prefill_latency`).
 """
@@ -45,6 +48,7 @@ from transformers import AutoConfig, AutoProcessor
 from .layout import compute_layout
 from .models import QWEN_VL_CLASSES, qwen_runs, qwen_unsupported, vlm_generation_class
 from .variant import Variant, family, family_of, resolve_variant
+from .video_input import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Video, check_sampling, read_video
 
 IMAGE_TOKEN = "<image>"
 
@@ -55,6 +59,14 @@ def _method_params(op) -> dict:
         return dict(family_of(op).methods()[op])
     except (ValueError, TypeError, KeyError):
         return {}
+
+
+def _one_line(error: Exception) -> str:
+    return f"llava_ablate: {str(error).strip().splitlines()[0]}"
+
+
+def _kind(visual) -> str:
+    return "video" if isinstance(visual, Video) else "image"
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -127,6 +139,7 @@ class LlavaAblate(lmms):
         blind: replace every image with a blank one (the blind control).
         newline_tokens: LLaVA-NeXT newline tokens treated as ``"vision"`` (default) or ``"text"``.
         min_pixels, max_pixels: a Qwen-VL processor's bounds on each image's pixels (None: the checkpoint's).
+        fps, max_num_frames: how a video is sampled (frames per second of video, at most this many; Qwen-VL).
         batch_size, device, dtype, attn_implementation: as usual; ``device="auto"`` picks
             ``cuda:LOCAL_RANK`` when CUDA is available.
         max_new_tokens: default when a task's generation_kwargs do not set it.
@@ -140,7 +153,7 @@ class LlavaAblate(lmms):
                  batch_size: int = 8, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "sdpa", max_new_tokens: int = 32, progress: bool = True,
                  model=None, processor=None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 **kwargs) -> None:
+                 fps: float | None = None, max_num_frames: int | None = None, **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "max_batch_size"}
         declared = _method_params(op)  # e.g. keep=0.5 for op=fastv
@@ -161,6 +174,10 @@ class LlavaAblate(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.newline_tokens = newline_tokens
         self.progress = progress
+        self.cli = False  # True when lmms-eval's CLI built it (create_from_arg_string)
+        self.fps = float(DEFAULT_FPS if fps is None else fps)
+        self.max_num_frames = int(DEFAULT_MAX_FRAMES if max_num_frames is None else max_num_frames)
+        check_sampling(self.fps, self.max_num_frames)  # bad values fail here, in one line
         self.num_layers = model.config.text_config.num_hidden_layers
         self.set_variant(op, start_layer=start_layer, end_layer=end_layer, layers=layers, blind=blind, **kwargs)
 
@@ -169,9 +186,11 @@ class LlavaAblate(lmms):
         """lmms-eval's constructor: a bad ``--model_args`` ends the process with one line and a non-zero exit
         (lmms-eval would print a traceback and exit 0)."""
         try:
-            return super().create_from_arg_string(arg_string, additional_config)
+            lm = super().create_from_arg_string(arg_string, additional_config)
         except (ValueError, TypeError, OSError) as error:
-            raise SystemExit(f"llava_ablate: {str(error).strip().splitlines()[0]}") from None
+            raise SystemExit(_one_line(error)) from None
+        lm.cli = True  # a task's unusable visuals end the process in one line too (see generate_until)
+        return lm
 
     # ----------------------------------------------------------------- what lmms-eval reads
     @property
@@ -211,7 +230,7 @@ class LlavaAblate(lmms):
         self.variant = op
         family(op.family).load("execute")  # an execution that cannot import fails here, not mid-evaluation
         self.prompt_shapes: list[dict] = []  # one per generated request, in request order of arrival
-        self.timing_prompts: list[tuple[str, list]] = []  # (prompt, images) of the first requests
+        self.timing_prompts: list[tuple[str, list]] = []  # (prompt, visuals) of the first requests
         return self.variant
 
     def _resolve(self, op: str, start_layer, end_layer, layers, blind: bool, params: dict) -> Variant:
@@ -252,14 +271,19 @@ class LlavaAblate(lmms):
         return family(self.variant.family).load("execute")(self._model, self.variant,
                                                            newline_tokens=self.newline_tokens)
 
-    def _prompt(self, context: str, n_images: int) -> str:
-        """The chat-formatted prompt; the image token(s) go first, as LLaVA was trained (and as lmms-eval's
-        Qwen-VL models place them). Qwen-VL: always the processor's chat template, which writes each image as
-        ``<|vision_start|><|image_pad|><|vision_end|>`` (a LLaVA ``<image>`` in the context is dropped)."""
+    def _prompt(self, context: str, visuals) -> str:
+        """The chat-formatted prompt for ``visuals`` (a list of images and :class:`~analysis.video_input.Video` s,
+        or a number of images); the visuals go first, as LLaVA was trained (and as lmms-eval's Qwen-VL models
+        place them). Qwen-VL: always the processor's chat template, which writes each image as
+        ``<|vision_start|><|image_pad|><|vision_end|>`` and each video with ``<|video_pad|>``, in the visuals'
+        order (a LLaVA ``<image>`` in the context is dropped)."""
+        kinds = ["image"] * visuals if isinstance(visuals, int) else [_kind(v) for v in visuals]
         if self.qwen:
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context.replace(IMAGE_TOKEN, "").strip()}]
+            content = [{"type": kind} for kind in kinds]
+            content.append({"type": "text", "text": context.replace(IMAGE_TOKEN, "").strip()})
             return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                       add_generation_prompt=True)
+        n_images = len(kinds)
         if IMAGE_TOKEN in context:
             n_images = 0
         if getattr(self.processor, "chat_template", None):
@@ -268,21 +292,45 @@ class LlavaAblate(lmms):
                                                       add_generation_prompt=True)
         return f"USER: {(IMAGE_TOKEN + chr(10)) * n_images}{context} ASSISTANT:"
 
-    def _images(self, doc_to_visual, doc) -> list:
+    def _visuals(self, doc_to_visual, doc) -> list:
+        """The doc's visuals in order: PIL images as RGB, video file paths read into
+        :class:`~analysis.video_input.Video` s (Qwen-VL only); all blanked under the blind control."""
+        from PIL import Image
+
         from .twins.blind import blank_image  # light; imported here to keep this module's import lean
 
-        images = [v for v in (doc_to_visual(doc) or []) if v is not None]
-        images = [im.convert("RGB") for im in images]
-        return [blank_image(im) for im in images] if self.variant.blind else images
+        visuals = []
+        for visual in doc_to_visual(doc) or []:
+            if isinstance(visual, Image.Image):
+                visuals.append(blank_image(visual.convert("RGB")) if self.variant.blind else visual.convert("RGB"))
+            elif isinstance(visual, (str, Path)):
+                if not self.qwen:
+                    raise ValueError(f"this task gives videos ({visual}); {self._model.config.model_type} checkpoints "
+                                     "take images only (videos run on Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints)")
+                video = read_video(visual, self.fps, self.max_num_frames)
+                visuals.append(video.blanked() if self.variant.blind else video)
+            elif visual is not None:
+                raise TypeError(f"doc_to_visual gave a {type(visual).__name__}; llava_ablate takes PIL images and "
+                                "video file paths")
+        return visuals
 
-    def encode(self, prompts: list[str], images: list[list]) -> dict:
-        """A left-padded model batch: ``input_ids``/``attention_mask`` (B, T), ``pixel_values`` (+ ``image_sizes``;
-        Qwen-VL: + ``image_grid_thw``, ``mm_token_type_ids``)."""
-        flat = [im for sample in images for im in sample]
-        batch = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True)
+    def encode(self, prompts: list[str], visuals: list[list]) -> dict:
+        """A left-padded model batch of ``prompts`` with their ``visuals`` (per prompt, images and
+        :class:`~analysis.video_input.Video` s): ``input_ids``/``attention_mask`` (B, T), ``pixel_values``
+        (+ ``image_sizes``; Qwen-VL: + ``image_grid_thw``, ``mm_token_type_ids``; videos: ``pixel_values_videos``,
+        ``video_grid_thw``, and Qwen2.5-VL's ``second_per_grid_ts``)."""
+        flat = [v for sample in visuals for v in sample]
+        images = [v for v in flat if not isinstance(v, Video)]
+        videos = [v for v in flat if isinstance(v, Video)]
+        kwargs = {}
+        if videos:  # frames already sampled: the processor keeps them and dates them from the metadata
+            kwargs = dict(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
+                          do_sample_frames=False)
+        batch = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True, **kwargs)
         batch = batch.to(self._device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self._model.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(self._model.dtype)
         return batch
 
     def _record_prompt_shapes(self, batch) -> None:
@@ -344,20 +392,25 @@ class LlavaAblate(lmms):
                    leave=False, dynamic_ncols=True)
         for chunk in collator.get_batched(n=self.batch_size_per_gpu):
             contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            images = [self._images(fn, self.task_dict[t][s][i])
-                      for fn, i, t, s in zip(doc_to_visual, doc_ids, tasks, splits)]
-            prompts = [self._prompt(c, len(ims)) for c, ims in zip(contexts, images)]
+            try:
+                visuals = [self._visuals(fn, self.task_dict[t][s][i])
+                           for fn, i, t, s in zip(doc_to_visual, doc_ids, tasks, splits)]
+            except (ValueError, TypeError, OSError) as error:
+                if self.cli:  # lmms-eval's CLI prints a traceback for an Exception and exits 0
+                    raise SystemExit(_one_line(error)) from None
+                raise  # the runner records it as the run's error
+            prompts = [self._prompt(c, v) for c, v in zip(contexts, visuals)]
             if len(self.timing_prompts) < 16:
-                self.timing_prompts += list(zip(prompts, images))[:16 - len(self.timing_prompts)]
-            answers += self._generate(prompts, images, dict(gen_kwargs[0]))
+                self.timing_prompts += list(zip(prompts, visuals))[:16 - len(self.timing_prompts)]
+            answers += self._generate(prompts, visuals, dict(gen_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
         return collator.get_original(answers)
 
-    def _generate(self, prompts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
+    def _generate(self, prompts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        batch = self.encode(prompts, images)
+        batch = self.encode(prompts, visuals)
         self._record_prompt_shapes(batch)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         tokenizer = self.processor.tokenizer
@@ -387,7 +440,7 @@ class LlavaAblate(lmms):
             return None
         times = []
         with self.variant_context():
-            batches = [self.encode([prompt], [images]) for prompt, images in chosen]
+            batches = [self.encode([prompt], [visuals]) for prompt, visuals in chosen]
             for _ in range(warmup):
                 self._model(**batches[0], use_cache=False, logits_to_keep=1)
             for _ in range(repeats):

@@ -115,7 +115,7 @@ def test_variant_validation_and_blind(lm):
     assert lm.set_variant(resolve_variant("mask_v2v", 4, start_layer=2)).label == "mask_v2v L2–4"
     lm.set_variant("none", blind=True)
     doc = twins.generate("synth_ocrbench", "eval", 1, seed=0)[0]
-    (image,) = lm._images(lambda d: [d["image"]], doc)
+    (image,) = lm._visuals(lambda d: [d["image"]], doc)
     pixels = np.asarray(image)
     assert image.size == doc["image"].size and (pixels == pixels[0, 0]).all()  # one colour: nothing to read
     lm.set_variant("none")
@@ -265,7 +265,7 @@ def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
     # one sample alone, unpadded: the recorded count is what torch counts on the forward
     request = requests[1]
     context, _, visual, doc_id, task, split = request.args
-    images = lm._images(visual, lm.task_dict[task][split][doc_id])
+    images = lm._visuals(visual, lm.task_dict[task][split][doc_id])
     lm.prompt_shapes.clear()
     batch = lm.encode([lm._prompt(context, len(images))], [images])
     lm._record_prompt_shapes(batch)

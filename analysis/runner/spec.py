@@ -21,7 +21,8 @@ from ..variant import Variant, baseline, family_of, resolve_variant
 
 REPO_ROOT = results.REPO_ROOT
 MODEL_IDENTITY_KEYS = ("name", "dtype", "attn_implementation", "newline_tokens")
-PIXEL_KEYS = ("min_pixels", "max_pixels")  # Qwen-VL processors only
+# Qwen-VL only: the processor's image resizing bounds and how a video is sampled (analysis/video_input.py)
+VISION_INPUT_KEYS = ("min_pixels", "max_pixels", "fps", "max_num_frames")
 
 
 @dataclass
@@ -35,9 +36,9 @@ class ModelRef:
     @property
     def identity(self) -> dict:
         # The weights' fingerprint, not their path: moving a checkpoint keeps its results, retraining does not.
-        # A Qwen-VL processor's resizing bounds change the vision tokens: part of the identity where set (a LLaVA
-        # config has none, so its hashes are unchanged).
-        pixels = {k: self.cfg[k] for k in PIXEL_KEYS if self.cfg.get(k) is not None}
+        # A Qwen-VL processor's resizing bounds and the video sampling change the vision tokens: part of the
+        # identity where set (a LLaVA config has none, so its hashes are unchanged).
+        pixels = {k: self.cfg[k] for k in VISION_INPUT_KEYS if self.cfg.get(k) is not None}
         return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **pixels,
                 "weights": results.weights_fingerprint(self.path)}
 
