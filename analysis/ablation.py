@@ -29,6 +29,7 @@ from .models import (
     decoder_layers,
     is_qwen_vl_model,
     patch_instance,
+    qwen_params,
     text_config_of,
     vlm_core,
 )
@@ -309,8 +310,7 @@ def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, st
             raise NotImplementedError(
                 f"ablate({op!r}) on {type(model).__name__}: the Qwen-VL classes support the operators "
                 f"({', '.join(sorted(OPERATORS))}), token reduction (fastv, pdrop) and proxyv; not {op!r}")
-        if op == "pdrop":
-            params.setdefault("positions", "original")  # M-RoPE: kept rows keep their own positions
+        params = qwen_params(op, params)  # pdrop: positions='original' (M-RoPE), renumber refused
     from .variant import family, resolve_variant
 
     num_layers = text_config_of(vlm_core(model)).num_hidden_layers

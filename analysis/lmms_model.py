@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import QWEN_VL_CLASSES, qwen_runs, qwen_unsupported, vlm_generation_class
+from .models import QWEN_VL_CLASSES, qwen_params, qwen_runs, qwen_unsupported, vlm_generation_class
 from .variant import Variant, family, family_of, resolve_variant
 from .video_input import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Video, check_sampling, read_video
 
@@ -237,11 +237,7 @@ class LlavaAblate(lmms):
         if self.qwen:  # before resolving: a refused method's parameters are not the point on Qwen-VL
             if not qwen_runs(op, family_of(op).name):
                 raise ValueError(qwen_unsupported(op, self._model.config.model_type))
-            if op == "pdrop":  # M-RoPE: kept rows keep their own positions (as ablate() on these classes)
-                params = {"positions": "original", **params}
-                if params["positions"] != "original":
-                    raise ValueError(f"op=pdrop positions={params['positions']} on a Qwen-VL model: M-RoPE has no "
-                                     "1-D renumbering; use positions=original (the default on Qwen-VL)")
+            params = qwen_params(op, params)  # pdrop: positions='original' (M-RoPE), renumber refused
         settings = getattr(self._model.config, "proxyv", None)
         if op == "proxyv" and not settings:
             raise ValueError(f"op=proxyv runs a trained ProxyV checkpoint; {self.pretrained} is not one (load one "

@@ -45,6 +45,25 @@ def qwen_runs(method: str, family_name: str) -> bool:
     return family_name == "ablation" or method in QWEN_VL_METHODS
 
 
+def qwen_params(method: str, params: dict) -> dict:
+    """The parameters ``method`` runs with on a Qwen-VL model -- the one rule that ``ablate()``, the runner and the
+    plugin apply: PyramidDrop keeps every kept row's own M-RoPE (temporal, height, width) position,
+    ``positions='original'``, the default there; an explicit ``positions='renumber'`` (a 1-D renumbering, which M-RoPE
+    does not have) is refused in one line. Other methods: ``params`` unchanged."""
+    if method != "pdrop":
+        return dict(params)
+    params = {"positions": "original", **params}
+    if params["positions"] != "original":
+        raise ValueError(renumber_refusal(method, str(params["positions"])))
+    return params
+
+
+def renumber_refusal(method: str, positions: str = "renumber") -> str:
+    """The one line refusing ``positions`` other than 'original' for ``method`` on a Qwen-VL model."""
+    return (f"op={method} positions={positions} on a Qwen-VL model: M-RoPE gives every token its own (temporal, "
+            "height, width) position and has no 1-D renumbering; use positions=original (the default on Qwen-VL)")
+
+
 def qwen_unsupported(method: str, model_type: str) -> str:
     """The one line refusing a method :func:`qwen_runs` does not run on a Qwen-VL model."""
     if method == "visionzip":

@@ -16,6 +16,7 @@ from qwen_helpers import KINDS, SAMPLE_SETS, make_batch, model_for
 from qwen_reference import reduced_reference
 
 from analysis import ablate
+from analysis.variant import Variant, family
 
 # name: (ablate kwargs, (method, boundaries, keep)); the tiny fixtures have 3 layers, Qwen3-VL DeepStack after 0, 1
 VARIANTS = {
@@ -140,9 +141,16 @@ def test_visionzip_is_refused_in_one_line(kind):
 
 
 def test_pdrop_renumbered_positions_are_refused_in_one_line():
-    with pytest.raises(NotImplementedError, match=r"^pdrop: positions='renumber' renumbers 1-D positions; "
-                                                  r"Qwen2_5_VLModel uses M-RoPE [^\n]*positions='original'"):
-        enter(model_for("qwen2_5_vl"), "pdrop", layers=[1], keep=0.5, positions="renumber")
+    """One rule (models.qwen_params) for ablate(), the runner and the plugin; the execution itself refuses a
+    hand-built Variant the same way."""
+    line = (r"^op=pdrop positions=renumber on a Qwen-VL model: M-RoPE gives every token its own \(temporal, height, "
+            r"width\) position [^\n]*use positions=original \(the default on Qwen-VL\)$")
+    model = model_for("qwen2_5_vl")
+    with pytest.raises(ValueError, match=line):
+        enter(model, "pdrop", layers=[1], keep=0.5, positions="renumber")
+    variant = Variant("reduction", "pdrop", (1,), (("keep", 0.5), ("positions", "renumber")))
+    with pytest.raises(NotImplementedError, match=line), family("reduction").load("execute")(model, variant):
+        pass
 
 
 def test_unsupported_backend_is_one_line():

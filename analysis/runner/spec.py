@@ -274,9 +274,10 @@ def _variant(cfg: dict, model: ModelRef, num_layers: int, hf_config) -> tuple[Va
 
 def _qwen_op(cfg: dict, hf_config) -> dict:
     """The config to run on a Qwen-VL model (others: unchanged): a method the runner does not run there fails in one
-    line (:func:`analysis.models.qwen_runs`); pdrop runs with ``positions='original'`` (M-RoPE: every kept row keeps
-    its own (t, h, w) position; the op group's LLaVA default ``renumber`` has no meaning there and is replaced)."""
-    from ..models import QWEN_VL_CLASSES, qwen_runs, qwen_unsupported
+    line (:func:`analysis.models.qwen_runs`); the parameters follow :func:`analysis.models.qwen_params` (pdrop:
+    ``positions='original'``), except that the op group's ``positions`` is the LLaVA default ``renumber`` whether
+    or not the command set it, so it is replaced here, not refused."""
+    from ..models import QWEN_VL_CLASSES, qwen_params, qwen_runs, qwen_unsupported
 
     method = cfg["op"]["name"]
     if hf_config.model_type not in QWEN_VL_CLASSES:
@@ -287,9 +288,8 @@ def _qwen_op(cfg: dict, hf_config) -> dict:
         raise ConfigError(str(error)) from None
     if not qwen_runs(method, fam.name):
         raise ConfigError(f"model {cfg['model']['name']}: {qwen_unsupported(method, hf_config.model_type)}")
-    if method == "pdrop":
-        return {**cfg, "op": {**cfg["op"], "positions": "original"}}
-    return cfg
+    op = {k: v for k, v in cfg["op"].items() if not (method == "pdrop" and k == "positions")}
+    return {**cfg, "op": qwen_params(method, op)}
 
 
 def _check_countable(variant: Variant, model: ModelRef) -> None:
