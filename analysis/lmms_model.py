@@ -320,8 +320,8 @@ class LlavaAblate(lmms):
         videos = [v for v in flat if isinstance(v, Video)]
         kwargs = {}
         if videos:  # frames already sampled: the processor keeps them and dates them from the metadata
-            kwargs = dict(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
-                          do_sample_frames=False)
+            kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata() for v in videos],
+                      "do_sample_frames": False}
         batch = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True, **kwargs)
         batch = batch.to(self._device)
         for key in ("pixel_values", "pixel_values_videos"):

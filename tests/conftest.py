@@ -120,3 +120,13 @@ def assert_unchanged_after_blocks(model, batch, blocks):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert hooks() == before
     assert "get_image_features" not in vars(model.model)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's generation (2 threads on a shared 2-core box thrash); restored after.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

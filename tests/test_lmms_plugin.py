@@ -20,6 +20,8 @@ from conftest import image
 from analysis.lmms_model import LlavaAblate, pick_device
 from analysis.variant import Variant, resolve_variant
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -51,15 +53,6 @@ def _requests(lm, n: int = 5):
     # prompts of different lengths, so a batch is left-padded
     return [Request(d["question"] + " please" * (i % 3), dict(gen), lambda doc: [doc["image"]], i, "synth_docvqa",
                     "eval") for i, d in enumerate(docs)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module's generation (2 threads on a shared 2-core box thrash); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from analysis.ablation import ablate
 from analysis.lmms_model import LlavaAblate
 from analysis.video_input import Video, frame_count, read_video, sample_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def write_video(path, frames: np.ndarray, rate: int) -> str:
     """``frames`` (T, H, W, 3) uint8 as lossless H.264 RGB at ``rate`` frames per second."""
@@ -37,14 +39,6 @@ class Request:  # what lmms-eval hands a simple model: an object with .args
 
 def clip(seed: int, frames: int, height: int = 40, width: int = 56) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- sampling and decoding
@@ -110,9 +104,9 @@ def reference_batch(processor, kind: str, text: str, parts: list):
     clips = [part for part in parts if part[0] == "video"]
     kwargs = {}
     if clips:
-        kwargs = dict(videos=[frames[list(idx)] for _, frames, idx, _ in clips], do_sample_frames=False,
-                      video_metadata=[VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(idx))
-                                      for _, frames, idx, fps in clips])
+        kwargs = {"videos": [frames[list(idx)] for _, frames, idx, _ in clips], "do_sample_frames": False,
+                  "video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(idx))
+                                     for _, frames, idx, fps in clips]}
     return processor(text=[prompt], images=images or None, return_tensors="pt", padding=True, **kwargs)
 
 
