@@ -78,16 +78,22 @@ class Twin:
         """Reference answers; one unless the real benchmark has several per question."""
         return [scene.answer]
 
-    def sample(self, split: str, seed: int, index: int, image_size: int | None = None) -> dict:
-        """Sample ``index`` of ``split`` for ``seed``: id, image (PIL, ``image_size`` square, default the
-        twin's), question, answers, answer, cells (grid x grid characters, "" for none) and the twin's
-        ``fields``."""
+    def scene(self, split: str, seed: int, index: int) -> tuple[Scene, np.random.Generator]:
+        """The content of sample ``index`` of ``split`` for ``seed`` (composed again until its cells hash into
+        ``split``), and the generator that composed it, to draw it with."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = sample_rng(self.name, split, seed, index)
         scene = self.compose(rng)
         while split_of(self.name, scene.cells) != split:
             scene = self.compose(rng)
+        return scene, rng
+
+    def sample(self, split: str, seed: int, index: int, image_size: int | None = None) -> dict:
+        """Sample ``index`` of ``split`` for ``seed``: id, image (PIL, ``image_size`` square, default the
+        twin's), question, answers, answer, cells (grid x grid characters, "" for none) and the twin's
+        ``fields``."""
+        scene, rng = self.scene(split, seed, index)
         canvas = Canvas(image_size or self.image_size, rng, grid=self.grid)
         self.paint(scene, canvas)
         if canvas.cells != scene.cells:  # the cells are a training target: they must be exact
