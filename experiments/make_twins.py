@@ -2,6 +2,7 @@
 
     python experiments/make_twins.py                       # eval splits, 200 each, seed 1234
     python experiments/make_twins.py --splits train --n 20000 --seed 0
+    python experiments/make_twins.py --twins synth_video   # clips as data/twins/synth_video/videos/*.mp4
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from analysis import twins
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--twins", nargs="+", default=list(twins.TWINS), choices=list(twins.ALL_TWINS),
-                        help="default: the four 64 px twins; the synth_*_hr ones are 128 px")
+                        help="default: the four 64 px twins; the synth_*_hr ones are 128 px, synth_video is video")
     parser.add_argument("--splits", nargs="+", default=["eval"], choices=list(twins.SPLITS))
     parser.add_argument("--n", type=int, default=twins.EVAL_SIZE, help="samples per twin and split")
     parser.add_argument("--seed", type=int, default=twins.EVAL_SEED)

@@ -6,6 +6,9 @@ deterministic in (twin, split, seed, index), and the train / eval splits never s
 ``HR_TWINS`` are the same four drawn at 128 px on a 16 x 16 lattice of the same 8 px cells
 (``synth_<name>_hr``): legible to the tiny tower only in LLaVA-NeXT's 64 px AnyRes crops, not in
 the base crop (the picture shrunk to 64 px); ``TWINS`` stays the four 64 px ones.
+``VIDEO_TWINS`` holds ``synth_video`` (which characters appear, in order; ``video.py``): a clip of 64 px frames
+written as a lossless .mp4, for models that take ``videos=`` (Qwen-VL). It is in neither ``TWINS`` nor
+``HR_TWINS`` (what training iterates expects pictures); ``ALL_TWINS`` (``get``) knows all nine.
 Scoring goes through lmms-eval's own metric functions (``tasks/utils.py``).
 
     >>> docs = generate("synth_docvqa", "eval", n=4, seed=0)
@@ -24,10 +27,12 @@ from analysis.twins.chartqa import ChartQA, ChartQAHR
 from analysis.twins.docvqa import DocVQA, DocVQAHR
 from analysis.twins.ocrbench import OCRBench, OCRBenchHR
 from analysis.twins.textvqa import TextVQA, TextVQAHR
+from analysis.twins.video import Video
 
 TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQA(), DocVQA(), OCRBench(), ChartQA())}
 HR_TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQAHR(), DocVQAHR(), OCRBenchHR(), ChartQAHR())}
-ALL_TWINS: dict[str, Twin] = {**TWINS, **HR_TWINS}
+VIDEO_TWINS: dict[str, Twin] = {twin.name: twin for twin in (Video(),)}  # samples have frames, not an image
+ALL_TWINS: dict[str, Twin] = {**TWINS, **HR_TWINS, **VIDEO_TWINS}
 TASKS_DIR = Path(__file__).parent / "tasks"
 GROUP = "synth_finegrained"
 GROUP_HR = "synth_finegrained_hr"
@@ -51,6 +56,7 @@ __all__ = [
     "SPLITS",
     "TASKS_DIR",
     "TWINS",
+    "VIDEO_TWINS",
     "Scene",
     "Twin",
     "blank_image",
@@ -75,7 +81,8 @@ def generate(name: str, split: str, n: int, seed: int, image_size: int | None = 
     image_size square, default the twin's: 64, or 128 for ``_hr``), question, answers (list[str]),
     answer (canonical str), cells (grid x grid
     list of the character drawn in each cell, "" for none, BAR for a chart bar) and the twin's
-    own fields. Sample i is the same whatever ``n`` and ``start``."""
+    own fields; a video twin's have frames, fps and block_cells instead of image and cells
+    (``video.py``). Sample i is the same whatever ``n`` and ``start``."""
     twin = get(name)
     return [twin.sample(split, seed, i, image_size) for i in range(start, start + n)]
 
@@ -83,10 +90,11 @@ def generate(name: str, split: str, n: int, seed: int, image_size: int | None = 
 def write_split(name: str, split: str, n: int, seed: int, out_dir: str | Path = DATA_DIR,
                 image_size: int | None = None) -> Path:
     """Generate ``n`` samples and write them to ``out_dir/<name>/<split>.parquet``; returns the path.
-    Same arguments, same bytes."""
-    from analysis.twins.parquet import write_parquet
+    A video twin's clips go to ``out_dir/<name>/videos/<id>.mp4``, named by the rows. Same arguments, same bytes."""
+    from analysis.twins.parquet import write_parquet, write_video_parquet
 
-    return write_parquet(generate(name, split, n, seed, image_size), Path(out_dir) / name / f"{split}.parquet")
+    write = write_video_parquet if name in VIDEO_TWINS else write_parquet
+    return write(generate(name, split, n, seed, image_size), Path(out_dir) / name / f"{split}.parquet")
 
 
 def score(name: str, predictions: list[str], docs: list[dict]) -> float:
@@ -102,8 +110,8 @@ def score(name: str, predictions: list[str], docs: list[dict]) -> float:
 
 def ensure_eval_data(tasks) -> None:
     """Write the eval split of every twin among ``tasks`` whose parquet file is missing (a clean
-    checkout ships the 64 px ones; the ``_hr`` ones are written on first use), under a lock so that
-    parallel jobs write once."""
+    checkout ships the 64 px ones; the ``_hr`` ones and ``synth_video``'s clips are written on first use),
+    under a lock so that parallel jobs write once."""
     from analysis.results import file_lock
 
     groups = {GROUP: list(TWINS), GROUP_HR: list(HR_TWINS)}
