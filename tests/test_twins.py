@@ -146,7 +146,8 @@ def task_manager():
 def test_task_yamls_load_offline_and_score_through_process_results(task_manager):
     from lmms_eval.tasks import get_task_dict
 
-    assert set(task_manager.all_subtasks) == set(NAMES) | set(twins.HR_TWINS)  # the _hr ones: tests/test_twins_hr.py
+    # the _hr ones: tests/test_twins_hr.py; synth_video: tests/test_twin_video.py
+    assert set(task_manager.all_subtasks) == set(NAMES) | set(twins.HR_TWINS) | set(twins.VIDEO_TWINS)
     assert sorted(task_manager.all_groups) == sorted([twins.GROUP, twins.GROUP_HR])
     tasks = {name: task for name, task in get_task_dict(NAMES, task_manager).items()}
     for name, task in tasks.items():

@@ -2,7 +2,8 @@
 
 Scoring delegates to lmms-eval's own metric code for the real benchmarks, keeping only the
 metric each twin reports: TextVQA accuracy (its ``submission`` output writes files and is
-dropped), ANLS, OCRBench's containment test, ChartQA's relaxed accuracy. OCRBench's aggregator
+dropped), ANLS, OCRBench's containment test, ChartQA's relaxed accuracy; synth_video's exact
+match (ignoring case) is lmms-eval's ``exact_match_hf_evaluate``. OCRBench's aggregator
 is replaced: lmms-eval's divides by a fixed 1000 and accumulates in module state across runs.
 
 Imported by file path from the yamls (``!function utils.x``) and as
@@ -12,9 +13,10 @@ Imported by file path from the yamls (``!function utils.x``) and as
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from statistics import mean
 
-from lmms_eval.api.metrics import anls
+from lmms_eval.api.metrics import anls, exact_match_hf_evaluate
 from lmms_eval.tasks.chartqa.utils import chartqa_process_results
 from lmms_eval.tasks.ocrbench.utils import ocrbench_process_results
 from lmms_eval.tasks.textvqa.utils import textvqa_process_results
@@ -29,6 +31,16 @@ def twin_doc_to_visual(doc: dict) -> list[Image.Image]:
     if isinstance(image, bytes):
         image = Image.open(io.BytesIO(image))
     return [image.convert("RGB")]
+
+
+def video_doc_to_visual(doc: dict) -> list[str]:
+    """The sample's clip as a one-element list holding its .mp4's absolute path, as lmms-eval's video tasks
+    (VideoMME etc.) hand their videos to a model; ``doc["video"]`` is relative to data/twins/synth_video/."""
+    path = Path(__file__).resolve().parents[3] / "data" / "twins" / "synth_video" / doc["video"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; write synth_video's clips with "
+                                "`python experiments/make_twins.py --twins synth_video`")
+    return [str(path)]
 
 
 def twin_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
@@ -63,6 +75,13 @@ def chartqa_results(doc: dict, results: list[str]) -> dict:
     return {"relaxed_overall": chartqa_process_results(doc, results)["relaxed_overall"]}
 
 
+def video_results(doc: dict, results: list[str]) -> dict:
+    """{"exact_match": 0 or 1}: the prediction equals the answer, ignoring case and surrounding whitespace
+    (lmms-eval's ``exact_match_hf_evaluate``)."""
+    match = exact_match_hf_evaluate([results[0].strip()], [doc["answer"].strip()], ignore_case=True)
+    return {"exact_match": float(match["exact_match"])}
+
+
 # twin name -> (process_results, metric key, aggregation over that key's per-sample values)
 SCORING = {
     "synth_textvqa": (textvqa_results, "exact_match", mean),
@@ -72,3 +91,4 @@ SCORING = {
 }
 # The high-resolution twins (128 px, read through LLaVA-NeXT's AnyRes crops) score as their 64 px originals.
 SCORING.update({f"{name}_hr": scoring for name, scoring in list(SCORING.items())})
+SCORING["synth_video"] = (video_results, "exact_match", mean)
