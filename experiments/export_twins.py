@@ -19,8 +19,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, required=True, help="samples per twin (records: n x number of twins)")
     parser.add_argument("--split", default="train", choices=list(twins.SPLITS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--twins", nargs="+", default=list(twins.TWINS), choices=list(twins.ALL_TWINS),
-                        help="default: the four 64 px twins; the synth_*_hr ones are 128 px")
+    parser.add_argument("--twins", nargs="+", default=list(twins.TWINS), choices=[*twins.TWINS, *twins.HR_TWINS],
+                        help="default: the four 64 px twins; the synth_*_hr ones are 128 px (pictures only: "
+                             "the video twin has no LLaVA-format export)")
     parser.add_argument("--image-size", type=int, default=None, help="default: each twin's own (64, or 128 for _hr)")
     args = parser.parse_args()
     path = export_twins(args.out, args.n, args.split, args.seed, args.twins, args.image_size)

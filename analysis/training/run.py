@@ -58,6 +58,9 @@ def twin_names(cfg) -> list[str] | None:
                 .get(n, [n])]
     for name in expanded:
         twins.get(name)  # an unknown name is one line listing the known ones
+        if name in twins.VIDEO_TWINS:
+            raise ValueError(f"data.twins: {name} is a video twin; training reads pictures: use the twins of "
+                             f"twins.TWINS or twins.HR_TWINS ({twins.GROUP}, {twins.GROUP_HR})")
     if len({twins.get(n).image_size for n in expanded}) != 1:
         raise ValueError(f"data.twins mixes image sizes ({expanded}); train the 64 px and the 128 px twins apart")
     return expanded
