@@ -240,3 +240,12 @@ def test_task_runs_end_to_end_in_lmms_eval_with_a_path(task):
         results = simple_evaluate(model=Oracle(wrong), tasks=[NAME], task_manager=manager, limit=4,
                                   log_samples=False, bootstrap_iters=0)["results"]
         assert results[NAME]["exact_match,none"] == expected
+
+
+def test_eval_config_runs_the_video_task_with_its_metric():
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(REPO / "conf" / "eval" / "synthetic_video.yaml")
+    assert conf.name == "synthetic_video" and dict(conf.tasks) == {NAME: twins.get(NAME).metric}
+    assert (REPO / conf.include_path / f"{NAME}.yaml").is_file() and conf.include_defaults is False
+    assert conf.blind is False and conf.limit == 50
