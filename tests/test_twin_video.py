@@ -32,7 +32,8 @@ def decode(path) -> tuple[list[np.ndarray], list[float], float]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))
-        return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames], float(stream.average_rate)
+        rate = float(stream.average_rate)
+        return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames], rate
 
 
 def test_registry_keeps_video_out_of_the_picture_twins():
@@ -109,9 +110,11 @@ def test_written_split_decodes_bit_exact_at_2_fps_and_is_byte_identical(tmp_path
     assert [r["id"] for r in rows] == [s["id"] for s in samples]
     for row, sample in zip(rows, samples):
         assert row["video"] == f"videos/{sample['id']}.mp4" and "frames" not in row
-        assert (row["answer"], row["answers"], row["question"]) == (sample["answer"], sample["answers"], sample["question"])
+        keys = ("answer", "answers", "question")
+        assert [row[k] for k in keys] == [sample[k] for k in keys]
         assert (row["n_frames"], row["fps"]) == (sample["n_frames"], 2)
-        assert row["block_cells"] == [["".join(c or " " for c in line) for line in cells] for cells in sample["block_cells"]]
+        cells = [["".join(c or " " for c in line) for line in block] for block in sample["block_cells"]]
+        assert row["block_cells"] == cells
         frames, times, rate = decode(path.parent / row["video"])
         assert len(frames) == sample["n_frames"] and all((f == p).all() for f, p in zip(frames, pixels(sample)))
         assert rate == 2.0 and times == [i / 2 for i in range(sample["n_frames"])]
@@ -158,7 +161,8 @@ def test_eval_rows_resolve_to_the_generated_clips(eval_rows):
 def test_missing_clip_names_the_file_and_the_command_that_writes_it():
     from analysis.twins.tasks.utils import video_doc_to_visual
 
-    with pytest.raises(FileNotFoundError, match=r"videos/nope\.mp4.*python experiments/make_twins\.py --twins synth_video"):
+    command = r"`python experiments/make_twins\.py --twins synth_video`"
+    with pytest.raises(FileNotFoundError, match=rf"videos/nope\.mp4.*{command}"):
         video_doc_to_visual({"video": "videos/nope.mp4"})
 
 

@@ -17,7 +17,8 @@ CODEC = "libx264rgb"
 
 
 def write_mp4(frames: list[Image.Image], path: str | Path, fps: int) -> Path:
-    """Write ``frames`` (PIL RGB, all one size) to ``path`` as a lossless H.264 RGB .mp4 at ``fps``; returns the path."""
+    """Write ``frames`` (PIL RGB, all one size) to ``path`` as a lossless H.264 RGB .mp4 at ``fps``; returns
+    the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = frames[0].size
