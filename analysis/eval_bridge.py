@@ -192,14 +192,14 @@ def agreement(samples: list[dict], reference: list[dict]) -> float | None:
 
 def twin_prompt_shapes(lm, tasks, limit: int | None) -> list[dict]:
     """The prompt shapes (token masks and crops, as :func:`score_variant` records them for FLOPs) of the first
-    ``limit`` eval samples of each synthetic twin in ``tasks``, without generating: what an evaluation of
-    those samples counts."""
+    ``limit`` eval docs of each synthetic twin in ``tasks`` (pictures or clips), without generating: what an
+    evaluation of those docs counts."""
     from . import twins
-    from .twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
+    from .twins.tasks.utils import twin_doc_to_text
 
     lm.prompt_shapes.clear()
     for name in tasks:
-        for doc in twins.generate(name, "eval", limit or twins.EVAL_SIZE, twins.EVAL_SEED):
-            images = twin_doc_to_visual(doc)
-            lm._record_prompt_shapes(lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images]))
+        for doc in twins.eval_docs(name, limit or twins.EVAL_SIZE):
+            visuals = lm._visuals(twins.doc_to_visual(name), doc)
+            lm._record_prompt_shapes(lm.encode([lm._prompt(twin_doc_to_text(doc), visuals)], [visuals]))
     return list(lm.prompt_shapes)

@@ -392,6 +392,7 @@ class LlavaAblate(lmms):
                 visuals = [self._visuals(fn, self.task_dict[t][s][i])
                            for fn, i, t, s in zip(doc_to_visual, doc_ids, tasks, splits)]
             except (ValueError, TypeError, OSError) as error:
+                bar.close()
                 if self.cli:  # lmms-eval's CLI prints a traceback for an Exception and exits 0
                     raise SystemExit(_one_line(error)) from None
                 raise  # the runner records it as the run's error

@@ -209,6 +209,22 @@ def test_lmms_eval_cli_bad_model_args_is_one_line_and_fails(checkpoint, tmp_path
 
 
 @pytest.mark.slow
+def test_lmms_eval_cli_refuses_a_video_task_on_llava_in_one_line(checkpoint, tmp_path):
+    """A LLaVA checkpoint on a video task (synth_video hands the model .mp4 paths): one line and a non-zero exit,
+    not lmms-eval's traceback and exit 0."""
+    twins.ensure_eval_data(["synth_video"])
+    cli = Path(sys.executable).with_name("lmms-eval")
+    out = subprocess.run([str(cli), "--model", "llava_ablate", "--model_args", f"pretrained={checkpoint}", "--tasks",
+                          "synth_video", "--include_path", str(twins.TASKS_DIR), "--limit", "1",
+                          "--output_path", str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and last.startswith("llava_ablate: this task gives videos (") and \
+        last.endswith("llava checkpoints take images only (videos run on Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints)")
+
+
+@pytest.mark.slow
 def test_data_parallel_under_torchrun(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval",
                           "--model", "llava_ablate", "--model_args", f"pretrained={checkpoint},op=drop_v2t,start_layer=4",

@@ -42,6 +42,46 @@ def _compose(*overrides: str):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def run_runner(tmp_path, *args: str, name: str = "tiny-qwen") -> None:
+    """`experiments/run.py <args>` on the tiny fixture's settings, into tmp_path/runs/<name>; asserts it exits 0."""
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), *args, *TINY_PIXELS, f"run.runs_dir={tmp_path / 'runs'}",
+           f"run.reports_dir={tmp_path / 'reports'}", f"run.sweep_name={name}", "eval.limit=2", "run.threads=1",
+           "run.progress=false", "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def assert_flops_of_evaluated_prompts(record: dict, lm, tasks, n: int) -> None:
+    """The record's FLOPs == the mean analytic count of the prompts it evaluated: each task's first ``n`` docs as
+    lmms-eval reads them (pictures or clips), encoded by the plugin and counted from the batch itself through the
+    FLOPs package's Qwen-VL path (layout, grids, tower, merger; ProxyV's plan from the batch), with the run's own
+    (the checkpoint's) config."""
+    from analysis.flops import PrefillTokens, count_flops
+    from analysis.proxyv import proxyv_shapes
+    from analysis.twins import doc_to_visual, eval_docs
+    from analysis.twins.tasks.utils import twin_doc_to_text
+    from analysis.variant import Variant
+
+    config = lm.model.config
+    variant = Variant.from_record(record["variant"])
+    reports = []
+    for task in tasks:
+        for doc in eval_docs(task, n):
+            visuals = lm._visuals(doc_to_visual(task), doc)
+            batch = lm.encode([lm._prompt(twin_doc_to_text(doc), visuals)], [visuals])
+            options = {}
+            if variant.family == "proxyv":
+                options["shapes"] = proxyv_shapes(config, batch["input_ids"], batch["attention_mask"],
+                                                  image_grid_thw=batch.get("image_grid_thw"),
+                                                  video_grid_thw=batch.get("video_grid_thw"))
+            reports.append(count_flops(config, PrefillTokens.from_batch(batch, config), variant, lm_head="last",
+                                       **options))
+    for key in ("total", "baseline", "theoretical", "lm_head", "vision"):
+        expected = sum(getattr(r, key) for r in reports) / len(reports)
+        assert record["flops"][key] == pytest.approx(expected, rel=1e-12), key
+    assert record["flops"]["vision"] > 0 and set(record["flops"]["vision_parts"]) >= {"tower", "merger"}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return tiny_qwen.save_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl", "qwen2_5_vl", seed=0)
@@ -157,6 +197,30 @@ def test_plugin_loads_a_qwen_checkpoint_and_answers(kind, checkpoint, tmp_path):
     assert batched == [lm._generate([p], [ims], {"until": ["\n\n"]})[0] for p, ims in zip(prompts, images)]
 
 
+def test_prompt_shapes_without_generating_equal_an_evaluations(checkpoint):
+    """eval_bridge.twin_prompt_shapes (what experiments/match_flops.py counts: no generation) records, for a picture
+    twin and the video twin, the shapes an evaluation of the same docs records while generating."""
+    from analysis import twins
+    from analysis.eval_bridge import twin_prompt_shapes
+    from analysis.lmms_model import LlavaAblate
+
+    lm = LlavaAblate(str(checkpoint), progress=False, batch_size=1, max_new_tokens=1, min_pixels=256, max_pixels=4096)
+    tasks = ["synth_ocrbench", "synth_video"]
+    lm.task_dict = {task: {"eval": twins.eval_docs(task, 2)} for task in tasks}
+    requests = [Request(doc["question"], {"max_new_tokens": 1}, twins.doc_to_visual(task), i, task, "eval")
+                for task in tasks for i, doc in enumerate(lm.task_dict[task]["eval"])]
+    lm.generate_until(requests)
+    evaluated = sorted(lm.prompt_shapes, key=lambda shape: shape["mask"])
+    counted = sorted(twin_prompt_shapes(lm, tasks, 2), key=lambda shape: shape["mask"])
+    assert len(counted) == 4 and counted == evaluated
+    assert sorted(shape["vision_grids"][0][0] > 1 for shape in counted) == [False, False, True, True]  # 2 clips
+
+
+class Request:  # what lmms-eval hands a simple model: an object with .args
+    def __init__(self, *args):
+        self.args = args
+
+
 # ----------------------------------------------------------------------------- the runner, end to end
 
 @pytest.mark.slow
@@ -164,93 +228,90 @@ def test_runner_sweep_on_tiny_qwen(checkpoint, tmp_path):
     """`experiments/run.py -m model=qwen2.5-vl-3b model.pretrained=<tiny> op=none,skip_ffn,fastv start_layer=1`, then
     `op=pdrop op.layers=[1,2]` into the same runs: a baseline, an operator, FastV and PyramidDrop through the four
     synthetic twins (2 samples each), records, FLOPs, report."""
-    from analysis.flops import PrefillTokens, count_flops
     from analysis.lmms_model import LlavaAblate
-    from analysis.twins import EVAL_SEED, generate
-    from analysis.twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
-    from analysis.variant import Variant
 
-    runs = tmp_path / "runs"
-    common = ["model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", *TINY_PIXELS, f"run.runs_dir={runs}",
-              f"run.reports_dir={tmp_path / 'reports'}", "run.sweep_name=tiny-qwen", "eval.limit=2", "run.threads=1",
-              "run.progress=false", "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
-    for sweep_args in (["op=none,skip_ffn,fastv", "start_layer=1"], ["op=pdrop", "op.layers=[1,2]"]):
-        cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", *sweep_args, *common]
-        out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    paths = sorted((runs / "tiny-qwen").glob("*/result.json"))
+    common = ["model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}"]
+    run_runner(tmp_path, "-m", "op=none,skip_ffn,fastv", "start_layer=1", *common)
+    run_runner(tmp_path, "-m", "op=pdrop", "op.layers=[1,2]", *common)
+    paths = sorted((tmp_path / "runs" / "tiny-qwen").glob("*/result.json"))
     records = {p.parent: json.loads(p.read_text()) for p in paths}
     labels = sorted(r["variant"]["label"] for r in records.values())
     assert labels == ["fastv L1–3 (keep=0.5)", "none", "pdrop L1–3 (keep=0.5, positions=original)",
                       "skip_ffn L1–3"], labels
     lm = LlavaAblate(str(checkpoint), progress=False, min_pixels=256, max_pixels=4096)
-    config = lm.model.config
     for run_dir, record in records.items():
         assert record["status"] == "ok" and record["model"] == "qwen2.5-vl-3b" and record["num_layers"] == 3
         assert record["n_samples"] == 8 and record["n_per_task"] == dict.fromkeys(TASKS, 2)
         assert set(record["scores"]) == set(TASKS) and record["latency_ms"] > 0
         samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         assert len(samples) == 8 and {s["task"] for s in samples} == set(TASKS)
-        # FLOPs == the analytic count of each evaluated prompt (its batch through the FLOPs package's own
-        # Qwen-VL path: layout, grids, tower, merger), with the run's own (the checkpoint's) config
-        variant = Variant.from_record(record["variant"])
-        reports = []
-        for task in TASKS:
-            for doc in generate(task, "eval", 2, EVAL_SEED):
-                images = twin_doc_to_visual(doc)
-                batch = lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images])
-                reports.append(count_flops(config, PrefillTokens.from_batch(batch, config), variant, lm_head="last"))
-        flops = record["flops"]
-        for key in ("total", "baseline", "theoretical", "lm_head", "vision"):
-            expected = sum(getattr(r, key) for r in reports) / len(reports)
-            assert flops[key] == pytest.approx(expected, rel=1e-12), key
-        assert flops["vision"] > 0 and set(flops["vision_parts"]) >= {"tower", "merger"}
-        assert (flops["reduction"] > 0) == (record["op"] != "none")
+        assert_flops_of_evaluated_prompts(record, lm, TASKS, 2)
+        assert (record["flops"]["reduction"] > 0) == (record["op"] != "none")
     report = (tmp_path / "reports" / "tiny-qwen" / "report.md").read_text()
     assert "skip_ffn" in report and "fastv L1–3 (keep=0.5)" in report and "pdrop L1–3 (keep=0.5, positions=original)" in report
 
 
-@pytest.mark.slow
-def test_runner_on_a_tiny_qwen_proxyv_checkpoint(checkpoint, tmp_path):
-    """A ProxyV Qwen2.5-VL checkpoint (spatial proxies from layer 1, f = 2, saved with save_pretrained) through
-    `experiments/run.py model.pretrained=<tiny> +model.proxyv={1: <it>} op=proxyv start_layer=1`: a record whose FLOPs equal the analytic count of every
-    evaluated prompt (ProxyV's shapes from the batch's own plan), and the plugin's answers equal a fresh load's."""
+def save_proxyv_checkpoint(checkpoint: Path, path: Path) -> Path:
+    """A ProxyV Qwen2.5-VL checkpoint of the tiny fixture (spatial proxies from layer 1, f = 2) with its processor."""
     from transformers import AutoProcessor
 
-    from analysis.flops import PrefillTokens, count_flops
-    from analysis.lmms_model import LlavaAblate
-    from analysis.proxyv import apply_proxyv, proxyv_shapes
-    from analysis.twins import EVAL_SEED, generate
-    from analysis.twins.tasks.utils import twin_doc_to_text, twin_doc_to_visual
-    from analysis.variant import Variant
+    from analysis.proxyv import apply_proxyv
 
-    path = tmp_path / "tiny-qwen-proxyv"
     apply_proxyv(tiny_qwen.build_model("qwen2_5_vl", seed=0), 1, 2, seed=0).save_pretrained(path)
     AutoProcessor.from_pretrained(checkpoint).save_pretrained(path)
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}",
-           f"+model.proxyv={{1:'{path}'}}", "op=proxyv", "start_layer=1", "op.reduce_factor=2", *TINY_PIXELS, f"run.runs_dir={runs}", f"run.reports_dir={tmp_path / 'reports'}",
-           "run.sweep_name=tiny-qwen-proxyv", "eval.limit=2", "run.threads=1", "run.progress=false",
-           "run.latency_prompts=1", "run.latency_repeats=2", "run.latency_warmup=1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    (record,) = [json.loads(p.read_text()) for p in (runs / "tiny-qwen-proxyv").glob("*/result.json")]
+    return path
+
+
+@pytest.mark.slow
+def test_runner_on_a_tiny_qwen_proxyv_checkpoint(checkpoint, tmp_path):
+    """A ProxyV Qwen2.5-VL checkpoint through `experiments/run.py model.pretrained=<tiny> +model.proxyv={1: <it>}
+    op=proxyv start_layer=1`: a record whose FLOPs equal the analytic count of every evaluated prompt (ProxyV's
+    shapes from the batch's own plan)."""
+    from analysis.lmms_model import LlavaAblate
+
+    path = save_proxyv_checkpoint(checkpoint, tmp_path / "tiny-qwen-proxyv")
+    run_runner(tmp_path, "model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"+model.proxyv={{1:'{path}'}}",
+               "op=proxyv", "start_layer=1", "op.reduce_factor=2", name="tiny-qwen-proxyv")
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "tiny-qwen-proxyv").glob("*/result.json")]
     assert record["status"] == "ok" and record["variant"]["family"] == "proxyv" and record["n_samples"] == 8
-    lm = LlavaAblate(str(path), progress=False, min_pixels=256, max_pixels=4096)
-    config = lm.model.config
-    variant = Variant.from_record(record["variant"])
-    reports = []
-    for task in TASKS:
-        for doc in generate(task, "eval", 2, EVAL_SEED):
-            images = twin_doc_to_visual(doc)
-            batch = lm.encode([lm._prompt(twin_doc_to_text(doc), len(images))], [images])
-            shapes = proxyv_shapes(config, batch["input_ids"], batch["attention_mask"],
-                                   image_grid_thw=batch["image_grid_thw"])
-            reports.append(count_flops(config, PrefillTokens.from_batch(batch, config), variant, lm_head="last",
-                                       shapes=shapes))
-    for key in ("total", "baseline", "theoretical", "lm_head", "vision"):
-        expected = sum(getattr(r, key) for r in reports) / len(reports)
-        assert record["flops"][key] == pytest.approx(expected, rel=1e-12), key
+    assert_flops_of_evaluated_prompts(record, LlavaAblate(str(path), progress=False, min_pixels=256, max_pixels=4096),
+                                      TASKS, 2)
+
+
+@pytest.mark.slow
+def test_runner_on_the_video_twin(checkpoint, tmp_path):
+    """Video through the runner: `eval=synthetic_video` (synth_video's .mp4 clips, decoded and sampled by the plugin)
+    with the baseline, an operator, FastV and PyramidDrop, and a ProxyV checkpoint (proxies per temporal block):
+    records with n = 2, every sample a video prompt, FLOPs equal to the analytic count of every evaluated clip (the
+    tower on (t, h, w) grids with t = the clip's blocks), and the report."""
+    from analysis.lmms_model import LlavaAblate
+    from analysis.twins import doc_to_visual, eval_docs
+
+    common = ["model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", "eval=synthetic_video"]
+    run_runner(tmp_path, "-m", "op=none,skip_attn_ffn,fastv", "start_layer=1", *common, name="video")
+    run_runner(tmp_path, "-m", "op=pdrop", "op.layers=[1,2]", *common, name="video")
+    path = save_proxyv_checkpoint(checkpoint, tmp_path / "tiny-qwen-proxyv")
+    run_runner(tmp_path, *common, f"+model.proxyv={{1:'{path}'}}", "op=proxyv", "start_layer=1", "op.reduce_factor=2",
+               name="video")
+    records = {p.parent: json.loads(p.read_text()) for p in (tmp_path / "runs" / "video").glob("*/result.json")}
+    assert sorted(r["variant"]["method"] for r in records.values()) == ["fastv", "none", "pdrop", "proxyv",
+                                                                      "skip_attn_ffn"]
+    base = LlavaAblate(str(checkpoint), progress=False, min_pixels=256, max_pixels=4096)
+    proxyv = LlavaAblate(str(path), progress=False, min_pixels=256, max_pixels=4096)
+    for run_dir, record in records.items():
+        assert record["status"] == "ok" and record["n_per_task"] == {"synth_video": 2}
+        assert set(record["scores"]) == {"synth_video"}
+        samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 2 and {s["task"] for s in samples} == {"synth_video"}
+        lm = proxyv if record["variant"]["family"] == "proxyv" else base
+        assert_flops_of_evaluated_prompts(record, lm, ["synth_video"], 2)
+    for doc in eval_docs("synth_video", 2):  # every frame of a 2 fps clip sampled: one temporal block per character
+        (video,) = base._visuals(doc_to_visual("synth_video"), doc)
+        assert len(video.frames) == 2 * len(doc["answer"]) and video.indices == tuple(range(len(video.frames)))
+        batch = base.encode([base._prompt(doc["question"], [video])], [[video]])
+        assert batch["video_grid_thw"].tolist() == [[len(doc["answer"]), 16, 16]]  # 64 px frames, 4 px patches
+    report = (tmp_path / "reports" / "video" / "report.md").read_text()
+    assert "synth_video" in report and "proxyv" in report
 
 
 @pytest.mark.slow
@@ -261,16 +322,19 @@ def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
     from analysis.lmms_model import LlavaAblate
 
     path = tiny_qwen.save_checkpoint(tmp_path / "ckpt", "qwen3_vl", seed=0)
-    cli = [str(Path(sys.executable).with_name("lmms-eval")), "--model", "llava_ablate", "--tasks", "synth_ocrbench",
-           "--include_path", str(twins.TASKS_DIR), "--batch_size", "2", "--log_samples"]
-    args = f"pretrained={path},op=skip_attn,start_layer=1,min_pixels=256,max_pixels=4096"
+    twins.ensure_eval_data(["synth_video"])
+    cli = [str(Path(sys.executable).with_name("lmms-eval")), "--model", "llava_ablate", "--tasks",
+           "synth_ocrbench,synth_video", "--include_path", str(twins.TASKS_DIR), "--batch_size", "2", "--log_samples"]
+    args = f"pretrained={path},op=skip_attn,start_layer=1,min_pixels=256,max_pixels=4096,fps=2,max_num_frames=8"
     out = subprocess.run([*cli, "--model_args", args, "--limit", "3", "--output_path", str(tmp_path / "out")],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = (tmp_path / "out").rglob("*_results.json")
-    assert "ocrbench_accuracy,none" in json.loads(result.read_text())["results"]["synth_ocrbench"]
-    (samples,) = (tmp_path / "out").rglob("*_samples_synth_ocrbench.jsonl")
-    assert len(samples.read_text().splitlines()) == 3
+    results = json.loads(result.read_text())["results"]
+    assert "ocrbench_accuracy,none" in results["synth_ocrbench"] and "exact_match,none" in results["synth_video"]
+    for task in ("synth_ocrbench", "synth_video"):  # a picture task and a video task (Qwen3-VL: timestamped blocks)
+        (samples,) = (tmp_path / "out").rglob(f"*_samples_{task}.jsonl")
+        assert len(samples.read_text().splitlines()) == 3
     # a refused op: the one line the CLI prints (LlavaAblate.create_from_arg_string is what the CLI calls), in process
     with pytest.raises(SystemExit, match="^llava_ablate: op=visionzip is not supported on Qwen-VL models") as error:
         LlavaAblate.create_from_arg_string(f"pretrained={path},op=visionzip")

@@ -27,11 +27,11 @@ from analysis.twins.chartqa import ChartQA, ChartQAHR
 from analysis.twins.docvqa import DocVQA, DocVQAHR
 from analysis.twins.ocrbench import OCRBench, OCRBenchHR
 from analysis.twins.textvqa import TextVQA, TextVQAHR
-from analysis.twins.video import Video
+from analysis.twins.video import VideoOrder
 
 TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQA(), DocVQA(), OCRBench(), ChartQA())}
 HR_TWINS: dict[str, Twin] = {twin.name: twin for twin in (TextVQAHR(), DocVQAHR(), OCRBenchHR(), ChartQAHR())}
-VIDEO_TWINS: dict[str, Twin] = {twin.name: twin for twin in (Video(),)}  # samples have frames, not an image
+VIDEO_TWINS: dict[str, Twin] = {twin.name: twin for twin in (VideoOrder(),)}  # samples have frames, not an image
 ALL_TWINS: dict[str, Twin] = {**TWINS, **HR_TWINS, **VIDEO_TWINS}
 TASKS_DIR = Path(__file__).parent / "tasks"
 GROUP = "synth_finegrained"
@@ -60,6 +60,8 @@ __all__ = [
     "Scene",
     "Twin",
     "blank_image",
+    "doc_to_visual",
+    "eval_docs",
     "generate",
     "get",
     "score",
@@ -95,6 +97,24 @@ def write_split(name: str, split: str, n: int, seed: int, out_dir: str | Path = 
 
     write = write_video_parquet if name in VIDEO_TWINS else write_parquet
     return write(generate(name, split, n, seed, image_size), Path(out_dir) / name / f"{split}.parquet")
+
+
+def eval_docs(name: str, n: int | None = None) -> list[dict]:
+    """The first ``n`` (None: all) docs of the twin's eval split as its lmms-eval task reads them: the rows of
+    ``data/twins/<name>/eval.parquet`` (written first if missing); pictures as HF image dicts, clips as ``video``
+    paths relative to the twin's folder."""
+    import pyarrow.parquet as pq
+
+    ensure_eval_data([name])
+    table = pq.read_table(DATA_DIR / get(name).name / "eval.parquet")
+    return table.slice(0, table.num_rows if n is None else n).to_pylist()
+
+
+def doc_to_visual(name: str):
+    """The twin's lmms-eval ``doc_to_visual``: ``[image]`` for a picture twin, ``[clip path]`` for a video twin."""
+    from analysis.twins.tasks.utils import twin_doc_to_visual, video_doc_to_visual
+
+    return video_doc_to_visual if get(name).name in VIDEO_TWINS else twin_doc_to_visual
 
 
 def score(name: str, predictions: list[str], docs: list[dict]) -> float:

@@ -39,7 +39,7 @@ def stack(block_cells: list[list[list[str]]]) -> list[list[str]]:
 
 
 @dataclass
-class Video(Twin):
+class VideoOrder(Twin):
     """``length`` characters, one per block of ``BLOCK`` frames, each alone at its own random cell."""
 
     length: tuple[int, int] = (3, 5)  # inclusive
