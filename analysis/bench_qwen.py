@@ -14,18 +14,25 @@ import torch
 from .ablation import ablate
 from .bench import load_note
 from .flops import PrefillTokens, count_flops, load_config
+from .layout_qwen import QWEN_VL_MODEL_TYPES
 from .models import vlm_generation_class
 from .proxyv import apply_proxyv, proxyv_shapes
 
 OPS = ("skip_attn", "skip_ffn", "skip_attn_ffn")
+# Tokens of a Qwen3-VL timestamp "<4.5 seconds>": "<", "4", ".", "5", " seconds", ">" by the Qwen pre-tokenizer's
+# one-digit split (one more from 10 s on); a stated constant, not checked against the real tokenizer (offline here).
+STAMP_TOKENS = 6
 
 
 def build_config(args):
+    """The shipped config, cut to ``--layers`` / ``--width`` / ``--vision-depth``. Qwen3-VL's DeepStack taps spread
+    over a shorter tower as over the full one (tap i of ``depth`` blocks becomes i * vision_depth // depth), so the
+    toy keeps their number; a tower too shallow for distinct taps is a ValueError."""
     config = load_config(args.config)
-    if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+    if config.model_type not in QWEN_VL_MODEL_TYPES:
         raise ValueError(f"--config {args.config} is {config.model_type}; this benchmark builds Qwen2-VL / "
-                         "Qwen2.5-VL prompts (Qwen3-VL videos need timestamp text between blocks)")
-    text = config.text_config
+                         "Qwen2.5-VL / Qwen3-VL video prompts")
+    text, vision = config.text_config, config.vision_config
     if args.layers:
         text.num_hidden_layers = args.layers
         if hasattr(text, "max_window_layers"):
@@ -37,15 +44,34 @@ def build_config(args):
         text.num_attention_heads = args.width // head
         text.num_key_value_heads = min(text.num_key_value_heads, text.num_attention_heads)
         text.hidden_size, text.intermediate_size = args.width, 4 * args.width
-        config.vision_config.out_hidden_size = args.width
+        vision.out_hidden_size = args.width
     if args.vision_depth:
-        config.vision_config.depth = args.vision_depth
-        config.vision_config.fullatt_block_indexes = [args.vision_depth - 1]
+        depth, vision.depth = vision.depth, args.vision_depth
+        if config.model_type != "qwen3_vl":
+            vision.fullatt_block_indexes = [args.vision_depth - 1]
+        else:
+            taps = [i * args.vision_depth // depth for i in vision.deepstack_visual_indexes]
+            if len(set(taps)) < len(taps):
+                raise ValueError(f"--vision-depth {args.vision_depth} is too shallow for the config's DeepStack taps "
+                                 f"{vision.deepstack_visual_indexes} of {depth} blocks (they become {taps})")
+            vision.deepstack_visual_indexes = taps
     return config
 
 
-def build_batch(config, args):
-    """One prompt: text, <|vision_start|>, the video's tokens, <|vision_end|>, text; its pixels are random."""
+def video_ids(config, blocks: int, per_block: int, stamp_tokens: int, filler: int) -> list[int]:
+    """The video's tokens as the processor writes them. Qwen2(.5)-VL: ``<|vision_start|>``, all blocks' pads,
+    ``<|vision_end|>``. Qwen3-VL (transformers 5.x): inside the chat template's outer start ... end, per block its
+    timestamp ``<x.x seconds>`` (``stamp_tokens`` ``filler`` ids), ``<|vision_start|>``, pads, ``<|vision_end|>``."""
+    start, end, pad = config.vision_start_token_id, config.vision_end_token_id, config.video_token_id
+    if config.model_type != "qwen3_vl":
+        return [start] + [pad] * (blocks * per_block) + [end]
+    block = [filler] * stamp_tokens + [start] + [pad] * per_block + [end]
+    return [start] + block * blocks + [end]
+
+
+def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
+    """One prompt: text, the video (:func:`video_ids`), text; its pixels are random. Text and timestamps are
+    ordinary ids: FLOPs are counted from this batch, so they count exactly the tokens it holds."""
     vision = config.vision_config
     merge = vision.spatial_merge_size
     if args.side % merge:
@@ -53,20 +79,19 @@ def build_batch(config, args):
     n_vision = args.blocks * (args.side // merge) ** 2
     half = args.text // 2
     filler = 1000  # any ordinary token id
-    ids = [filler] * half + [config.vision_start_token_id] + [config.video_token_id] * n_vision
-    ids += [config.vision_end_token_id] + [filler] * (args.text - half)
+    ids = [filler] * half + video_ids(config, args.blocks, n_vision // args.blocks, stamp_tokens, filler)
+    ids += [filler] * (args.text - half)
     input_ids = torch.tensor([ids])
     patches = args.blocks * args.side * args.side
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     generator = torch.Generator().manual_seed(0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_token_type_ids": (input_ids == config.video_token_id).long() * 2,
-        "pixel_values_videos": torch.randn(patches, width, generator=generator),
-        "video_grid_thw": torch.tensor([[args.blocks, args.side, args.side]]),
-        "second_per_grid_ts": torch.tensor([1.0]),
-    }, n_vision
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "mm_token_type_ids": (input_ids == config.video_token_id).long() * 2,
+             "pixel_values_videos": torch.randn(patches, width, generator=generator),
+             "video_grid_thw": torch.tensor([[args.blocks, args.side, args.side]])}
+    if config.model_type != "qwen3_vl":  # Qwen3-VL dates its blocks by the timestamp text instead
+        batch["second_per_grid_ts"] = torch.tensor([1.0])
+    return batch, n_vision
 
 
 def synchronize(device: str) -> None:
@@ -200,6 +225,8 @@ def run(args) -> tuple[dict, list[dict]]:
             "proxies": int(shapes.proxies), "start_layer": L, "reduce_factor": args.reduce_factor,
             "dtype": args.dtype, "attn": args.attn, "device": device, "repeats": args.repeats,
             "torch": torch.__version__, "baseline_s": base_time}
+    if config.model_type == "qwen3_vl":  # how its prompt was built: tokens per timestamp
+        meta["stamp_tokens"] = STAMP_TOKENS
     return meta, rows
 
 
