@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from argparse import Namespace
 
+import numpy as np
 import pytest
+import torch
+from transformers.video_utils import VideoMetadata
 
-from analysis.bench_qwen import run, table
+from analysis import tiny_qwen
+from analysis.bench_qwen import STAMP_TOKENS, build_batch, build_config, run, table
+from analysis.flops import PrefillTokens, count_flops
+from analysis.layout_qwen import layout_of_batch
 
 
 def options(**over):
@@ -32,8 +38,74 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     assert "proxyv-L1" in table(meta, rows)
 
 
+def qwen3(**over):
+    """A toy Qwen3-VL-8B: 4 layers, 3 tower blocks (DeepStack taps 8, 16, 24 of 27 become 0, 1, 2), ProxyV at 3."""
+    return options(**{**dict(config="qwen3-vl-8b", layers=4, vision_depth=3, blocks=3, start_layer=3), **over})
+
+
+def test_qwen3_every_variant_runs_and_the_prompt_holds_the_timestamps():
+    meta, rows = run(qwen3())
+    assert [r["variant"] for r in rows] == ["none", "skip_attn-L3", "skip_ffn-L3", "skip_attn_ffn-L3", "proxyv-L3"]
+    # 3 blocks of 4x4 merged tokens; per block a 6-token timestamp, <|vision_start|>, <|vision_end|>; the outer
+    # <|vision_start|> / <|vision_end|> of the chat template; 8 text tokens
+    assert meta["vision_tokens"] == 3 * 16 and meta["prompt_tokens"] == 8 + 2 + 3 * (6 + 2) + 3 * 16
+    assert meta["stamp_tokens"] == STAMP_TOKENS == 6 and meta["proxies"] == 3
+    config = build_config(qwen3())
+    assert config.vision_config.deepstack_visual_indexes == [0, 1, 2]
+    batch, _ = build_batch(config, qwen3())
+    assert "second_per_grid_ts" not in batch
+    assert torch.equal(batch["mm_token_type_ids"] == 2, batch["input_ids"] == config.video_token_id)
+    tokens = PrefillTokens.from_batch(batch, config)
+    by = {r["variant"]: r for r in rows}
+    for name, op in (("none", "none"), ("skip_attn-L3", "skip_attn"), ("skip_ffn-L3", "skip_ffn"),
+                     ("skip_attn_ffn-L3", "skip_attn_ffn")):
+        report = count_flops(config, tokens, op, start_layer=3, lm_head="last")
+        assert by[name]["flops"] == report.total + report.lm_head + report.vision
+        assert by[name]["decoder_flops"] == report.total
+    # the timestamps and per-block start / end tokens are counted: the same prompt, counted from its token numbers
+    counts = PrefillTokens.from_qwen_counts(config, video_grids=[(3, 8, 8)], text_tokens=8 + 2 + 3 * (6 + 2))
+    assert by["none"]["decoder_flops"] == count_flops(config, counts, lm_head="last").total
+    assert 0 < by["proxyv-L3"]["decoder_flops_saved"] < 1
+
+
+def _classes(input_ids, config):
+    """Each token as pad / start / end / other, from the first <|vision_start|> to the last <|vision_end|>."""
+    names = {config.video_token_id: "pad", config.vision_start_token_id: "start", config.vision_end_token_id: "end"}
+    ids = input_ids[0].tolist()
+    first = ids.index(config.vision_start_token_id)
+    last = len(ids) - ids[::-1].index(config.vision_end_token_id)
+    return [names.get(i, "other") for i in ids[first:last]]
+
+
+def test_qwen3_video_is_laid_out_as_the_real_processor_lays_it_out():
+    """The tiny Qwen3-VL processor on 6 frames of 32x32 px: 3 blocks of 8x8 patches (4 px), as --blocks 3 --side 8.
+    Its tokenizer spells a timestamp by characters, so the bench batch is built with that many stamp tokens."""
+    processor = tiny_qwen.build_processor("qwen3_vl")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                             "text": "hi"}]}],
+                                           add_generation_prompt=True)
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=6, fps=2.0, frames_indices=list(range(6)))
+    real = processor(text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                     return_tensors="pt")
+    real_config = tiny_qwen.build_config("qwen3_vl")
+    config = build_config(qwen3())
+    batch, _ = build_batch(config, qwen3(), stamp_tokens=len("<0.2 seconds>"))
+    assert batch["video_grid_thw"].tolist() == real["video_grid_thw"].tolist() == [[3, 8, 8]]
+    assert _classes(batch["input_ids"], config) == _classes(real["input_ids"], real_config)
+    ours, theirs = (layout_of_batch(b, c).samples[0].videos[0] for b, c in ((batch, config), (real, real_config)))
+    offset = ours.start - theirs.start
+    assert [(a - offset, b - offset) for a, b in ours.block_spans] == list(theirs.block_spans)
+    assert len(theirs.block_spans) == 3 and not ours.contiguous
+
+
 def test_bad_options_are_one_line():
-    with pytest.raises(ValueError, match="^--config qwen3-vl-8b is qwen3_vl; this benchmark builds Qwen2-VL"):
-        run(options(config="qwen3-vl-8b"))
+    with pytest.raises(ValueError, match="^--config llava-1.5-7b is llava; this benchmark builds Qwen2-VL"):
+        run(options(config="llava-1.5-7b"))
     with pytest.raises(ValueError, match="^--width 200 must be a multiple of the head width 128"):
         run(options(width=200))
+    with pytest.raises(ValueError, match=r"^--vision-depth 2 is too shallow for the config's DeepStack taps "
+                                         r"\[8, 16, 24\] of 27 blocks \(they become \[0, 1, 1\]\)$"):
+        run(qwen3(vision_depth=2))
+    with pytest.raises(ValueError, match="^start_layer=2: Qwen3-VL's DeepStack adds vision features"):
+        run(qwen3(start_layer=-1))  # half of 4 layers: before the DeepStack layers 0..2
