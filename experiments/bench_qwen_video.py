@@ -1,20 +1,26 @@
 """Long-video prefill on a Qwen-VL shape: ProxyV and the skip operators, time saved against FLOPs saved, peak memory.
 
-A random-weight Qwen2.5-VL / Qwen2-VL model of a shipped config (analysis/configs; the real tower and decoder
-shapes), one prompt: text, one video of ``--blocks`` temporal blocks of ``--side`` x ``--side`` patches (merged
-2x2: blocks * (side/2)^2 vision tokens), text. Each variant runs the whole prefill (tower included, the LM head on
-the last row, as generate()'s prefill does) in rounds -- the baseline, then every variant -- so drift hits all
-alike; a figure is the median over rounds, a ratio the median of per-round ratios. FLOPs are the analytic counts
-(exact against torch's counter on tiny models of these classes). ``time saved / FLOPs saved`` near 1 means the
-variant turns its FLOPs saving into wall-clock time. Peak memory: the largest allocation above the weights during
-the call (CUDA), per variant.
+A random-weight Qwen2.5-VL / Qwen2-VL / Qwen3-VL model of a shipped config (analysis/configs; the real tower and
+decoder shapes), one prompt: text, one video of ``--blocks`` temporal blocks of ``--side`` x ``--side`` patches
+(merged 2x2: blocks * (side/2)^2 vision tokens), text. Qwen3-VL's video is laid out as its processor writes it:
+per block a timestamp (6 ordinary tokens, analysis.bench_qwen.STAMP_TOKENS), <|vision_start|>, the block,
+<|vision_end|>. Each variant runs the whole prefill (tower included, the LM head on the last row, as generate()'s
+prefill does) in rounds -- the baseline, then every variant -- so drift hits all alike; a figure is the median over
+rounds, a ratio the median of per-round ratios. FLOPs are the analytic counts (exact against torch's counter on
+tiny models of these classes). ``time saved / FLOPs saved`` near 1 means the variant turns its FLOPs saving into
+wall-clock time. Peak memory: the largest allocation above the weights during the call (CUDA), per variant.
 
     # one H100 / H200, bf16: Qwen2.5-VL-7B shape, 26 blocks of 36 x 36 patches = 8,424 vision tokens
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --blocks 26 --side 36 --device cuda \
         --dtype bfloat16 --out docs/results/bench_qwen_video/qwen2.5-vl-7b.json
-    # CPU smoke test at a toy shape
+    # Qwen3-VL-8B shape, 26 blocks of 32 x 32 patches (16 px) = 6,656 vision tokens; start layer 18 of 36
+    python experiments/bench_qwen_video.py --config qwen3-vl-8b --blocks 26 --side 32 --device cuda \
+        --dtype bfloat16 --out docs/results/bench_qwen_video/qwen3-vl-8b.json
+    # CPU smoke tests at a toy shape (Qwen3-VL: start at or after its 3 DeepStack layers)
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --layers 2 --width 256 --vision-depth 1 \
         --blocks 2 --side 8 --repeats 1
+    python experiments/bench_qwen_video.py --config qwen3-vl-8b --layers 4 --width 256 --vision-depth 3 \
+        --blocks 2 --side 8 --repeats 1 --start-layer 3
 """
 
 from __future__ import annotations
