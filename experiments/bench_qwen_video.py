@@ -13,8 +13,8 @@ wall-clock time. Peak memory: the largest allocation above the weights during th
     # one H100 / H200, bf16: Qwen2.5-VL-7B shape, 26 blocks of 36 x 36 patches = 8,424 vision tokens
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --blocks 26 --side 36 --device cuda \
         --dtype bfloat16 --out docs/results/bench_qwen_video/qwen2.5-vl-7b.json
-    # Qwen3-VL-8B shape, 26 blocks of 32 x 32 patches (16 px) = 6,656 vision tokens; start layer 18 of 36
-    python experiments/bench_qwen_video.py --config qwen3-vl-8b --blocks 26 --side 32 --device cuda \
+    # Qwen3-VL-8B shape, 26 blocks of 36 x 36 patches (16 px) = 8,424 vision tokens; start layer 18 of 36
+    python experiments/bench_qwen_video.py --config qwen3-vl-8b --blocks 26 --side 36 --device cuda \
         --dtype bfloat16 --out docs/results/bench_qwen_video/qwen3-vl-8b.json
     # CPU smoke tests at a toy shape (Qwen3-VL: start at or after its 3 DeepStack layers)
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --layers 2 --width 256 --vision-depth 1 \
