@@ -308,6 +308,12 @@ def test_a_method_has_one_colour_in_every_group_and_figure(tmp_path):
         report.draw_mask_ratio(fig, group)
         line = next(line for line in fig.axes[0].lines if line.get_label() == "skip_ffn")
         assert matplotlib.colors.to_rgba(line.get_color()) == pytest.approx(color["skip_ffn"])
+        # the baseline is its own point; a series joins its measured points only (one start layer: one marker)
+        lines = {line.get_label(): line for line in fig.axes[0].lines if not line.get_label().startswith("_")}
+        assert list(lines.pop("baseline").get_xdata()) == [0.0]
+        measured = report.through_end(group.table).groupby("series").size()
+        assert {label: len(line.get_xdata()) for label, line in lines.items()} == measured.to_dict()
+        assert all(0.0 not in list(line.get_xdata()) for line in lines.values())
     cmap, known = matplotlib.colormaps["tab10"], list(methods())
     unknown = report.method_colors(["zz_gone", "skip_ffn", "aa_gone"])
     assert list(unknown) == ["skip_ffn", "aa_gone", "zz_gone"]

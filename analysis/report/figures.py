@@ -176,22 +176,25 @@ def draw_heatmap(fig, group: Group, threshold: float = THRESHOLD) -> bool:
 
 
 def draw_mask_ratio(fig, group: Group, threshold: float = THRESHOLD) -> bool:
-    """Relative score vs the fraction of final layers ablated into ``fig``, one line per series (0 = baseline)."""
-    rows = through_end(group.table).dropna(subset=["relative_score"])
+    """Relative score vs the fraction of final layers ablated into ``fig``: the baseline one point at (0, 1), each
+    series a line through its measured points only (a series measured at one start layer is one marker, not a line
+    from the baseline that would suggest measurements in between)."""
+    rows = through_end(group.table).dropna(subset=["relative_score"])  # the baseline is not among them
     if rows.empty:
         return _nothing(fig, group, "mask-ratio curve")
     fig.set_size_inches(6.8, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     colors = group_colors(group)
+    ax.plot([0.0], [1.0], marker="*", ms=9, linestyle="none", color=colors.get("none", "black"), label="baseline")
     for index, (series, part) in enumerate(rows.groupby("series", sort=True)):
         part = part.sort_values("start_layer", ascending=False)
         ratio = (part["num_layers"] - part["start_layer"]).astype(float) / part["num_layers"].astype(float)
-        ax.plot([0.0, *ratio], [1.0, *part["relative_score"]], marker=MARKERS[index % len(MARKERS)], ms=4,
+        ax.plot(list(ratio), list(part["relative_score"]), marker=MARKERS[index % len(MARKERS)], ms=4,
                 label=series, color=colors[part["method"].iloc[0]])
     _threshold_line(ax, threshold)
     ax.set_xlabel("fraction of final decoder layers ablated")
     ax.set_ylabel("relative score")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(-0.02, 1.02)  # the baseline's star and full-depth points whole
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(figure_title(group, "Mask-ratio curve"), fontsize=9)
@@ -212,7 +215,8 @@ FIGURES = (
     ("heatmap", "Relative score by variant and start layer", draw_heatmap,
      "Runs that ablate from the start layer through the last layer; one run per cell."),
     ("mask_ratio", "Mask-ratio curve", draw_mask_ratio,
-     "Relative score vs the fraction of final layers ablated (0: the baseline); dotted: {threshold:.0%}."),
+     ("Relative score vs the fraction of final layers ablated; star: the baseline (0, 1); lines join measured "
+      "points only; dotted: {threshold:.0%}.")),
 )
 
 
