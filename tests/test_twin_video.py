@@ -208,40 +208,17 @@ def test_task_yaml_loads_the_clips_and_scores_through_process_results(task, eval
 
 def test_task_runs_end_to_end_in_lmms_eval_with_a_path(task):
     """An oracle handed each clip's path through ``simple_evaluate``: 100%; a fixed wrong answer 0%."""
-    from lmms_eval.api.model import lmms
     from lmms_eval.evaluator import simple_evaluate
+    from lmms_oracle import Oracle
 
     manager, _ = task
 
-    class Oracle(lmms):
-        is_simple = True
-
-        def __init__(self, wrong: bool):
-            super().__init__()
-            self.wrong = wrong
-
-        @property
-        def device(self):
-            return "cpu"
-
-        def generate_until(self, requests):
-            out = []
-            for request in requests:
-                _, _, doc_to_visual, doc_id, task_name, split = request.args
-                doc = self.task_dict[task_name][split][doc_id]
-                (video,) = doc_to_visual(doc)
-                assert isinstance(video, str) and video.endswith(".mp4") and Path(video).is_file()
-                out.append("#" if self.wrong else doc["answer"])
-            return out
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
+    def check(visuals):
+        (video,) = visuals
+        assert isinstance(video, str) and video.endswith(".mp4") and Path(video).is_file()
 
     for wrong, expected in ((False, 1.0), (True, 0.0)):
-        results = simple_evaluate(model=Oracle(wrong), tasks=[NAME], task_manager=manager, limit=4,
+        results = simple_evaluate(model=Oracle(wrong, check), tasks=[NAME], task_manager=manager, limit=4,
                                   log_samples=False, bootstrap_iters=0)["results"]
         assert results[NAME]["exact_match,none"] == expected
 

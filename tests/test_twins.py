@@ -164,37 +164,14 @@ def test_task_yamls_load_offline_and_score_through_process_results(task_manager)
 
 def test_group_runs_end_to_end_in_lmms_eval(task_manager):
     """An oracle model through ``simple_evaluate``: 100% on every twin, a fixed wrong answer 0%."""
-    from lmms_eval.api.model import lmms
     from lmms_eval.evaluator import simple_evaluate
+    from lmms_oracle import Oracle
 
-    class Oracle(lmms):
-        is_simple = True
-
-        def __init__(self, wrong: bool):
-            super().__init__()
-            self.wrong = wrong
-
-        @property
-        def device(self):
-            return "cpu"
-
-        def generate_until(self, requests):
-            out = []
-            for request in requests:
-                _, _, doc_to_visual, doc_id, task, split = request.args
-                doc = self.task_dict[task][split][doc_id]
-                assert doc_to_visual(doc)[0].size == (64, 64)
-                out.append(WRONG if self.wrong else doc["answer"])
-            return out
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
+    def check(visuals):
+        assert visuals[0].size == (64, 64)
 
     for wrong, expected in ((False, 1.0), (True, 0.0)):
-        results = simple_evaluate(model=Oracle(wrong), tasks=[twins.GROUP], task_manager=task_manager, limit=8,
+        results = simple_evaluate(model=Oracle(wrong, check, WRONG), tasks=[twins.GROUP], task_manager=task_manager, limit=8,
                                   log_samples=False, bootstrap_iters=0)["results"]
         for name in NAMES:
             assert results[name][f"{twins.TWINS[name].metric},none"] == expected, name
