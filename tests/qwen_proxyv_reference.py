@@ -80,9 +80,7 @@ def proxyv_sample(model, embeds, positions, grids, deepstack):
     """Logits (n, V) of one unpadded sample: embeds (n, D), positions (3, n), grids as :func:`sample_grids`
     gives them (in unpadded indices), deepstack: per early layer an (n, D) addition."""
     lm, config = model.model.language_model, model.config.text_config
-    settings, proxyv = model.config.proxyv, model.model.proxyv
-    L, f, learned = settings["start_layer"], settings["reduce_factor"], settings["init"] == "learned"
-    eps = config.rms_norm_eps
+    L, eps = model.config.proxyv["start_layer"], config.rms_norm_eps
     n = len(embeds)
     h = embeds.clone()
     last = L if grids else len(lm.layers)
@@ -95,10 +93,24 @@ def proxyv_sample(model, embeds, positions, grids, deepstack):
             h = h + deepstack[index]
     if not grids:
         return linear(rms_norm(h, lm.norm.weight, eps), model.lm_head)
+    return proxyv_layers(model, h, positions, grids)
 
+
+def proxyv_layers(model, h, positions, grids):
+    """Logits (n, V) after the ProxyV layers L.. of one unpadded sequence h (n, D) entering layer L; positions
+    (3, n); grids [(start, [block grids])]: a proxy sees the text before index ``start``; a block grid's cells
+    are indices into h, -1 for a removed cell (learned proxies only: over the block's remaining cells, at
+    their mean position; a block with no cell left has no proxy)."""
+    lm, config = model.model.language_model, model.config.text_config
+    settings, proxyv = model.config.proxyv, model.model.proxyv
+    L, f, learned = settings["start_layer"], settings["reduce_factor"], settings["init"] == "learned"
+    eps = config.rms_norm_eps
+    n = len(h)
     proxies, proxy_pos, proxy_start, owner, splats = [], [], [], {}, {}
     for start, blocks in grids:
         for grid in blocks:
+            if not (grid >= 0).any():
+                continue
             if learned:
                 values, cells, splat = learned_crop_proxies(h, grid, proxyv.initializer)
                 centre = positions[:, cells].double().mean(1).float()

@@ -188,14 +188,15 @@ def kept_count(method, keep, n_vision, stage):
 
 
 def reduced_sample(lm, lm_head, config, embeds, positions, vision, method, boundaries, keep, deepstack=(),
-                   rank_token=None):
+                   rank_token=None, stop_at=None):
     """FastV / PyramidDrop on one sample without padding: embeds (n, D); positions (3, n) from get_rope_index;
     vision (n,); deepstack: per early layer an (n, D) tensor (zero on text rows). The alive tokens are a Python
     list; at each boundary the ranking token's attention (FastV: layer K-1's; PyramidDrop: the boundary layer's
     own norm and q/k on the alive rows) picks the vision tokens kept, sorted by (-prob, index); every kept row
     keeps its own (t, h, w) position; DeepStack feature i is added after layer i to each alive row (a pruned
     row's feature is gone with it). Returns (logits (m, V) of the alive tokens, their indices, per stage the
-    sorted kept vision indices)."""
+    sorted kept vision indices). ``stop_at=L``: stop before layer L runs (after its drop, if L is a boundary) and
+    return (hidden (m, D) of the alive tokens entering layer L, their indices, the kept indices so far)."""
     n = embeds.shape[0]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -237,6 +238,8 @@ def reduced_sample(lm, lm_head, config, embeds, positions, vision, method, bound
             rows = [i for i, token in enumerate(alive) if not vision[token] or token in kept]
             alive = [alive[i] for i in rows]
             h = h[rows]
+        if index == stop_at:
+            return h, alive, kept_per_stage
         m = len(alive)
         x = rms_norm(h, layer.input_layernorm.weight, eps)
         q, k = project(layer, x, positions[:, alive])

@@ -28,10 +28,11 @@ P = the largest proxy count of a sample, Nv / Nt = the largest count of full-vis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from ..layout import BatchLayout, CropGrid, ImageLayout, SampleLayout
 from ..rows import select_rows
 
 
@@ -236,12 +237,18 @@ def remap_layout(layout, slot_of: torch.Tensor, valid: torch.Tensor):
     """The layout of a gathered block: ``slot_of`` (B, T) maps each position of ``layout``'s chunk to its
     slot in a (B, N) block of alive rows (-1: the row is gone), ``valid`` (B, N) the block's real rows.
 
-    Every crop keeps its grid with the cells whose rows are gone removed (-1); an image starts at the slot of
-    its first alive cell (its proxies' rotary positions and their view of the prompt follow from there) and
-    an image with no alive cell is dropped. Token reduction before ProxyV's start layer runs ProxyV on such
-    a block (learned proxies only: the crop grid is broken; see docs/reduction.md).
+    Every crop keeps its grid with the cells whose rows are gone removed (-1); a grid with no alive cell is
+    dropped. Where the grid starts (its proxies see the prompt before that slot): LLaVA, the slot of its first
+    alive cell (its proxies' 1-D rotary positions follow from there); Qwen-VL (a
+    :class:`~analysis.layout_qwen.QwenBatchLayout`: images and videos, one crop per temporal block), the first
+    slot at or after the grid's original first token, so the proxies see exactly the prompt ProxyV's proxies see
+    without the reduction (text is never dropped; a Qwen3-VL video's timestamps inside it stay unseen). The
+    result is a LLaVA :class:`~analysis.layout.BatchLayout` (:func:`build_plan` reads it alike). Token reduction
+    before ProxyV's start layer runs ProxyV on such a block (learned proxies only: the crop grid is broken; see
+    docs/reduction.md, docs/qwen.md).
     """
     B, N = valid.shape
+    qwen = hasattr(layout, "video_mask")
 
     def moved(t: torch.Tensor, b: int) -> torch.Tensor:
         return torch.where(t >= 0, slot_of[b].to(t.device)[t.clamp(min=0)], -1)
@@ -250,22 +257,26 @@ def remap_layout(layout, slot_of: torch.Tensor, valid: torch.Tensor):
         t = moved(t, b)
         return t[t >= 0].sort().values
 
+    def first_slot_from(position: int, b: int) -> int:
+        later = slot_of[b, position:]
+        return int(later[later >= 0].min())
+
     samples = []
     image_mask = torch.zeros(B, N, dtype=torch.bool, device=valid.device)
     newline_mask = torch.zeros_like(image_mask)
     for b, sample in enumerate(layout.samples):
         images = []
-        for image in sample.images:
-            crops = tuple(replace(crop, positions=moved(crop.positions, b)) for crop in image.crops)
+        for image in grids_of(sample):
+            crops = tuple(CropGrid(crop.kind, moved(crop.positions, b)) for crop in image.crops)
             cells = torch.cat([c.positions.flatten() for c in crops])
             cells = cells[cells >= 0]
             if cells.numel():
-                images.append(replace(image, start=int(cells.min()), end=int(cells.max()) + 1, crops=crops,
-                                      newline=alive(image.newline, b), unpadded=None))
+                start = first_slot_from(image.start, b) if qwen else int(cells.min())
+                images.append(ImageLayout(start=start, end=int(cells.max()) + 1, crops=crops,
+                                          newline=alive(image.newline, b)))
         vision, newline = alive(sample.vision, b), alive(sample.newline, b)
         image_mask[b, vision] = True
         newline_mask[b, newline] = True
-        samples.append(replace(sample, images=tuple(images), vision=vision, newline=newline,
-                               text=alive(sample.text, b), padding=(~valid[b]).nonzero().flatten()))
-    return replace(layout, samples=tuple(samples), image_mask=image_mask, newline_mask=newline_mask,
-                   valid_mask=valid)
+        samples.append(SampleLayout(images=tuple(images), vision=vision, newline=newline, text=alive(sample.text, b),
+                                    padding=(~valid[b]).nonzero().flatten()))
+    return BatchLayout(samples=tuple(samples), image_mask=image_mask, newline_mask=newline_mask, valid_mask=valid)

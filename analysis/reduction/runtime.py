@@ -193,6 +193,7 @@ class Reduction:
 
         proxyv, rows = self.proxyv, self.rows
         if self.prefill and layer.self_attn.layer_idx == proxyv.settings.start_layer:
+            mrope = proxyv.state.mrope if proxyv.state is not None else None  # Qwen-VL: (3, B, T) of the chunk
             proxyv.state = None
             if proxyv.layout is not None:
                 slot_of = torch.full(proxyv.layout.image_mask.shape, -1, dtype=torch.long, device=hidden.device)
@@ -201,6 +202,10 @@ class Reduction:
                 plan = build_plan(remap_layout(proxyv.layout, slot_of, rows.valid), proxyv.settings)
                 if plan is not None:
                     proxyv.state = ForwardState(plan, plan.allowed(0, rows.valid, plan.vision))
+                    if mrope is not None:  # Qwen-VL: the kept rows' own positions; a learned proxy's is the
+                        # mean of its block's surviving cells' (ForwardState._mrope_positions over cell_valid)
+                        index = rows.index.to(mrope.device)[None].expand(mrope.shape[0], -1, -1)
+                        proxyv.state.mrope = mrope.gather(2, index)  # (3, B, N)
         if proxyv.state is None:  # a decode step, or no vision cell left: the plain pruned layer
             return pruned_layer(layer, self, hidden, cache)
         return proxyv_layer_forward(layer, proxyv, self.rotary, hidden, position_ids=rows.pos,
@@ -264,10 +269,6 @@ def _check(core, variant, newline_tokens: str, layers) -> None:
         raise ValueError(f"reduction_context runs the reduction family ({', '.join(METHODS)}), got {variant!r}")
     proxyv = getattr(core, "proxyv", None)
     check_model(proxyv, variant)
-    if proxyv is not None and is_qwen_vl_model(core):
-        raise NotImplementedError(f"{variant.method} on a ProxyV {type(core).__name__} is not supported yet: token "
-                                  "reduction combines with ProxyV on LLaVA models only; run it on the model without "
-                                  "ProxyV")
     if proxyv is not None:
         check_on_proxyv(variant.method, proxyv.settings.start_layer, drops(variant.method, variant.layers),
                         proxyv.settings.init)
