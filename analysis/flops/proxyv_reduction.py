@@ -13,6 +13,14 @@ one cell (true unless a crop loses all its tokens; the execution's own plan says
 Vision tokens must be crop cells (LLaVA-1.5, or LLaVA-NeXT counted with newline tokens as text) and crops
 square: LLaVA-NeXT's unpadded crops are not counted here (one clear error).
 
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (tokens with ``vision_grids``): the block's shapes are the execution's own plan
+(:func:`qwen_block_shapes`: the tokens' layout, :func:`analysis.proxyv.plan.remap_layout`, ``shapes_of_layout``),
+each image and video block with a kept cell getting its ``learned_proxies``. The count ASSUMES the blocks keeping a
+cell are those the even placement of the kept tokens (:func:`~analysis.flops.reduction.kept_rows`) reaches;
+the ranking may empty a whole block of a video (then the count includes that block's proxies: an over-count of
+their rows). ``tests/test_flops_proxyv_reduction_qwen.py`` checks the count against torch's counter and, where
+the execution emptied a block, that the count given the execution's kept tokens is exact.
+
 VisionZip: the shortened prefill of :class:`~analysis.flops.visionzip.VisionZipFlops` (its tower, selection and
 projector as the vision figure), its baseline layers below L, and from L ProxyV's layer on it: every crop's
 D + C merged tokens are cells of a side x side grid (the rest removed), each crop with its learned proxies --
@@ -27,7 +35,7 @@ from ..reduction.rules import check_on_proxyv, drops
 from .decoder import LayerFlops
 from .dims import TextDims
 from .proxyv import DEFAULT_REDUCE_FACTOR, ProxyVFlops, derive_shapes
-from .reduction import ReductionFlops, Rows, kept_vision_mask, sample_counts
+from .reduction import ReductionFlops, Rows, kept_rows, kept_vision_mask, sample_counts
 from .tokens import PrefillTokens
 from .visionzip import VisionZipFlops
 
@@ -44,6 +52,32 @@ def block_tokens(tokens: PrefillTokens, rows: Rows) -> PrefillTokens:
     return PrefillTokens(vision, valid, tokens.crop_shapes)
 
 
+def qwen_block_shapes(tokens: PrefillTokens, rows: Rows, settings: dict, hidden: int, kept=None):
+    """Qwen-VL: ProxyV's shapes on the (B, N) block alive at L, planned as the execution plans it
+    (:func:`analysis.proxyv.plan.remap_layout` of the tokens' layout, then its plan), right-aligned, fillers first.
+    Each sample's kept vision tokens: ``kept`` (per sample the positions an execution kept, e.g. the last stage
+    of ``Reduction.kept_vision``), else placed as :func:`~analysis.flops.reduction.kept_rows` places them (evenly
+    over the sample's vision positions: which blocks keep a cell is then an assumption, see the module docstring)."""
+    from ..layout_qwen import layout_of_tokens
+    from ..proxyv.apply import ProxyVSettings, shapes_of_layout
+    from ..proxyv.plan import remap_layout
+
+    B, N = rows.batch, rows.width
+    slot_of = torch.full((B, tokens.seq_len), -1, dtype=torch.long)
+    valid = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        where = tokens.valid[b].nonzero().flatten()
+        if kept is None:
+            alive = where[kept_rows(tokens.vision[b][where], rows.vision[b])]
+        else:
+            text = where[~tokens.vision[b][where]]
+            alive = torch.cat([text, torch.as_tensor(kept[b], dtype=torch.long).cpu()]).sort().values
+        slot_of[b, alive] = torch.arange(N - len(alive), N)
+        valid[b, N - len(alive):] = True
+    layout = remap_layout(layout_of_tokens(tokens, "qwen"), slot_of, valid)
+    return shapes_of_layout(layout, ProxyVSettings.from_dict(settings), hidden)
+
+
 def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> ProxyVFlops | None:
     """ProxyV's layer-FLOPs variant (learned proxies, ``settings`` as ``config.proxyv`` holds them) on the ``block``
     a reduction leaves: its vision tokens are cells of its crops, possibly fewer than a crop holds; ``None``
@@ -58,10 +92,13 @@ def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> Pro
 
 class ProxyVReductionFlops(ReductionFlops):
     """FastV (``layers`` = K..L-1) or PyramidDrop (its boundaries) on a ProxyV model with ``proxyv`` settings
-    (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width)."""
+    (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width). ``kept`` (Qwen-VL):
+    per sample the vision positions the execution kept (``Reduction.kept_vision[-1]``), for the blocks that keep
+    a cell exactly; by default they are placed evenly (module docstring)."""
 
-    def __init__(self, method: str, layers, keep: float, proxyv: dict):
+    def __init__(self, method: str, layers, keep: float, proxyv: dict, kept=None):
         super().__init__(method, layers, keep)
+        self.kept = kept  # Qwen-VL: per sample the vision positions an execution kept (exact blocks); None: placed
         check_on_proxyv(method, proxyv["start_layer"], drops(method, self.layers), proxyv.get("init"))
         self.proxyv = dict(proxyv)
         self.start = proxyv["start_layer"]
@@ -73,8 +110,18 @@ class ProxyVReductionFlops(ReductionFlops):
             if len(cells) != tokens.batch or any(v > c for v, c in zip(sample_counts(tokens)[0], cells)):
                 raise ValueError("counting token reduction on a ProxyV model needs the vision tokens to be crop cells "
                                  "(count LLaVA-NeXT with newline tokens as text) and the tokens' crop shapes")
-            block = block_tokens(tokens, self.schedule(tokens).rows_at(self.start))
-            self._proxy = (tokens, block, proxyv_on_block(block, self.proxyv, dims))
+            rows = self.schedule(tokens).rows_at(self.start)
+            block = block_tokens(tokens, rows)
+            if tokens.vision_grids:  # Qwen-VL: the plan of the block (grids of any shape, blocks per video)
+                shapes = qwen_block_shapes(tokens, rows, self.proxyv, dims.hidden, self.kept)
+                proxyv = None if shapes is None else ProxyVFlops(
+                    range(self.start, dims.layers), self.proxyv.get("reduce_factor"), "learned",
+                    self.proxyv.get("light_width") or None, shapes=shapes)
+            elif self.kept is not None:
+                raise ValueError("kept= (an execution's kept vision tokens) is read for Qwen-VL tokens only")
+            else:
+                proxyv = proxyv_on_block(block, self.proxyv, dims)
+            self._proxy = (tokens, block, proxyv)
         return self._proxy[1], self._proxy[2]
 
     def layer_flops(self, layer: int, dims: TextDims, tokens: PrefillTokens) -> LayerFlops:

@@ -170,18 +170,24 @@ def executed_layer(dims: TextDims, rows: Rows) -> Breakdown:
     return decoder_layer_breakdown(dims, groups, groups, groups, pairs)
 
 
-def kept_vision_mask(vision: torch.Tensor, kept: int) -> torch.Tensor:
-    """A sample's kept sequence as a vision mask: its valid tokens in order, ``kept`` of its vision tokens
-    left, spread evenly over its vision positions (``vision``: (valid,) bool)."""
+def kept_rows(vision: torch.Tensor, kept: int) -> torch.Tensor:
+    """Which of a sample's valid tokens (``vision``: (valid,) bool) remain: every text token and ``kept`` of its
+    vision tokens, spread evenly over its vision positions."""
     positions = torch.nonzero(vision).flatten()
     n = positions.numel()
-    if kept >= n:
-        return vision
     keep = torch.ones_like(vision)
+    if kept >= n:
+        return keep
     chosen = positions[(torch.arange(kept) * n) // kept] if kept else positions[:0]
     keep[positions] = False
     keep[chosen] = True
-    return vision[keep]
+    return keep
+
+
+def kept_vision_mask(vision: torch.Tensor, kept: int) -> torch.Tensor:
+    """A sample's kept sequence as a vision mask: its valid tokens in order, ``kept`` of its vision tokens
+    left, spread evenly over its vision positions (``vision``: (valid,) bool)."""
+    return vision[kept_rows(vision, kept)]
 
 
 def theoretical_pairs(tokens: PrefillTokens, rows: Rows, window: int | None) -> dict[str, int]:

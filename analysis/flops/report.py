@@ -180,14 +180,16 @@ def _check_qwen_variant(counted) -> None:
     """On Qwen-VL configs: the operators and the baseline, FastV and PyramidDrop (their rows, (query, key) pairs and
     rankings need only the token masks; the vision side runs unchanged), and ProxyV (its ``shapes=``
     from :func:`analysis.proxyv.proxyv_shapes` of the batch, or :func:`analysis.flops.proxyv.qwen_shapes` of the
-    tokens).
-    VisionZip (and token reduction on a ProxyV checkpoint) are not counted for these classes."""
+    tokens), and FastV / PyramidDrop on a ProxyV checkpoint (:class:`analysis.flops.proxyv_reduction.
+    ProxyVReductionFlops`: the plan of the block alive at the start layer). VisionZip is not counted for these
+    classes."""
     from .proxyv import ProxyVFlops
+    from .proxyv_reduction import ProxyVReductionFlops
     from .reduction import ReductionFlops
 
     if isinstance(counted, ProxyVFlops):  # shapes= of the batch, or the plan of the layout the tokens record
         return
-    if not (isinstance(counted, OperatorVariant) or type(counted) is ReductionFlops):
+    if not (isinstance(counted, OperatorVariant) or type(counted) in (ReductionFlops, ProxyVReductionFlops)):
         raise NotImplementedError(f"FLOPs of {counted.name!r} on Qwen-VL models are not modelled yet; the operators "
                                   f"of analysis.ops, fastv, pdrop, proxyv and the baseline are")
 
