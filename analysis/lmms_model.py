@@ -242,9 +242,6 @@ class LlavaAblate(lmms):
         if op == "proxyv" and not settings:
             raise ValueError(f"op=proxyv runs a trained ProxyV checkpoint; {self.pretrained} is not one (load one "
                              "saved by a ProxyV model: pretrained=<its directory>)")
-        if settings and self.qwen and op in family("reduction").methods():
-            raise ValueError(f"op={op} on a ProxyV Qwen-VL checkpoint is not supported: token reduction combines "
-                             "with ProxyV on LLaVA models only")
         if settings and op in family("reduction").methods():  # token reduction on the ProxyV checkpoint
             if params.get("proxyv") not in (None, settings["start_layer"]):
                 raise ValueError(f"{self.pretrained} is a ProxyV checkpoint starting at layer {settings['start_layer']}, "

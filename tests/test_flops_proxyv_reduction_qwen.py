@@ -114,3 +114,20 @@ def test_the_runner_count_agrees(kind):
                     checked += 1
                     assert report.total == measure_qwen_torch(model, batch, op, **where).decoder
     assert checked >= 10
+
+
+def test_a_shipped_config_by_counts():
+    """qwen2.5-vl-7b from counts (what the CLI's --on-proxyv counts): learned_proxies is required (one line); with
+    it, ProxyV's layers from L count less than the reduction alone on this vision-heavy prompt."""
+    from analysis.flops import load_config
+
+    config = load_config("qwen2.5-vl-7b")
+    tokens = PrefillTokens.from_qwen_counts(config, [(1, 36, 54)], [(8, 24, 42)], 64, 20)
+    settings = {"start_layer": 16, "reduce_factor": 4, "init": "learned", "light_width": 0}
+    with pytest.raises(ValueError, match=r"^learned ProxyV on Qwen-VL needs its proxies per block"):
+        count_flops(config, tokens, "fastv", start_layer=3, keep=0.5, proxyv=16, proxyv_settings=settings)
+    report = count_flops(config, tokens, "fastv", start_layer=3, keep=0.5, proxyv=16,
+                         proxyv_settings={**settings, "learned_proxies": 16})
+    plain = count_flops(config, tokens, "fastv", start_layer=3, keep=0.5)
+    assert report.per_layer[15].total == plain.per_layer[15].total
+    assert report.per_layer[16].total < plain.per_layer[16].total and report.baseline == plain.baseline

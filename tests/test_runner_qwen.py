@@ -339,3 +339,40 @@ def test_lmms_eval_cli_on_qwen3_vl(tmp_path):
     with pytest.raises(SystemExit, match="^llava_ablate: op=visionzip is not supported on Qwen-VL models") as error:
         LlavaAblate.create_from_arg_string(f"pretrained={path},op=visionzip")
     assert "\n" not in str(error.value)
+
+
+def test_plugin_runs_token_reduction_on_a_learned_qwen_proxyv_checkpoint(checkpoint, tmp_path):
+    """op=fastv / op=pdrop on a saved tiny ProxyV Qwen2.5-VL checkpoint (learned proxies from layer 2): the reduction
+    runs on its ProxyV layers (tests/test_proxyv_reduction_qwen.py); a padded batch answers as each prompt alone; the
+    FLOPs of the recorded prompts count ProxyV's layers (they differ from the plain checkpoint's)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    from analysis.lmms_model import LlavaAblate
+    from analysis.proxyv import apply_proxyv
+    from analysis.runner.counting import run_flops
+    from analysis.variant import resolve_variant
+
+    path = tmp_path / "tiny-qwen-proxyv-learned"
+    apply_proxyv(tiny_qwen.build_model("qwen2_5_vl", seed=0), 2, 2, init="learned", learned_proxies=3,
+                 seed=0).save_pretrained(path)
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(path)
+    lm = LlavaAblate(str(path), op="fastv", start_layer=1, keep=0.5, batch_size=2, progress=False, max_new_tokens=5,
+                     min_pixels=256, max_pixels=1024)
+    assert lm.variant.method == "fastv" and lm.variant.options["proxyv"] == 2
+    images = [[Image.fromarray(np.random.RandomState(s).randint(0, 255, (h, w, 3), dtype=np.uint8))]
+              for s, h, w in ((0, 64, 96), (1, 120, 40))]
+    prompts = [lm._prompt("What is written here?", 1), lm._prompt("Hi", 1)]
+    for op, where in (("fastv", {"start_layer": 1, "keep": 0.5}), ("pdrop", {"layers": "1;2", "keep": 0.6})):
+        lm.set_variant(op, **where)
+        lm.prompt_shapes.clear()
+        batched = lm._generate(prompts, images, {"until": ["\n\n"]})
+        assert batched == [lm._generate([p], [ims], {"until": ["\n\n"]})[0] for p, ims in zip(prompts, images)]
+        on_proxyv = run_flops(lm.model.config, lm.prompt_shapes, lm.variant)
+        layers = {"start_layer": 1} if op == "fastv" else {"layers": [1, 2]}
+        plain = run_flops(AutoConfig.from_pretrained(checkpoint), lm.prompt_shapes,
+                          resolve_variant(op, 3, **layers, params={"keep": where["keep"]}))
+        assert on_proxyv["baseline"] == plain["baseline"] and on_proxyv["total"] != plain["total"]
+    with pytest.raises(ValueError, match="ProxyV checkpoint starting at layer 2, not proxyv=1"):
+        lm.set_variant("fastv", start_layer=1, keep=0.5, proxyv=1)

@@ -62,6 +62,9 @@ def qwen_block_shapes(tokens: PrefillTokens, rows: Rows, settings: dict, hidden:
     from ..proxyv.apply import ProxyVSettings, shapes_of_layout
     from ..proxyv.plan import remap_layout
 
+    if not settings.get("learned_proxies"):
+        raise ValueError("learned ProxyV on Qwen-VL needs its proxies per block: pass learned_proxies=N (CLI: "
+                         "--learned-proxies N; a ProxyV checkpoint's config.proxyv has it)")
     B, N = rows.batch, rows.width
     slot_of = torch.full((B, tokens.seq_len), -1, dtype=torch.long)
     valid = torch.zeros(B, N, dtype=torch.bool)
