@@ -52,7 +52,7 @@ def reduction_reference(model, batch, method, boundaries, keep, generated=None):
     vision = (ids == config.image_token_id) | (ids == config.video_token_id)
     valid = batch["attention_mask"].bool()
     table = model.model.language_model.embed_tokens.weight
-    B, T, D = embeds.shape
+    _, T, D = embeds.shape
     out = []
     with torch.no_grad():
         for b, grids in enumerate(sample_grids(batch, config)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from qwen_helpers import SAMPLE_SETS, make_batch
 from test_flops_proxyv_qwen import counter_view
-from test_proxyv_reduction_qwen import L, VARIANTS, proxyv_model
+from test_proxyv_reduction_qwen import VARIANTS, L, proxyv_model
 
 from analysis import ablate
 from analysis.flops import PrefillTokens, TextDims, count_flops, make_variant

@@ -186,8 +186,10 @@ class Reduction:
 
     def proxyv_layer(self, layer, hidden, cache):
         """A ProxyV layer of a pruned stage: ProxyV's own layer forward on the stage's rows. In a prefill, at the
-        start layer, its proxies are planned over the vision cells still alive (learned proxies); a decode step
-        (no vision row) is the plain pruned layer, as ProxyV's own decode steps are HF's layer."""
+        start layer, its proxies are planned over the vision cells still alive (learned proxies; Qwen-VL: per image
+        and video block, at the mean M-RoPE position of the block's surviving cells, gathered from the chunk's
+        positions); a decode step (no vision row) is the plain pruned layer, as ProxyV's own decode steps are HF's
+        layer."""
         from ..proxyv.plan import build_plan, remap_layout
         from ..proxyv.runtime import ForwardState, proxyv_layer_forward
 
