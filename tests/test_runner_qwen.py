@@ -279,6 +279,29 @@ def test_runner_on_a_tiny_qwen_proxyv_checkpoint(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_runner_fastv_on_a_tiny_learned_qwen_proxyv_checkpoint(checkpoint, tmp_path):
+    """`experiments/run.py ... +model.proxyv={2: <learned checkpoint>} op=fastv start_layer=1 op.proxyv=2`: FastV on
+    the ProxyV checkpoint's layers; a record whose FLOPs equal the analytic count of every evaluated prompt (the
+    ProxyV config counts its layers on the block alive at its start layer)."""
+    from transformers import AutoProcessor
+
+    from analysis.lmms_model import LlavaAblate
+    from analysis.proxyv import apply_proxyv
+
+    path = tmp_path / "tiny-qwen-proxyv-learned"
+    apply_proxyv(tiny_qwen.build_model("qwen2_5_vl", seed=0), 2, 2, init="learned", learned_proxies=3,
+                 seed=0).save_pretrained(path)
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(path)
+    run_runner(tmp_path, "model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", f"+model.proxyv={{2:'{path}'}}",
+               "op=fastv", "start_layer=1", "op.proxyv=2", name="tiny-qwen-proxyv-fastv")
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "tiny-qwen-proxyv-fastv").glob("*/result.json")]
+    assert record["status"] == "ok" and record["variant"]["method"] == "fastv" and record["n_samples"] == 8
+    assert record["flops"]["total"] < record["flops"]["baseline"]
+    assert_flops_of_evaluated_prompts(record, LlavaAblate(str(path), progress=False, min_pixels=256, max_pixels=4096),
+                                      TASKS, 2)
+
+
+@pytest.mark.slow
 def test_runner_on_the_video_twin(checkpoint, tmp_path):
     """Video through the runner: `eval=synthetic_video` (synth_video's .mp4 clips, decoded and sampled by the plugin)
     with the baseline, an operator, FastV and PyramidDrop, and a ProxyV checkpoint (proxies per temporal block):
