@@ -374,6 +374,20 @@ class LlavaAblate(lmms):
                 "vision": n_vision, "newline": 0, "text": int(valid[b].sum()) - n_vision,
             })
 
+    def _record_kept_vision(self, state, batch) -> None:
+        """Token reduction on a ProxyV Qwen-VL model: add to each prompt's shapes the vision tokens the execution
+        kept at ProxyV's start (``kept_vision``: indices into the prompt's unpadded tokens), so that its FLOPs count
+        the blocks that really keep a cell (the ranking may empty a whole video block; without them the count
+        assumes evenly placed kept tokens: :mod:`analysis.flops.proxyv_reduction`)."""
+        kept = getattr(state, "kept_vision", None)
+        if not (self.qwen and kept and getattr(self._model.config, "proxyv", None)):
+            return
+        mask = batch["attention_mask"].cpu()
+        rank = mask.long().cumsum(1) - 1  # padded position -> index among the sample's real tokens
+        records = self.prompt_shapes[-mask.shape[0]:]
+        for b, (record, positions) in enumerate(zip(records, kept[-1])):
+            record["kept_vision"] = rank[b, positions.cpu()].tolist()
+
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
@@ -415,8 +429,9 @@ class LlavaAblate(lmms):
         )
         if temperature > 0:
             settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
-        with self.variant_context():
+        with self.variant_context() as state:
             out = self._model.generate(**batch, **settings)  # (B, T + new)
+        self._record_kept_vision(state, batch)
         texts = self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for stop in until:
             texts = [t.split(stop)[0] if stop else t for t in texts]

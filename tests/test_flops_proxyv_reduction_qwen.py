@@ -116,6 +116,32 @@ def test_the_runner_count_agrees(kind):
     assert checked >= 10
 
 
+def test_the_plugin_records_the_blocks_an_execution_kept():
+    """Where the ranking empties a whole video block (Qwen3-VL's video batch, FastV at L), the plugin records with
+    each prompt the vision tokens the execution kept at L (unpadded indices), and the runner's count of each prompt
+    is then torch's counter on that prompt alone; without them the count over-counts (the emptied block's proxies)."""
+    from analysis import tiny_qwen
+    from analysis.lmms_model import LlavaAblate
+    from analysis.runner.counting import qwen_mean_flops
+
+    kind, (op, where, _) = "qwen3_vl", VARIANTS["fastv-at-L"]
+    model = proxyv_model(kind)
+    lm = LlavaAblate(model=model, processor=tiny_qwen.build_processor(kind), op=op, progress=False, **where)
+    batch = make_batch(kind, SAMPLE_SETS["videos"])  # left-padded: the recorded indices are unpadded ones
+    lm._record_prompt_shapes(batch)
+    with torch.no_grad(), lm.variant_context() as state:
+        model(**batch)
+    lm._record_kept_vision(state, batch)
+    over = []
+    for record, parts in zip(lm.prompt_shapes, SAMPLE_SETS["videos"]):
+        assert "kept_vision" in record and all(record["mask"][i] == "v" for i in record["kept_vision"])
+        measured = measure_qwen_torch(model, make_batch(kind, (parts,)), op, **where)  # the prompt alone
+        assert qwen_mean_flops(model.config, [record], lm.variant)["total"] == measured.decoder
+        placed = qwen_mean_flops(model.config, [{k: v for k, v in record.items() if k != "kept_vision"}], lm.variant)
+        over.append(placed["total"] > measured.decoder)
+    assert any(over)  # this batch is the one where the even placement misses an emptied block
+
+
 def test_a_shipped_config_by_counts():
     """qwen2.5-vl-7b from counts (what the CLI's --on-proxyv counts): learned_proxies is required (one line); with
     it, ProxyV's layers from L count less than the reduction alone on this vision-heavy prompt."""

@@ -18,8 +18,10 @@ Qwen2-VL / Qwen2.5-VL / Qwen3-VL (tokens with ``vision_grids``): the block's sha
 each image and video block with a kept cell getting its ``learned_proxies``. The count ASSUMES the blocks keeping a
 cell are those the even placement of the kept tokens (:func:`~analysis.flops.reduction.kept_rows`) reaches;
 the ranking may empty a whole block of a video (then the count includes that block's proxies: an over-count of
-their rows). ``tests/test_flops_proxyv_reduction_qwen.py`` checks the count against torch's counter and, where
-the execution emptied a block, that the count given the execution's kept tokens is exact.
+their rows), unless ``kept`` gives the execution's kept tokens: the plugin records them with each prompt
+(``kept_vision``), so a run's recorded FLOPs are exact. ``tests/test_flops_proxyv_reduction_qwen.py`` checks the
+count against torch's counter and, where the execution emptied a block, that the count given the execution's kept
+tokens (also through the plugin's record and the runner's count) is exact.
 
 VisionZip: the shortened prefill of :class:`~analysis.flops.visionzip.VisionZipFlops` (its tower, selection and
 projector as the vision figure), its baseline layers below L, and from L ProxyV's layer on it: every crop's

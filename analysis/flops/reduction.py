@@ -260,12 +260,15 @@ def reduction_flops(variant: Variant, proxyv_settings: dict | None = None, **ext
         from .proxyv_reduction import VisionZipProxyVFlops
 
         return VisionZipProxyVFlops(counted.dominant, counted.contextual, proxyv, counted.config)
+    kept = extra.pop("kept", None)  # an execution's kept vision tokens: which blocks keep a cell (Qwen-VL ProxyV)
     if extra:
         raise ValueError(f"op {variant.method!r} takes no options, got {sorted(extra)}")
     if proxyv is not None:
         from .proxyv_reduction import ProxyVReductionFlops
 
-        return ProxyVReductionFlops(variant.method, variant.layers, variant.options["keep"], proxyv)
+        return ProxyVReductionFlops(variant.method, variant.layers, variant.options["keep"], proxyv, kept=kept)
+    if kept is not None:
+        raise ValueError(f"{variant.label}: kept= (an execution's kept vision tokens) is read on a ProxyV model only")
     return ReductionFlops(variant.method, variant.layers, variant.options["keep"])
 
 

@@ -5,6 +5,8 @@ figures with the vision tower counted on each prompt's recorded ``vision_grids``
 a Qwen-VL tower runs on patch grids (``image_grid_thw`` / ``video_grid_thw`` rows), which the plugin records per
 prompt (``vision_grids``), so the Qwen-VL path passes them on. Both count with the model's own config (the
 loaded checkpoint's ``config.json``), each sample as its own unpadded batch-1 prefill (``lm_head="last"``).
+Token reduction on a ProxyV Qwen-VL model: a prompt's ``kept_vision`` (the vision tokens its execution kept at
+ProxyV's start) says which blocks keep a cell, so their proxies are counted as executed.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ def qwen_mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) 
         raise ValueError(f"{len(missing)} Qwen-VL prompt record(s) lack vision_grids (recorded by the plugin)")
     totals: Counter = Counter()
     parts: Counter = Counter()
-    groups = Counter((p["mask"], tuple(tuple(s) for s in p["crop_shapes"]), tuple(tuple(g) for g in p["vision_grids"]))
-                     for p in prompts)
-    for (mask, crops, grids), n in groups.items():
+    groups = Counter((p["mask"], tuple(tuple(s) for s in p["crop_shapes"]), tuple(tuple(g) for g in p["vision_grids"]),
+                      tuple(p["kept_vision"]) if "kept_vision" in p else None) for p in prompts)
+    for (mask, crops, grids, kept), n in groups.items():
         vision = torch.tensor([[c == "v" for c in mask]])
         tokens = PrefillTokens(vision, torch.ones_like(vision), (crops,), grids)
-        report = count_flops(model_config, tokens, variant, lm_head="last")
+        # kept: the vision tokens a reduction on a ProxyV model kept at its start (which blocks keep a cell)
+        on_proxyv = kept is not None and getattr(model_config, "proxyv", None)  # (a plain config has no blocks to keep)
+        options = {"kept": [list(kept)]} if on_proxyv else {}
+        report = count_flops(model_config, tokens, variant, lm_head="last", **options)
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,
                        "lm_head": n * report.lm_head, "vision": n * (report.vision or 0)})
