@@ -106,3 +106,20 @@ def greedy_recomputation(model, batch, steps: int, context=contextlib.nullcontex
         ids, mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones_like(next_ids)], 1)
         types = torch.cat([types, torch.zeros_like(next_ids)], 1)
     return ids, step_logits
+
+
+def assert_generate_equals_reference(model, batch, context, reference, steps: int) -> None:
+    """Greedy ``generate()`` with the KV cache inside ``context()`` equals ``reference(generated)`` (per sample
+    (logits of the alive tokens, ...) for the prompt + the tokens generated so far) step by step, to 1e-5: the
+    logits of every step and the tokens chosen."""
+    with torch.no_grad(), context():
+        out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, suppress_tokens=suppressed(model))
+    generated = [[] for _ in range(batch["input_ids"].shape[0])]
+    for step in range(steps):
+        last = torch.stack([logits[-1] for logits, *_ in reference(generated)])
+        torch.testing.assert_close(out.logits[step], last, atol=1e-5, rtol=0)
+        last[:, suppressed(model)] = -torch.inf
+        for b, token in enumerate(last.argmax(-1).tolist()):
+            generated[b].append(token)
+    assert out.sequences[:, -steps:].tolist() == generated

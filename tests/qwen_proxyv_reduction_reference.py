@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from qwen_proxyv_reference import proxyv_layers, sample_grids
-from qwen_reference import deepstack_rows, language_model_inputs, reduced_sample
+from qwen_reference import reduced_sample, sample_inputs
 
 
 def reference_sample(model, embeds, positions, vision, grids, method, boundaries, keep, deepstack=(),
@@ -42,33 +42,14 @@ def reduction_reference(model, batch, method, boundaries, keep, generated=None):
     per stage the padded indices of the kept vision tokens). ``generated``: per sample the token ids appended
     after the prompt (text; positions continue the prompt's last on all three axes; the ranking token stays the
     prompt's last), as a KV cache built at the prefill computes them."""
-    embeds, visual_pos_masks, deepstack = language_model_inputs(model, batch)
-    keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
-            "second_per_grid_ts")
-    with torch.no_grad():
-        positions, _ = model.model.get_rope_index(**{k: batch[k] for k in keys if k in batch})  # (3, B, T)
     config = model.config
-    ids = batch["input_ids"]
-    vision = (ids == config.image_token_id) | (ids == config.video_token_id)
-    valid = batch["attention_mask"].bool()
-    table = model.model.language_model.embed_tokens.weight
-    _, T, D = embeds.shape
     out = []
     with torch.no_grad():
-        for b, grids in enumerate(sample_grids(batch, config)):
-            where = valid[b].nonzero().flatten()
-            index = valid[b].long().cumsum(0) - 1  # padded position -> unpadded index
+        inputs = sample_inputs(model, batch, generated=generated)
+        for (where, e, p, vis, ds, rank), grids in zip(inputs, sample_grids(batch, config)):
+            index = torch.zeros(batch["input_ids"].shape[1], dtype=torch.long)
+            index[where] = torch.arange(len(where))  # padded position -> unpadded index
             grids = [(int(index[start]), [index[g] for g in blocks]) for start, blocks in grids]
-            e, p, vis = embeds[b][where], positions[:, b][:, where], vision[b][where]
-            ds = [x[where] for x in deepstack_rows(visual_pos_masks, deepstack, b, T, D)]
-            rank = None
-            if generated is not None:
-                new = torch.tensor(generated[b], dtype=torch.long)
-                rank = len(where) - 1
-                e = torch.cat([e, table[new]])
-                p = torch.cat([p, p[:, -1:] + 1 + torch.arange(len(new))[None, :]], dim=1)
-                vis = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
-                ds = [torch.cat([x, torch.zeros(len(new), D)]) for x in ds]
             logits, alive, kept = reference_sample(model, e, p, vis, grids, method, boundaries, keep, ds, rank)
             out.append((logits, alive, [where[torch.tensor(k, dtype=torch.long)].tolist() for k in kept]))
     return out

@@ -263,11 +263,12 @@ def reduced_sample(lm, lm_head, config, embeds, positions, vision, method, bound
     return linear(rms_norm(h, lm.norm.weight, eps), lm_head), alive, kept_per_stage
 
 
-def reduced_reference(model, batch, method, boundaries, keep, *, with_deepstack=True, generated=None, n_prompt=None):
-    """Per sample (padding dropped): (logits (m, V) of the alive tokens, their indices into the padded sequence,
-    per stage the padded-sequence indices of the kept vision tokens). ``generated``: per sample a list of token
-    ids appended after the prompt (text, positions continuing the last prompt position on all three axes; the
-    ranking token stays the prompt's last)."""
+def sample_inputs(model, batch, *, with_deepstack=True, generated=None):
+    """Per sample b (padding dropped): ``(where, embeds, positions, vision, deepstack, rank)``, the sample's real
+    positions in the padded sequence, its input embeddings (m, D), M-RoPE positions (3, m), vision mask (m,),
+    DeepStack rows and the ranking row (None, or the prompt's last when ``generated[b]`` token ids are appended:
+    text, positions continuing the last prompt position on all three axes, as a KV cache built at the prefill
+    computes them)."""
     embeds, visual_pos_masks, deepstack = language_model_inputs(model, batch)
     keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
             "second_per_grid_ts")
@@ -279,21 +280,31 @@ def reduced_reference(model, batch, method, boundaries, keep, *, with_deepstack=
     valid = batch["attention_mask"].bool()
     table = model.model.language_model.embed_tokens.weight
     B, T, D = embeds.shape
+    for b in range(B):
+        where = valid[b].nonzero().flatten()
+        extra = deepstack_rows(visual_pos_masks, deepstack, b, T, D) if with_deepstack else []
+        e, p, vis, ds = embeds[b][where], positions[:, b][:, where], vision[b][where], [x[where] for x in extra]
+        rank = None
+        if generated is not None:
+            new = torch.tensor(generated[b], dtype=torch.long)
+            rank = len(where) - 1
+            e = torch.cat([e, table[new]])
+            p = torch.cat([p, p[:, -1:] + 1 + torch.arange(len(new))[None, :]], dim=1)
+            vis = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
+            ds = [torch.cat([x, torch.zeros(len(new), D)]) for x in ds]
+        yield where, e, p, vis, ds, rank
+
+
+def reduced_reference(model, batch, method, boundaries, keep, *, with_deepstack=True, generated=None):
+    """Per sample (padding dropped): (logits (m, V) of the alive tokens, their indices into the padded sequence,
+    per stage the padded-sequence indices of the kept vision tokens). ``generated``: per sample a list of token
+    ids appended after the prompt (text, positions continuing the last prompt position on all three axes; the
+    ranking token stays the prompt's last)."""
     out = []
     with torch.no_grad():
-        for b in range(B):
-            where = valid[b].nonzero().flatten()
-            extra = deepstack_rows(visual_pos_masks, deepstack, b, T, D) if with_deepstack else []
-            e, p, vis, ds = embeds[b][where], positions[:, b][:, where], vision[b][where], [x[where] for x in extra]
-            rank = None
-            if generated is not None:
-                new = torch.tensor(generated[b], dtype=torch.long)
-                rank = len(where) - 1
-                e = torch.cat([e, table[new]])
-                p = torch.cat([p, p[:, -1:] + 1 + torch.arange(len(new))[None, :]], dim=1)
-                vis = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
-                ds = [torch.cat([x, torch.zeros(len(new), D)]) for x in ds]
-            logits, alive, kept = reduced_sample(model.model.language_model, model.lm_head, config.text_config, e, p,
-                                                 vis, method, list(boundaries), keep, ds, rank)
+        for where, e, p, vis, ds, rank in sample_inputs(model, batch, with_deepstack=with_deepstack,
+                                                        generated=generated):
+            logits, alive, kept = reduced_sample(model.model.language_model, model.lm_head, model.config.text_config,
+                                                 e, p, vis, method, list(boundaries), keep, ds, rank)
             out.append((logits, alive, [where[torch.tensor(k, dtype=torch.long)].tolist() for k in kept]))
     return out

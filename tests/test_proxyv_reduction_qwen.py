@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from qwen_helpers import KINDS, SAMPLE_SETS, make_batch, model_for, suppressed
+from qwen_helpers import KINDS, SAMPLE_SETS, assert_generate_equals_reference, make_batch, model_for, suppressed
 from qwen_proxyv_reduction_reference import reduction_reference
 from qwen_reference import reduced_reference
 
@@ -137,18 +137,9 @@ def test_generate_with_cache_equals_recomputation(kind, attn, names):
     token fixed at the prompt's last; images and multi-block videos, left padding."""
     model, batch = proxyv_model(kind, attn), batch_for(kind, "videos")
     for name in names:
-        with torch.no_grad(), reduced(model, name):
-            out = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, suppress_tokens=suppressed(model))
-        generated = [[] for _ in range(batch["input_ids"].shape[0])]
-        for step in range(STEPS):
-            ref = reduction_reference(model, batch, *VARIANTS[name][2], generated=generated)
-            last = torch.stack([logits[-1] for logits, _, _ in ref])
-            torch.testing.assert_close(out.logits[step], last, atol=1e-5, rtol=0)
-            last[:, suppressed(model)] = -torch.inf
-            for b, token in enumerate(last.argmax(-1).tolist()):
-                generated[b].append(token)
-        assert out.sequences[:, -STEPS:].tolist() == generated, name
+        assert_generate_equals_reference(
+            model, batch, functools.partial(reduced, model, name),
+            functools.partial(reduction_reference, model, batch, *VARIANTS[name][2]), STEPS)
 
 
 @pytest.mark.parametrize("kind", KINDS)

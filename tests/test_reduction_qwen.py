@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_unchanged_after_blocks
-from qwen_helpers import KINDS, SAMPLE_SETS, make_batch, model_for
+from qwen_helpers import KINDS, SAMPLE_SETS, assert_generate_equals_reference, make_batch, model_for
 from qwen_reference import reduced_reference
 
 from analysis import ablate
@@ -103,18 +103,10 @@ def test_generate_with_cache_equals_recomputation(kind, attn, names):
     the prompt's last token; images and a video, left padding."""
     model, batch = model_for(kind, attn), batch_for(kind)
     for name in names:
-        with torch.no_grad(), ablate(model, name.split("-")[0], **VARIANTS[name][0]):
-            out = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, suppress_tokens=suppressed(model))
-        generated = [[] for _ in range(batch["input_ids"].shape[0])]
-        for step in range(STEPS):
-            ref = reduced_reference(model, batch, *VARIANTS[name][1], generated=generated)
-            last = torch.stack([logits[-1] for logits, _, _ in ref])
-            torch.testing.assert_close(out.logits[step], last, atol=1e-5, rtol=0)
-            last[:, suppressed(model)] = -torch.inf
-            for b, token in enumerate(last.argmax(-1).tolist()):
-                generated[b].append(token)
-        assert out.sequences[:, -STEPS:].tolist() == generated, name
+        assert_generate_equals_reference(
+            model, batch, functools.partial(ablate, model, name.split("-")[0], **VARIANTS[name][0]),
+            lambda generated, name=name: reduced_reference(model, batch, *VARIANTS[name][1], generated=generated),
+            STEPS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
