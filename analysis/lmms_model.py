@@ -292,8 +292,12 @@ class LlavaAblate(lmms):
 
         from .twins.blind import blank_image  # light; imported here to keep this module's import lean
 
+        try:
+            given = doc_to_visual(doc) or []
+        except SystemExit as stop:  # lmms-eval's video tasks sys.exit() on a missing file: a recordable error here
+            raise FileNotFoundError(f"the task's doc_to_visual stopped: {stop.code}") from None
         visuals = []
-        for visual in doc_to_visual(doc) or []:
+        for visual in given:
             if isinstance(visual, Image.Image):
                 visuals.append(blank_image(visual.convert("RGB")) if self.variant.blind else visual.convert("RGB"))
             elif isinstance(visual, (str, Path)):

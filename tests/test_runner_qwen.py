@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,25 @@ def test_operator_runs_are_prepared_with_the_pixel_bounds_in_their_identity(chec
     other = prepare(_compose("model=qwen2.5-vl-3b", f"model.pretrained={checkpoint}", "op=skip_attn", "start_layer=1",
                              f"run.runs_dir={tmp_path}", "model.min_pixels=256", "model.max_pixels=1024"))
     assert spec.key != other.key  # other image sizes -> other vision tokens -> another result
+
+
+@pytest.mark.parametrize("eval_name", ["lmms", "lmms_video"])
+def test_real_task_names_are_lmms_evals(eval_name):
+    """The real-benchmark eval configs (eval=lmms: the paper's four; eval=lmms_video: Video-MME for Qwen-VL) name
+    tasks lmms-eval 0.7.3 indexes, each with a metric its task yaml (or the template it includes) declares."""
+    from lmms_eval.tasks import TaskManager
+
+    conf = _compose(f"eval={eval_name}")["eval"]
+    index = TaskManager(verbosity="ERROR").task_index
+    for task, metric in conf["tasks"].items():
+        assert task in index, task
+        path = Path(index[task]["yaml_path"])
+        text = path.read_text()
+        included = re.search(r"^include:\s*(\S+)", text, re.M)
+        if included:
+            text += (path.parent / included.group(1)).read_text()
+        assert f"metric: {metric}" in text, (task, metric)
+    assert conf["include_defaults"] is True and conf["include_path"] is None
 
 
 # ----------------------------------------------------------------------------- the plugin

@@ -175,6 +175,26 @@ def test_blind_blanks_every_frame(videos, tmp_path):
     assert video.frames.shape == (8, 40, 56, 3) and all((f == f[0, 0]).all() for f in video.frames)
 
 
+def test_a_task_that_exits_on_a_missing_video_is_one_recordable_error(tmp_path):
+    """lmms-eval's video tasks sys.exit() from doc_to_visual when a video is missing (Video-MME: "video path:...
+    does not exist, please check"): the plugin turns it into an error the runner records (the sweep goes on),
+    and under lmms-eval's CLI into its one line and a non-zero exit."""
+    import sys
+
+    path = tiny_qwen.save_checkpoint(tmp_path / "q", "qwen2_5_vl", seed=0)
+    lm = LlavaAblate(str(path), progress=False)
+
+    def missing(doc):
+        sys.exit(f"video path:{doc} does not exist, please check")
+
+    with pytest.raises(FileNotFoundError, match="^the task's doc_to_visual stopped: video path:/no/such.mp4 does not"):
+        lm._visuals(missing, "/no/such.mp4")
+    lm.task_dict = {"t": {"eval": ["/no/such.mp4"]}}
+    lm.cli = True
+    with pytest.raises(SystemExit, match="^llava_ablate: the task's doc_to_visual stopped: video path:/no/such.mp4"):
+        lm.generate_until([Request("Q", {"max_new_tokens": 2}, missing, 0, "t", "eval")])
+
+
 def test_llava_refuses_videos_in_one_line(videos):
     model = tiny.build_model("llava", "llama", image_size=64, patch_size=8, num_layers=2, hidden_size=32,
                              num_heads=2, intermediate_size=64)
