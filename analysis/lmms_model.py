@@ -379,12 +379,12 @@ class LlavaAblate(lmms):
             })
 
     def _record_kept_vision(self, state, batch) -> None:
-        """Token reduction on a ProxyV Qwen-VL model: add to each prompt's shapes the vision tokens the execution
-        kept at ProxyV's start (``kept_vision``: indices into the prompt's unpadded tokens), so that its FLOPs count
-        the blocks that really keep a cell (the ranking may empty a whole video block; without them the count
-        assumes evenly placed kept tokens: :mod:`analysis.flops.proxyv_reduction`)."""
+        """Token reduction on a ProxyV model: add to each prompt's shapes the vision tokens the execution kept at
+        ProxyV's start (``kept_vision``: indices into the prompt's unpadded tokens), so that its FLOPs count the
+        crops / blocks that really keep a cell (the ranking may empty a whole image or video block; without them the
+        count assumes every crop keeps one: :mod:`analysis.flops.proxyv_reduction`)."""
         kept = getattr(state, "kept_vision", None)
-        if not (self.qwen and kept and getattr(self._model.config, "proxyv", None)):
+        if not (kept and getattr(self._model.config, "proxyv", None)):
             return
         mask = batch["attention_mask"].cpu()
         rank = mask.long().cumsum(1) - 1  # padded position -> index among the sample's real tokens

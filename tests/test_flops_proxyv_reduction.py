@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 from conftest import MULTI, PAIR
-from test_proxyv import batch_of, build
+from test_proxyv import batch_of, build, processor
 
 from analysis import ablate
-from analysis.flops import PrefillTokens, TextDims
+from analysis.flops import PrefillTokens, TextDims, mean_flops
 from analysis.flops.measure import torch_flop_counter
 from analysis.flops.proxyv_reduction import ProxyVReductionFlops
+from analysis.lmms_model import LlavaAblate
 
 L = 3
 CASES = [("fastv", {"start_layer": 2, "keep": 0.5}, [2, 3]), ("fastv", {"start_layer": 3, "keep": 0.3}, [3]),
@@ -46,6 +47,54 @@ def test_analytic_equals_torch_counter_layer_by_layer(attn, samples):
         kept = [len(k) for k in state.kept_vision[-1]]
         assert kept == list(flops.schedule(tokens).rows_at(L).vision)
         assert analytic[L] != flops.__class__.__mro__[1].layer_flops(flops, L, dims, tokens).total  # ProxyV counted
+
+
+def test_an_emptied_image_is_counted_from_the_kept_tokens(monkeypatch):
+    """FastV's ranking steered to the latest tokens (score = position), so the two-image sample keeps cells of its
+    second image only and its first image gets no proxies at L: the count given the execution's kept tokens
+    (kept=, what the plugin records with each prompt) equals torch's counter layer by layer; the default count,
+    which assumes every crop keeps a cell, over-counts from L."""
+    from analysis.reduction import runtime
+    from analysis.flops.proxyv_reduction import crops_kept
+
+    ranked = runtime.fastv_scores
+
+    def steered(attn, q, k, cos, sin, index, valid):
+        ranked(attn, q, k, cos, sin, index, valid)  # the ranking's own FLOPs still run (and are counted)
+        return index.float()
+
+    monkeypatch.setattr(runtime, "fastv_scores", steered)
+    model = build("llava-llama", "sdpa", start_layer=L, reduce_factor=2, init="learned")
+    batch = batch_of("llava", MULTI)
+    tokens = PrefillTokens.from_batch(batch, model.config)
+    dims = TextDims.from_config(model.config)
+    name = type(model).__name__
+    method, where, layers = "fastv", {"start_layer": 2, "keep": 0.25}, [2, 3]
+    with torch.no_grad(), ablate(model, method, **where) as state, torch_flop_counter() as counter:
+        model(**batch)
+    counts = counter.get_flop_counts()
+    measured = [sum(counts[f"{name}.model.language_model.layers.{i}"].values()) for i in range(4)]
+    kept = [k.tolist() for k in state.kept_vision[-1]]
+    assert [len(crops) for crops in tokens.crop_shapes] == [2, 0] and crops_kept(tokens, kept) == (1, 0)
+    exact = ProxyVReductionFlops(method, list(range(2, 4)), where["keep"], model.config.proxyv, kept=kept)
+    assert [exact.layer_flops(i, dims, tokens).total for i in range(4)] == measured
+    placed = counted(model, method, where, layers)
+    assert placed.layer_flops(L, dims, tokens).total > measured[L]
+    # the plugin records the kept tokens with the prompt, and the runner's count (mean_flops) reads them
+    lm = LlavaAblate(model=model, processor=processor("llava"), op=method, progress=False, **where)
+    lm._record_prompt_shapes(batch)
+    with torch.no_grad(), lm.variant_context() as state:
+        model(**batch)
+    lm._record_kept_vision(state, batch)
+    record = lm.prompt_shapes[0]  # the two-image sample, counted alone (unpadded), as the runner counts it
+    assert len(record["kept_vision"]) == len(kept[0])
+    with torch.no_grad(), ablate(model, method, **where), torch_flop_counter() as counter:
+        model(**batch_of("llava", MULTI[:1]))
+    counts = counter.get_flop_counts()
+    alone = sum(sum(counts[f"{name}.model.language_model.layers.{i}"].values()) for i in range(4))
+    assert mean_flops(model.config, [record], lm.variant)["total"] == alone
+    without = {key: value for key, value in record.items() if key != "kept_vision"}
+    assert mean_flops(model.config, [without], lm.variant)["total"] > alone
 
 
 def test_refusals_name_the_fix():

@@ -21,7 +21,8 @@ def mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) -> di
     string, one letter per prompt token: vision or text, as the variant computes them),
     ``crop_shapes`` (the (rows, cols) grid of each crop) and, where the family needs them, its
     recorded shapes under ``"<family>_shapes"`` (ProxyV: ``proxyv_shapes``, passed to its FLOPs as
-    ``shapes=``; ``None``: derived from the mask).
+    ``shapes=``; ``None``: derived from the mask), and for token reduction on a ProxyV model ``kept_vision`` (the
+    vision tokens its execution kept at ProxyV's start: which crops keep a cell, passed as ``kept=``).
 
     Each sample counts as its own unpadded batch-1 prefill (``lm_head="last"``, as ``generate()``), so
     the figures do not depend on the evaluation batch size. See :mod:`analysis.flops` for conventions.
@@ -35,12 +36,14 @@ def mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) -> di
     shapes_key = f"{variant.family}_shapes"
     totals: Counter = Counter()
     # recorded shapes are frozen dataclasses of tuples: hashable, so samples of one shape still count once
-    groups = Counter((p["mask"], tuple(tuple(shape) for shape in p["crop_shapes"]), p.get(shapes_key))
-                     for p in prompts)
-    for (mask, crops, shapes), n in groups.items():
+    groups = Counter((p["mask"], tuple(tuple(shape) for shape in p["crop_shapes"]), p.get(shapes_key),
+                      tuple(p["kept_vision"]) if "kept_vision" in p else None) for p in prompts)
+    for (mask, crops, shapes, kept), n in groups.items():
         vision = torch.tensor([[c == "v" for c in mask]])
         tokens = PrefillTokens(vision, torch.ones_like(vision), (crops,))
         extra = {} if shapes is None else {"shapes": shapes}
+        if kept is not None and getattr(model_config, "proxyv", None):  # reduction on ProxyV: the crops kept
+            extra["kept"] = [list(kept)]
         report = count_flops(model_config, tokens, variant, lm_head="last", **extra)
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,

@@ -269,10 +269,12 @@ def qwen_shapes(tokens: PrefillTokens, start_layer: int, reduce_factor: int, ini
 
 
 def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, light_width: int,
-                  partial: bool = False, proxies: bool = True, learned_proxies: int = 0) -> ProxyVShapes | None:
+                  partial: bool = False, proxies: bool = True, learned_proxies: int = 0,
+                  crops_kept: tuple[int, ...] | None = None) -> ProxyVShapes | None:
     """ProxyV shapes from prefill tokens whose vision positions are their crops' cells (module docstring);
     ``None`` without vision tokens. ``partial`` (learned proxies only): a sample's cells may be fewer than its
-    crops hold (token reduction before the start layer), each crop assumed to keep at least one cell.
+    crops hold (token reduction before the start layer), each crop assumed to keep at least one cell unless
+    ``crops_kept`` (per sample how many of its crops keep one, from an execution's kept tokens) says otherwise.
     ``proxies=False``: init "none" (no proxy per crop; ``reduce_factor`` and ``learned`` unused).
     ``learned_proxies``: learned proxies per crop where the checkpoint sets it (else side^2 // f^2)."""
     cells = tokens.vision & tokens.valid
@@ -307,7 +309,12 @@ def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, ligh
                 "from_batch(..., newline_tokens='text')); for LLaVA-NeXT batches with unpadded crops pass "
                 "shapes=proxyv_shapes(...)")
     B, T = tokens.batch, tokens.seq_len
-    proxies = [len(crops) * n if count else 0 for count, crops in zip(per_sample, tokens.crop_shapes)]
+    if crops_kept is not None and not partial:
+        raise ValueError("crops_kept describes partial crops (token reduction before ProxyV): pass partial=True")
+    alive = [len(crops) if count else 0 for count, crops in zip(per_sample, tokens.crop_shapes)]
+    if crops_kept is not None:
+        alive = [min(k, a) for k, a in zip(crops_kept, alive)]
+    proxies = [a * n for a in alive]
     text_valid = (tokens.valid & ~cells).sum(1).tolist()
     pairs = []
     for b in range(B):
@@ -317,9 +324,8 @@ def derive_shapes(tokens: PrefillTokens, reduce_factor: int, learned: bool, ligh
         pairs.append(_sample_text_pairs(vision) + P * before + P * (P + 1) // 2)
     return ProxyVShapes(
         batch=B, rows=T, proxies=max(proxies), vision_rows=max(per_sample), text_rows=max(T - c for c in per_sample),
-        crops=sum(len(crops) for count, crops in zip(per_sample, tokens.crop_shapes) if count),
-        cells_per_crop=side * side, proxies_per_crop=n, light_width=light_width, learned=learned,
-        counts=tuple(((n,) * len(crops),) if count else () for count, crops in zip(per_sample, tokens.crop_shapes)),
+        crops=sum(alive), cells_per_crop=side * side, proxies_per_crop=n, light_width=light_width, learned=learned,
+        counts=tuple(((n,) * a,) if a else () for a in alive),
         sample_proxies=tuple(proxies), sample_vision=tuple(per_sample), sample_text=tuple(text_valid),
         sample_pairs=tuple(pairs),
     )

@@ -6,10 +6,12 @@ Layers below L are :class:`~analysis.flops.reduction.ReductionFlops`' (HF layers
 From L on, the ProxyV layer of :mod:`analysis.flops.proxyv` runs on the rows of the stage alive at L, a (B, N)
 block: N = that stage's width, fillers first (padding), each sample's kept vision tokens its cells. Its
 shapes are :func:`~analysis.flops.proxyv.derive_shapes` of that block with ``partial=True``: every crop with a
-kept cell gets the learned proxies of a whole crop, and the analytic count ASSUMES every crop keeps at least
-one cell (true unless a crop loses all its tokens; the execution's own plan says, see
-``tests/test_flops_proxyv_reduction.py``). Kept vision tokens are placed as :func:`kept_vision_mask` places them
-(spread over the sample's vision positions), which fixes the theoretical pairs exactly for one image per sample.
+kept cell gets the learned proxies of a whole crop. From tokens alone the count ASSUMES every crop keeps at
+least one cell (true unless a crop loses all its tokens) and places the kept vision tokens as
+:func:`kept_vision_mask` places them (spread over the sample's vision positions); given ``kept`` (an execution's
+kept vision tokens, which the plugin records with each prompt) the block is those tokens and only the crops that
+keep a cell get proxies (:func:`crops_kept`), exact where the ranking empties a whole image too
+(``tests/test_flops_proxyv_reduction.py``).
 Vision tokens must be crop cells (LLaVA-1.5, or LLaVA-NeXT counted with newline tokens as text) and crops
 square: LLaVA-NeXT's unpadded crops are not counted here (one clear error).
 
@@ -42,16 +44,37 @@ from .tokens import PrefillTokens
 from .visionzip import VisionZipFlops
 
 
-def block_tokens(tokens: PrefillTokens, rows: Rows) -> PrefillTokens:
-    """The (B, N) block of a stage as prefill tokens: each sample's kept sequence right-aligned, fillers first."""
+def block_tokens(tokens: PrefillTokens, rows: Rows, kept=None) -> PrefillTokens:
+    """The (B, N) block of a stage as prefill tokens: each sample's kept sequence right-aligned, fillers first.
+    ``kept``: per sample the positions of the vision tokens an execution kept (else placed evenly)."""
     B, N = rows.batch, rows.width
     vision = torch.zeros(B, N, dtype=torch.bool)
     valid = torch.zeros(B, N, dtype=torch.bool)
     for b in range(B):
-        kept = kept_vision_mask(tokens.vision[b][tokens.valid[b]], rows.vision[b])
-        vision[b, N - len(kept):] = kept
-        valid[b, N - len(kept):] = True
+        if kept is None:
+            sequence = kept_vision_mask(tokens.vision[b][tokens.valid[b]], rows.vision[b])
+        else:
+            alive = tokens.valid[b] & ~tokens.vision[b]
+            alive[torch.as_tensor(kept[b], dtype=torch.long)] = True
+            sequence = tokens.vision[b][alive]
+        vision[b, N - len(sequence):] = sequence
+        valid[b, N - len(sequence):] = True
     return PrefillTokens(vision, valid, tokens.crop_shapes)
+
+
+def crops_kept(tokens: PrefillTokens, kept) -> tuple[int, ...]:
+    """Per sample how many of its crops hold one of the ``kept`` vision positions (LLaVA: crops of equal size, their
+    cells the sample's vision tokens in order)."""
+    counts = []
+    for b, crops in enumerate(tokens.crop_shapes):
+        vision = (tokens.vision[b] & tokens.valid[b]).nonzero().flatten()
+        if not crops or not len(vision):
+            counts.append(0)
+            continue
+        cells = crops[0][0] * crops[0][1]
+        rank = torch.searchsorted(vision, torch.as_tensor(kept[b], dtype=torch.long))
+        counts.append(len(set((rank // cells).tolist())))
+    return tuple(counts)
 
 
 def qwen_block_shapes(tokens: PrefillTokens, rows: Rows, settings: dict, hidden: int, kept=None):
@@ -83,13 +106,14 @@ def qwen_block_shapes(tokens: PrefillTokens, rows: Rows, settings: dict, hidden:
     return shapes_of_layout(layout, ProxyVSettings.from_dict(settings), hidden)
 
 
-def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> ProxyVFlops | None:
+def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims,
+                    alive_crops: tuple[int, ...] | None = None) -> ProxyVFlops | None:
     """ProxyV's layer-FLOPs variant (learned proxies, ``settings`` as ``config.proxyv`` holds them) on the ``block``
     a reduction leaves: its vision tokens are cells of its crops, possibly fewer than a crop holds; ``None``
-    without a vision token."""
+    without a vision token. ``alive_crops``: per sample how many crops keep a cell (default: all of them)."""
     factor, width = settings.get("reduce_factor") or DEFAULT_REDUCE_FACTOR, settings.get("light_width") or None
     shapes = derive_shapes(block, factor, True, width or dims.hidden // 4, partial=True,
-                           learned_proxies=settings.get("learned_proxies", 0))
+                           learned_proxies=settings.get("learned_proxies", 0), crops_kept=alive_crops)
     if shapes is None:
         return None
     return ProxyVFlops(range(settings["start_layer"], dims.layers), factor, "learned", width, shapes=shapes)
@@ -97,13 +121,13 @@ def proxyv_on_block(block: PrefillTokens, settings: dict, dims: TextDims) -> Pro
 
 class ProxyVReductionFlops(ReductionFlops):
     """FastV (``layers`` = K..L-1) or PyramidDrop (its boundaries) on a ProxyV model with ``proxyv`` settings
-    (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width). ``kept`` (Qwen-VL):
-    per sample the vision positions the execution kept (``Reduction.kept_vision[-1]``), for the blocks that keep
-    a cell exactly; by default they are placed evenly (module docstring)."""
+    (a dict as ``config.proxyv`` holds them: start_layer, reduce_factor, init, light_width). ``kept``: per sample
+    the vision positions the execution kept (``Reduction.kept_vision[-1]``), for the crops / blocks that keep a cell
+    exactly; by default they are placed evenly (module docstring)."""
 
     def __init__(self, method: str, layers, keep: float, proxyv: dict, kept=None):
         super().__init__(method, layers, keep)
-        self.kept = kept  # Qwen-VL: per sample the vision positions an execution kept (exact blocks); None: placed
+        self.kept = kept  # per sample the vision positions an execution kept (exact crops / blocks); None: placed
         check_on_proxyv(method, proxyv["start_layer"], drops(method, self.layers), proxyv.get("init"))
         self.proxyv = dict(proxyv)
         self.start = proxyv["start_layer"]
@@ -116,16 +140,15 @@ class ProxyVReductionFlops(ReductionFlops):
                 raise ValueError("counting token reduction on a ProxyV model needs the vision tokens to be crop cells "
                                  "(count LLaVA-NeXT with newline tokens as text) and the tokens' crop shapes")
             rows = self.schedule(tokens).rows_at(self.start)
-            block = block_tokens(tokens, rows)
+            block = block_tokens(tokens, rows, self.kept)
             if tokens.vision_grids:  # Qwen-VL: the plan of the block (grids of any shape, blocks per video)
                 shapes = qwen_block_shapes(tokens, rows, self.proxyv, dims.hidden, self.kept)
                 proxyv = None if shapes is None else ProxyVFlops(
                     range(self.start, dims.layers), self.proxyv.get("reduce_factor"), "learned",
                     self.proxyv.get("light_width") or None, shapes=shapes)
-            elif self.kept is not None:
-                raise ValueError("kept= (an execution's kept vision tokens) is read for Qwen-VL tokens only")
-            else:
-                proxyv = proxyv_on_block(block, self.proxyv, dims)
+            else:  # LLaVA: crops of one size; with kept, only the crops that keep a cell get proxies
+                alive = None if self.kept is None else crops_kept(tokens, self.kept)
+                proxyv = proxyv_on_block(block, self.proxyv, dims, alive)
             self._proxy = (tokens, block, proxyv)
         return self._proxy[1], self._proxy[2]
 
