@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import BatchLayout, CropGrid, ImageLayout, SampleLayout
+from ..layout_qwen import QwenBatchLayout
 from ..rows import select_rows
 
 
@@ -248,7 +249,7 @@ def remap_layout(layout, slot_of: torch.Tensor, valid: torch.Tensor):
     docs/reduction.md, docs/qwen.md).
     """
     B, N = valid.shape
-    qwen = hasattr(layout, "video_mask")
+    qwen = isinstance(layout, QwenBatchLayout)
 
     def moved(t: torch.Tensor, b: int) -> torch.Tensor:
         return torch.where(t >= 0, slot_of[b].to(t.device)[t.clamp(min=0)], -1)
