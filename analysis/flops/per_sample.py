@@ -14,6 +14,18 @@ from .tokens import PrefillTokens
 PER = "LM decoder prefill FLOPs, mean per evaluated sample (unpadded, batch 1)"
 
 
+def recorded_kept(prompt: Mapping):
+    """A prompt record's ``kept_vision`` as a hashable tuple (the vision tokens a token reduction on a ProxyV model
+    kept at its start), None where it has none."""
+    return tuple(prompt["kept_vision"]) if "kept_vision" in prompt else None
+
+
+def kept_option(model_config, kept) -> dict:
+    """``count_flops``' ``kept=`` for one prompt's recorded kept tokens: only on a ProxyV model (a plain config has
+    no crops or blocks to keep), else nothing."""
+    return {"kept": [list(kept)]} if kept is not None and getattr(model_config, "proxyv", None) else {}
+
+
 def mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) -> dict:
     """Decoder prefill FLOPs of ``variant`` and of the baseline, mean per evaluated sample.
 
@@ -37,13 +49,11 @@ def mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) -> di
     totals: Counter = Counter()
     # recorded shapes are frozen dataclasses of tuples: hashable, so samples of one shape still count once
     groups = Counter((p["mask"], tuple(tuple(shape) for shape in p["crop_shapes"]), p.get(shapes_key),
-                      tuple(p["kept_vision"]) if "kept_vision" in p else None) for p in prompts)
+                      recorded_kept(p)) for p in prompts)
     for (mask, crops, shapes, kept), n in groups.items():
         vision = torch.tensor([[c == "v" for c in mask]])
         tokens = PrefillTokens(vision, torch.ones_like(vision), (crops,))
-        extra = {} if shapes is None else {"shapes": shapes}
-        if kept is not None and getattr(model_config, "proxyv", None):  # reduction on ProxyV: the crops kept
-            extra["kept"] = [list(kept)]
+        extra = {**({} if shapes is None else {"shapes": shapes}), **kept_option(model_config, kept)}
         report = count_flops(model_config, tokens, variant, lm_head="last", **extra)
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,

@@ -38,7 +38,7 @@ def qwen_mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) 
     import torch
 
     from ..flops import PrefillTokens, count_flops
-    from ..flops.per_sample import PER
+    from ..flops.per_sample import PER, kept_option, recorded_kept
 
     prompts = list(prompts)
     if not prompts:
@@ -49,14 +49,11 @@ def qwen_mean_flops(model_config, prompts: Iterable[Mapping], variant: Variant) 
     totals: Counter = Counter()
     parts: Counter = Counter()
     groups = Counter((p["mask"], tuple(tuple(s) for s in p["crop_shapes"]), tuple(tuple(g) for g in p["vision_grids"]),
-                      tuple(p["kept_vision"]) if "kept_vision" in p else None) for p in prompts)
+                      recorded_kept(p)) for p in prompts)
     for (mask, crops, grids, kept), n in groups.items():
         vision = torch.tensor([[c == "v" for c in mask]])
         tokens = PrefillTokens(vision, torch.ones_like(vision), (crops,), grids)
-        # kept: the vision tokens a reduction on a ProxyV model kept at its start (which blocks keep a cell)
-        on_proxyv = kept is not None and getattr(model_config, "proxyv", None)  # (a plain config has no blocks to keep)
-        options = {"kept": [list(kept)]} if on_proxyv else {}
-        report = count_flops(model_config, tokens, variant, lm_head="last", **options)
+        report = count_flops(model_config, tokens, variant, lm_head="last", **kept_option(model_config, kept))
         totals.update({"total": n * report.total, "baseline": n * report.baseline,
                        "theoretical": n * report.theoretical, "theoretical_baseline": n * report.theoretical_baseline,
                        "lm_head": n * report.lm_head, "vision": n * (report.vision or 0)})
