@@ -46,6 +46,7 @@ class Chunk:
     key_valid: torch.Tensor  # (B, K) bool, the attention mask
     past: int  # cache positions before this chunk
     masks: dict = field(default_factory=dict)  # (queries, window) -> (B, Nq, K) allowed
+    affected: bool = True  # whether the op changes anything in this chunk (set by prepare)
     _text_rows: tuple | None = None
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,15 @@ class Chunk:
         if self._text_rows is None:
             self._text_rows = select_rows(~self.query_vision)
         return self._text_rows
+
+    def prepare(self, op: Operator) -> None:
+        """Decide everything that reads the masks' values back to the host -- whether ``op`` changes this chunk,
+        how many non-vision rows there are -- before the forward runs (the core's pre-hook, ahead of the vision
+        tower). A read inside a decoder layer would stop the host from queueing work ahead of the device, so
+        every later layer would wait for its kernels to be launched one by one."""
+        self.affected = op.affects(self.query_vision, self.key_vision)
+        if self.affected and (op.skip_attention or op.skip_ffn):
+            self.text_rows()
 
 
 class VisionTracker:
@@ -63,9 +73,10 @@ class VisionTracker:
     who = "ablate()"  # who is speaking in error messages
     ENCODERS = ("image",)  # the core's get_<kind>_features methods generate() calls before the first forward
 
-    def __init__(self, config, newline_tokens: str):
+    def __init__(self, config, newline_tokens: str, operator: Operator | None = None):
         self.config = config
         self.newline_tokens = newline_tokens
+        self.operator = operator  # ablate()'s op: each chunk is prepared for it (Chunk.prepare)
         self.key_vision: torch.Tensor | None = None
         self.chunk: Chunk | None = None
         self.warned_no_image = False
@@ -150,7 +161,8 @@ class VisionTracker:
             self.key_vision = torch.cat([self.key_vision, query_vision], dim=1)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.key_vision)
         self.chunk = Chunk(query_vision, self.key_vision, valid, past)
-
+        if self.operator is not None:
+            self.chunk.prepare(self.operator)
 
 
 class QwenVisionTracker(VisionTracker):
@@ -161,8 +173,8 @@ class QwenVisionTracker(VisionTracker):
     KINDS = (("image", "pixel_values"), ("video", "pixel_values_videos"))
     ENCODERS = ("image", "video")
 
-    def __init__(self, config, newline_tokens: str):
-        super().__init__(config, newline_tokens)
+    def __init__(self, config, newline_tokens: str, operator: Operator | None = None):
+        super().__init__(config, newline_tokens, operator)
         # generate() encodes images and videos before the first forward and passes the features without
         # image_grid_thw / video_grid_thw: remember the grids from the encoder calls.
         self.encoded_grids: dict[str, torch.Tensor | None] = {"image": None, "video": None}
@@ -238,7 +250,7 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
                           **kwargs):
     """A decoder layer's forward with ``op`` applied; HF's own forward where ``op`` changes nothing."""
     chunk = tracker.chunk
-    if chunk is None or not op.affects(chunk.query_vision, chunk.key_vision):
+    if chunk is None or not chunk.affected:
         return type(layer).forward(
             layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
@@ -252,12 +264,13 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
         x = layer.input_layernorm(hidden_states)
         rows, valid = chunk.text_rows() if op.skip_attention else (None, None)  # (B, Nq)
         allowed = _allowed(chunk, op, _window(attn))
-        if rows is None:
-            out = split_attention(attn, x, (cos, sin), x, (cos, sin), allowed, past_key_values)
+        if rows is None:  # mask_v2v / drop_v2t: causal only where the op changes nothing, so never ask the mask
+            out = split_attention(attn, x, (cos, sin), x, (cos, sin), allowed, past_key_values, causal=False)
             hidden_states = hidden_states + out
         else:
             q_rope = (gather_rows(cos, rows), gather_rows(sin, rows))
-            out = split_attention(attn, gather_rows(x, rows), q_rope, x, (cos, sin), allowed, past_key_values)
+            out = split_attention(attn, gather_rows(x, rows), q_rope, x, (cos, sin), allowed, past_key_values,
+                                  causal=False)
             hidden_states = scatter_add_rows(hidden_states, rows, valid, out)
     else:
         residual = hidden_states
@@ -334,7 +347,7 @@ def _ablate_operator(model, op: str | Operator, layers: Iterable[int] | None = N
         raise ValueError(f"newline_tokens must be 'vision' or 'text', got {newline_tokens!r}")
     if operator.changes_attention:
         check_backend(text_config_of(core)._attn_implementation, f"op {operator.name!r}")
-    tracker = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, newline_tokens)
+    tracker = (QwenVisionTracker if is_qwen_vl_model(core) else VisionTracker)(core.config, newline_tokens, operator)
     handles, patched = [], []
     try:
         handles.append(core.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True).remove)

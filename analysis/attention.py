@@ -76,6 +76,7 @@ def split_attention(
     allowed: torch.Tensor,
     cache=None,
     extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    causal: bool | None = None,
 ) -> torch.Tensor:
     """Attention output of ``attn`` for query rows against key/value rows, after ``o_proj``.
 
@@ -93,6 +94,9 @@ def split_attention(
         cache: a HF ``Cache`` or ``None``.
         extra_kv: optional rotated (key, value), each (B, kv_heads, Ne, hd), attended after the cached
             keys but not written to the cache (ProxyV's proxies).
+        causal: whether ``allowed`` is exactly the causal pattern (then sdpa runs its causal kernel); ``None``: find
+            out from the mask, which reads it back to the host (a device sync in every call); ``False`` is always
+            correct (the explicit mask), so a caller that knows its mask is seldom causal passes it.
     Returns:
         (B, Nq, D) attention output.
     """
@@ -114,7 +118,7 @@ def split_attention(
         value = torch.cat([value, extra_kv[1]], dim=2)
     if allowed.shape[-1] != key.shape[2]:
         raise ValueError(f"mask covers {allowed.shape[-1]} keys but attention has {key.shape[2]}")
-    if implementation == "sdpa" and _is_causal(allowed):
+    if implementation == "sdpa" and (_is_causal(allowed) if causal is None else causal):
         # Exactly the causal pattern (e.g. a batch-1 pruned layer): sdpa's causal kernel skips the upper
         # triangle, as HF's own layer does, instead of computing the rectangle under an explicit mask.
         out, _ = kernel(attn, query, key, value, None, dropout=attn.attention_dropout if attn.training else 0.0,

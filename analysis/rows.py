@@ -28,7 +28,13 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def scatter_add_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` (B, T, D) with ``update[b, i]`` added to row ``rows[b, i]`` wherever ``valid``. Under autocast
     ``update`` may be half precision while the residual stream is fp32: it is added in ``x``'s dtype, as the
-    layer's own ``residual + out`` would promote it."""
+    layer's own ``residual + out`` would promote it.
+
+    ``rows`` as :func:`select_rows` gives them: distinct within a sample, filler slots naming unselected rows. The
+    filler slots add an exact zero (``where``, so a non-finite value computed on a filler row cannot leak) rather
+    than being removed: selecting the valid slots would read ``valid`` back to the host in every layer."""
     B, T, D = x.shape
-    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T)[valid]
-    return x.reshape(B * T, D).index_add(0, flat, update[valid].to(x.dtype)).view(B, T, D)
+    N = rows.shape[1]
+    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T).reshape(B * N)
+    update = torch.where(valid[..., None], update.to(x.dtype), 0).reshape(B * N, D)
+    return x.reshape(B * T, D).index_add(0, flat, update).view(B, T, D)

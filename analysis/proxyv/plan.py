@@ -49,6 +49,7 @@ class ProxyPlan:
     cell_src: torch.Tensor  # (C, S) long: flat b*T + t of each cell (removed cells: nearest kept cell)
     cell_valid: torch.Tensor  # (C, S) bool: False where unpadding removed the cell
     crop_proxy: torch.Tensor  # (C, n) long: flat proxy slot b*P + k, -1 where the proxy does not exist
+    proxy_slots: tuple  # (sources, slots): the existing proxies' flat (c*n + k) indices and their slots b*P + k
     proxy_valid: torch.Tensor  # (B, P) bool
     proxy_start: torch.Tensor  # (B, P) long: chunk row of the first token of the proxy's image
     proxy_rank: torch.Tensor  # (B, P) long: index of the proxy within its image
@@ -214,8 +215,8 @@ def build_plan(layout, settings) -> ProxyPlan | None:
         vision=vision.to(**to), vision_rows=vision_rows.to(**to), vision_valid=vision_valid.to(**to),
         text_rows=text_rows.to(**to), text_valid=text_valid.to(**to),
         cell_src=torch.stack(cell_src).to(**to), cell_valid=torch.stack(cell_valid).to(**to),
-        crop_proxy=crop_proxy.to(**to), proxy_valid=proxy_valid.to(**to), proxy_start=proxy_start.to(**to),
-        proxy_rank=proxy_rank.to(**to), row_context=row_context.to(**to),
+        crop_proxy=crop_proxy.to(**to), proxy_slots=_existing(crop_proxy, device), proxy_valid=proxy_valid.to(**to),
+        proxy_start=proxy_start.to(**to), proxy_rank=proxy_rank.to(**to), row_context=row_context.to(**to),
         text_flat=text_flat.to(**to), vision_flat=vision_flat.to(**to),
         text_put=_put(text_flat, text_valid, device), vision_put=_put(vision_flat, vision_valid, device),
         grid=grid, factor=factor, learned=learned, counts=tuple(counts),
@@ -225,6 +226,14 @@ def build_plan(layout, settings) -> ProxyPlan | None:
 def _flat(rows: torch.Tensor, T: int) -> torch.Tensor:
     """(B, N) row indices -> (B*N,) indices into the flattened (B*T, ...) rows."""
     return (rows + torch.arange(rows.shape[0])[:, None] * T).flatten()
+
+
+def _existing(crop_proxy: torch.Tensor, device) -> tuple:
+    """(sources, slots) of the proxies that exist, found here on the CPU: on the device, selecting them in the
+    forward would read a mask back to the host and stall the launch queue at the start layer."""
+    exists = crop_proxy.flatten() >= 0
+    sources = exists.nonzero().flatten()
+    return sources.to(device), crop_proxy.flatten()[sources].to(device)
 
 
 def _put(flat: torch.Tensor, valid: torch.Tensor, device) -> tuple:

@@ -90,11 +90,10 @@ class ForwardState:
     def _slotted(self, per_crop: torch.Tensor, B: int) -> torch.Tensor:
         """(C, n, F) per-crop values -> (B, P, F) in the proxy slots (zeros where no proxy exists)."""
         plan = self.plan
-        slots = plan.crop_proxy.flatten()  # (C*n,)
-        exists = slots >= 0
+        sources, slots = plan.proxy_slots
         F = per_crop.shape[-1]
         flat = per_crop.new_zeros(B * plan.n_proxies, F)
-        return flat.index_copy(0, slots[exists], per_crop.reshape(-1, F)[exists]).view(B, plan.n_proxies, F)
+        return flat.index_copy(0, slots, per_crop.reshape(-1, F).index_select(0, sources)).view(B, plan.n_proxies, F)
 
     def _mrope_positions(self, B: int) -> torch.Tensor:
         """(3, B, P) float M-RoPE positions of the proxies, downsampled from their cells' like the features."""
@@ -281,7 +280,9 @@ def _layer_step(layer, guide: GuidedUpdate | LightUpdate, state: ForwardState, p
     x, xp = layer.input_layernorm(h), layer.input_layernorm(p)  # every row: all of them are keys
     queries = torch.cat([xp, take(x, plan.text_flat, Nt)], dim=1)  # (B, P + Nt, D)
     extra_kv = project_kv(attn, xp, *state.rope) if P else None  # proxies' keys/values: attended, never cached
-    out = split_attention(attn, queries, state.q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv)
+    # never the causal pattern (proxy rows read their own key columns after the cache's), so never ask the mask
+    out = split_attention(attn, queries, state.q_rope, x, (cos, sin), state.allowed, past_key_values, extra_kv,
+                          causal=False)
     p = p + out[:, :P]
     text = take(h, plan.text_flat, Nt) + out[:, P:]  # (B, Nt, D)
 
