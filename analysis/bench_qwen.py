@@ -5,6 +5,7 @@ FLOPs and peak memory."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import statistics
 import time
@@ -14,6 +15,7 @@ import torch
 from .ablation import ablate
 from .bench import load_note
 from .flops import PrefillTokens, count_flops, load_config
+from .host_reads import LayerReads
 from .layout_qwen import QWEN_VL_MODEL_TYPES
 from .models import vlm_generation_class
 from .proxyv import apply_proxyv, proxyv_shapes
@@ -99,16 +101,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class DecoderClock:
-    """The language model's share of a forward: CUDA events (or wall clock on CPU) at its forward pre-hook and hook,
-    so the decoder -- the only part the operators and ProxyV change -- is timed inside the real call."""
+class SpanClock:
+    """The share of a forward spent in ``module`` (the vision tower, the language model): CUDA events (or wall clock
+    on CPU) at its forward pre-hook and hook, inside the real call. On a GPU the span is the device's: from when the
+    device reaches the module's first kernel to its last, idle gaps included (a host that launches too slowly shows
+    here, not as missing FLOPs)."""
 
-    def __init__(self, model, device: str):
+    def __init__(self, module, device: str):
         self.cuda = device.startswith("cuda")
         self.marks = []
-        lm = model.model.language_model
-        lm.register_forward_pre_hook(lambda *a: self.marks.append(self._mark()))
-        lm.register_forward_hook(lambda *a: self.marks.append(self._mark()))
+        module.register_forward_pre_hook(lambda *a: self.marks.append(self._mark()))
+        module.register_forward_hook(lambda *a: self.marks.append(self._mark()))
 
     def _mark(self):
         if not self.cuda:
@@ -123,8 +126,14 @@ class DecoderClock:
         return start.elapsed_time(end) / 1000 if self.cuda else end - start
 
 
-def call(model, clock, batch, variant, L, device):
-    """Seconds (whole prefill, decoder alone) and peak extra MiB of one prefill of ``variant``."""
+def clocks_of(model, device: str) -> dict[str, SpanClock]:
+    """The tower's and the decoder's clocks on ``model``."""
+    core = model.model
+    return {"tower": SpanClock(core.visual, device), "decoder": SpanClock(core.language_model, device)}
+
+
+def call(model, clocks, batch, variant, L, device):
+    """{"whole", "tower", "decoder": seconds, "peak": extra MiB} of one prefill of ``variant``."""
     context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
     cuda = device.startswith("cuda")
     if cuda:
@@ -137,7 +146,22 @@ def call(model, clock, batch, variant, L, device):
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
-    return seconds, clock.seconds(), peak
+    return {"whole": seconds, **{name: clock.seconds() for name, clock in clocks.items()}, "peak": peak}
+
+
+def layer_reads(model, batch, variant, L) -> dict:
+    """How often and where the layers from ``L`` on read device values back to the host in one prefill of
+    ``variant`` (:mod:`analysis.host_reads`; an untimed call): {"count": n, "where": ["op at file:line xN", ...]}."""
+    lm = model.model.language_model
+    spy = LayerReads(lm, lm.layers, L)
+    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    try:
+        with torch.no_grad(), context:
+            model(**batch, logits_to_keep=1)
+    finally:
+        spy.remove()
+    counts = collections.Counter(f"{r.op} at {r.where}" for r in spy.reads)
+    return {"count": len(spy.reads), "where": [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]}
 
 
 def profile_table(model, batch, variant, L, device) -> str:
@@ -168,7 +192,7 @@ def run(args) -> tuple[dict, list[dict]]:
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
     batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
     models = {"none": model, **{op: model for op in OPS}, "proxyv": proxyv}
-    clocks = {id(m): DecoderClock(m, args.device) for m in (model, proxyv)}
+    clocks = {id(m): clocks_of(m, args.device) for m in (model, proxyv)}
 
     tokens = PrefillTokens.from_batch(batch_cpu, config)
     shapes = proxyv_shapes(proxyv.config, batch_cpu["input_ids"], batch_cpu["attention_mask"],
@@ -183,15 +207,13 @@ def run(args) -> tuple[dict, list[dict]]:
     for _ in range(args.warmup):
         for name, m in models.items():
             call(m, clocks[id(m)], batch, name, L, args.device)
-    times = {name: [] for name in models}
-    decoder_times = {name: [] for name in models}
-    peaks = {name: [] for name in models}
+    calls = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, m in models.items():
-            seconds, decoder, peak = call(m, clocks[id(m)], batch, name, L, args.device)
-            times[name].append(seconds)
-            decoder_times[name].append(decoder)
-            peaks[name].append(peak)
+            calls[name].append(call(m, clocks[id(m)], batch, name, L, args.device))
+    reads = {name: layer_reads(m, batch, name, L) for name, m in models.items()}
+    times = {name: [c["whole"] for c in cs] for name, cs in calls.items()}
+    decoder_times = {name: [c["decoder"] for c in cs] for name, cs in calls.items()}
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         for name in ("none", "skip_ffn", "proxyv"):
@@ -216,7 +238,9 @@ def run(args) -> tuple[dict, list[dict]]:
             "decoder_median_s": statistics.median(decoder_times[name]), "decoder_time_ratio": decoder_ratio,
             "decoder_time_saved": 1 - decoder_ratio,
             "decoder_saved_ratio": (1 - decoder_ratio) / decoder_saved if decoder_saved > 0 else None,
-            "peak_extra_mib": max(peaks[name]),
+            "tower_median_s": statistics.median(c["tower"] for c in calls[name]),
+            "peak_extra_mib": max(c["peak"] for c in calls[name]),
+            "layer_host_reads": reads[name],
         })
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({load_note()})"
     meta = {"config": args.config, "layers": layers, "width": config.text_config.hidden_size,
@@ -236,15 +260,20 @@ def table(meta: dict, rows: list[dict]) -> str:
     lines = [(f"{meta['config']}: {meta['layers']} layers, width {meta['width']}, {meta['vision_tokens']} vision tokens "
               f"({meta['blocks']} blocks of {side}x{side}) + {meta['text_tokens']} text, {meta['proxies']} proxies; "
               f"{meta['dtype']} {meta['attn']} on {meta['device']}; medians of {meta['repeats']} rounds"),
-             "whole prefill (tower, decoder, LM head on the last row) | decoder alone (what the variants change)",
-             (f"{'variant':<18}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>6} |{'s':>8}{'FLOPs saved':>12}"
-              f"{'time saved':>11}{'ratio':>6}{'peak MiB':>10}")]
+             "whole prefill (tower, decoder, LM head on the last row) | tower | decoder alone (what the variants "
+             "change); host reads in the variant's layers",
+             (f"{'variant':<18}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7} |{'s':>7} |{'s':>8}"
+              f"{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7}{'peak MiB':>10}{'reads':>6}")]
 
     def fmt(x):
         return "-" if x is None else f"{x:.2f}"
 
     for r in rows:
         lines.append(f"{r['variant']:<18}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
-                     f"{fmt(r['saved_ratio']):>6} |{r['decoder_median_s']:>8.4f}{r['decoder_flops_saved']:>12.1%}"
-                     f"{r['decoder_time_saved']:>11.1%}{fmt(r['decoder_saved_ratio']):>6}{r['peak_extra_mib']:>10.0f}")
+                     f"{fmt(r['saved_ratio']):>7} |{r['tower_median_s']:>7.3f} |{r['decoder_median_s']:>8.4f}"
+                     f"{r['decoder_flops_saved']:>12.1%}{r['decoder_time_saved']:>11.1%}{fmt(r['decoder_saved_ratio']):>7}"
+                     f"{r['peak_extra_mib']:>10.0f}{r['layer_host_reads']['count']:>6}")
+    for r in rows:
+        for read in r["layer_host_reads"]["where"]:
+            lines.append(f"  host read in {r['variant']}'s layers: {read}")
     return "\n".join(lines)

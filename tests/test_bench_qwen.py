@@ -33,6 +33,8 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     assert by["skip_attn_ffn-L1"]["decoder_flops"] < by["skip_ffn-L1"]["decoder_flops"]
     for r in rows:
         assert 0 < r["decoder_median_s"] < r["median_s"]  # the decoder is timed inside the whole call
+        assert 0 < r["tower_median_s"] < r["median_s"] - r["decoder_median_s"]  # so is the tower, before it
+        assert r["layer_host_reads"] == {"count": 0, "where": []}  # no variant's layer stalls the launch queue
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_none.txt", "profile_proxyv.txt",
                                                           "profile_skip_ffn.txt"]
     assert "proxyv-L1" in table(meta, rows)
