@@ -165,16 +165,43 @@ def layer_reads(model, batch, variant, L) -> dict:
 
 
 def profile_table(model, batch, variant, L, device) -> str:
-    """torch.profiler's table of one prefill of ``variant`` (top operators by device time, or CPU time on CPU)."""
+    """torch.profiler's table of the decoder alone (the language model's forward, the part the variants change) in
+    one prefill of ``variant``: operators by self device time (CPU time on CPU), and their total against the span."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
-    with profile(activities=activities) as prof, torch.no_grad(), context:
-        model(**batch, logits_to_keep=1)
+    cuda = device.startswith("cuda")
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    marks = []
+
+    def on(*args):
         synchronize(device)
-    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30)
+        prof.start()
+        marks.append(time.perf_counter())
+
+    def off(*args):
+        synchronize(device)
+        marks.append(time.perf_counter())
+        prof.stop()
+
+    lm = model.model.language_model
+    handles = [lm.register_forward_pre_hook(on), lm.register_forward_hook(off)]
+    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    try:
+        with torch.no_grad(), context:
+            model(**batch, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    averages = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # as torch's own table totals it: on a GPU the kernels' rows (device events), never their launching operators
+    kernels = [e for e in averages if not cuda or (e.device_type == torch.autograd.DeviceType.CUDA
+                                                   and not getattr(e, "is_user_annotation", False))]
+    busy = sum(getattr(e, key) for e in kernels) / 1e6
+    span = marks[1] - marks[0]
+    head = (f"{variant}: decoder span {span:.4f} s (profiled), operators' self {'device' if cuda else 'CPU'} time "
+            f"{busy:.4f} s ({busy / span:.0%} of the span)\n")
+    return head + averages.table(sort_by=key, row_limit=30)
 
 
 def run(args) -> tuple[dict, list[dict]]:
@@ -216,7 +243,7 @@ def run(args) -> tuple[dict, list[dict]]:
     decoder_times = {name: [c["decoder"] for c in cs] for name, cs in calls.items()}
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-        for name in ("none", "skip_ffn", "proxyv"):
+        for name in models:
             (args.profile / f"profile_{name}.txt").write_text(profile_table(models[name], batch, name, L, args.device))
 
     def total(report):

@@ -36,7 +36,10 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
         assert 0 < r["tower_median_s"] < r["median_s"] - r["decoder_median_s"]  # so is the tower, before it
         assert r["layer_host_reads"] == {"count": 0, "where": []}  # no variant's layer stalls the launch queue
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_none.txt", "profile_proxyv.txt",
+                                                          "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
                                                           "profile_skip_ffn.txt"]
+    ffn = (tmp_path / "profile_skip_ffn.txt").read_text()  # the decoder alone: the tower's operators are absent
+    assert ffn.startswith("skip_ffn: decoder span") and "aten::linear" in ffn and "conv3d" not in ffn
     assert "proxyv-L1" in table(meta, rows)
 
 
