@@ -31,6 +31,10 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     for name in ("skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1", "proxyv-L1"):
         assert 0 < by[name]["decoder_flops_saved"] < 1 and 0 < by[name]["flops_saved"] < by[name]["decoder_flops_saved"]
     assert by["skip_attn_ffn-L1"]["decoder_flops"] < by["skip_ffn-L1"]["decoder_flops"]
+    # over allowed pairs only (the causal triangle), skipping vision queries' attention saves less, skipping their
+    # FFN a larger share: the two counts bracket what the kernels do
+    assert by["skip_attn-L1"]["decoder_pairs_flops_saved"] < by["skip_attn-L1"]["decoder_flops_saved"]
+    assert by["skip_ffn-L1"]["decoder_pairs_flops_saved"] > by["skip_ffn-L1"]["decoder_flops_saved"]
     for r in rows:
         assert 0 < r["decoder_median_s"] < r["median_s"]  # the decoder is timed inside the whole call
         assert 0 < r["tower_median_s"] < r["median_s"] - r["decoder_median_s"]  # so is the tower, before it
@@ -67,6 +71,7 @@ def test_qwen3_every_variant_runs_and_the_prompt_holds_the_timestamps():
         report = count_flops(config, tokens, op, start_layer=3, lm_head="last")
         assert by[name]["flops"] == report.total + report.lm_head + report.vision
         assert by[name]["decoder_flops"] == report.total
+        assert by[name]["decoder_pairs_flops_saved"] == 1 - report.theoretical / report.theoretical_baseline
     # the timestamps and per-block start / end tokens are counted: the same prompt, counted from its token numbers
     counts = PrefillTokens.from_qwen_counts(config, video_grids=[(3, 8, 8)], text_tokens=8 + 2 + 3 * (6 + 2))
     assert by["none"]["decoder_flops"] == count_flops(config, counts, lm_head="last").total
