@@ -466,7 +466,13 @@ class LlavaAblate(lmms):
         q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "min_ms": min(times),
                 "max_ms": max(times), "n": len(times), "warmup": warmup, "threads": torch.get_num_threads(),
-                "load_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
+                "load_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "device": self._device_name()}
+
+    def _device_name(self) -> str:
+        """Where the timings ran: ``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+        if self._device.type != "cuda":
+            return self._device.type
+        return f"{self._device} ({torch.cuda.get_device_name(self._device)})"
 
     def _sync(self) -> None:
         if self._device.type == "cuda":

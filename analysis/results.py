@@ -26,8 +26,8 @@ first, so a ``result.json`` that exists is complete and its samples are there:
                         prefill FLOPs, mean per evaluated sample (``per`` says so); see analysis.flops
     latency_ms          median prefill wall time of one sample (batch 1) under the variant
     latency             {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "n", "warmup", "threads",
-                        "load_1min", "cpus"} of those timings (older records: latency_ms only;
-                        :func:`record_latency` reads both)
+                        "load_1min", "cpus", "device"} of those timings (older records: latency_ms only, or no
+                        device; :func:`record_latency` reads them all)
     agreement           fraction of answers identical to the baseline's (same task and doc)
     n_samples           evaluated samples, all tasks together; ``n_per_task``: task -> samples scored
     seed, git_commit, git_dirty, versions (package -> version), device, hostname
@@ -366,11 +366,16 @@ def record_latency(record: dict) -> dict:
     """Prefill latency of a record: ``median_ms``, ``q1_ms``, ``q3_ms``, ``n`` (timed forwards), ``load_1min``,
     ``cpus`` from its ``latency`` field (older records: ``latency_ms`` as the median, the rest None), and
     ``noisy``: the interquartile range exceeds :data:`NOISY_SPREAD` of the median, or the 1-minute load
-    exceeded the CPU count (None when the record cannot tell)."""
+    exceeded the CPU count (None when the record cannot tell); ``timed_on``: where the timings ran, host ·
+    device · threads as far as the record says (None when it says nothing), so that a report compares only
+    timings taken alike."""
     stats = record.get("latency") if isinstance(record.get("latency"), dict) else {}
     median = stats.get("median_ms", record.get("latency_ms"))
     out = {"median_ms": median, **{k: stats.get(k) for k in ("q1_ms", "q3_ms", "n", "load_1min", "cpus")}}
     out["noisy"] = latency_is_noisy(median, out["q1_ms"], out["q3_ms"], out["load_1min"], out["cpus"])
+    threads = stats.get("threads")
+    parts = [record.get("hostname"), stats.get("device"), f"{threads} thread{'s' if threads != 1 else ''}" if threads else None]
+    out["timed_on"] = (" · ".join(str(p) for p in parts if p) or None) if median is not None else None
     return out
 
 
@@ -401,8 +406,8 @@ def user_path(path: str | Path) -> Path:
 TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "status", "score", "relative_score",
                  "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples",
                  "label", "method", "family", "layer_text", "series", "tasks", "limit", "seed", "baseline_hash",
-                 "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "finished_at",
-                 "checkpoint")
+                 "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "latency_timed_on",
+                 "finished_at", "checkpoint")
 
 
 def records_table(records: list[dict]):
@@ -443,7 +448,7 @@ def _table_row(r: dict) -> dict:
         "tasks": ",".join(sample_key(r)[2] or ()), "limit": r.get("limit"), "seed": r.get("seed"),
         "baseline_hash": baseline_hash(r), "n_per_task": r.get("n_per_task"),
         "latency_q1_ms": latency["q1_ms"], "latency_q3_ms": latency["q3_ms"], "latency_n": latency["n"],
-        "latency_noisy": latency["noisy"], "finished_at": r.get("finished_at"),
+        "latency_noisy": latency["noisy"], "latency_timed_on": latency["timed_on"], "finished_at": r.get("finished_at"),
         "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
         "path": r.get("path"),
     }

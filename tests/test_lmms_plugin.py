@@ -96,6 +96,7 @@ def test_clean_keeps_the_model_and_latency(lm):
     latency = lm.prefill_latency(prompts=1, repeats=3, warmup=1)
     assert latency["n"] == 3 and 0 < latency["min_ms"] <= latency["q1_ms"] <= latency["median_ms"] <= latency["q3_ms"]
     assert latency["q3_ms"] <= latency["max_ms"] and latency["threads"] == 1 and latency["cpus"] >= 1
+    assert latency["device"] == "cpu"  # where the timings ran: the report compares only timings taken alike
 
 
 def test_variant_validation_and_blind(lm):

@@ -406,6 +406,40 @@ def test_noisy_latency_is_marked(tmp_path):
     assert not cells["none"].endswith("†") and "† noisy timing" in text
 
 
+def test_latency_timed_elsewhere_than_the_baseline_is_marked(tmp_path):
+    """A baseline record is reused by every later sweep: a variant timed on another host, device or thread count is
+    marked, with where each was timed; timings taken alike are not."""
+    root = tmp_path / "runs"
+    alike = {"hostname": "box", "device": "cpu", "threads": 2}
+
+    def timed(record, hostname, device, threads):
+        record["hostname"] = hostname
+        record["latency"].update(device=device, threads=threads)
+        return record
+
+    results.write_record(root / "none", timed(_record("none", None, 1.0, "base"), *alike.values()))
+    results.write_record(root / "f16", timed(_record("skip_ffn", 16, 1.0, "f16"), *alike.values()))
+    results.write_record(root / "f24", timed(_record("skip_ffn", 24, 1.0, "f24"), "box", "cuda:0 (NVIDIA H100)", 2))
+    results.write_record(root / "a24", timed(_record("skip_attn", 24, 1.0, "a24"), "other", "cpu", 2))
+    results.write_record(root / "a16", timed(_record("skip_attn", 16, 1.0, "a16"), "box", "cpu", 16))
+    text = report.write_report(root, tmp_path / "out").read_text()
+    cells = {r["variant"]: r["prefill ms"] for r in _markdown_rows(text)}
+    assert not cells["none"].endswith("‡") and not cells["skip_ffn L16–32"].endswith("‡")
+    for label in ("skip_ffn L24–32", "skip_attn L24–32", "skip_attn L16–32"):
+        assert cells[label].endswith(" ‡"), label
+    assert ("‡ timed elsewhere than the baseline (box · cpu · 2 threads): box · cpu · 16 threads; "
+            "box · cuda:0 (NVIDIA H100) · 2 threads; other · cpu · 2 threads.") in text
+    assert "prefill 10.0 ms (timed on box · cpu · 2 threads)." in text
+
+
+def test_latency_without_where_is_not_marked(tmp_path):
+    root = tmp_path / "runs"  # records that do not say where they were timed: nothing to compare, no mark
+    results.write_record(root / "none", _record("none", None, 1.0, "base"))
+    results.write_record(root / "f16", _record("skip_ffn", 16, 1.0, "f16"))
+    text = report.write_report(root, tmp_path / "out").read_text()
+    assert "‡" not in text
+
+
 def test_report_and_results_do_not_import_torch(tmp_path):
     """Importing and running the report imports no torch, runner, sweep glue, Hydra or lmms-eval, nor
     pyplot, and leaves matplotlib's backend as the user set it."""

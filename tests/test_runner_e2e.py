@@ -107,7 +107,8 @@ def test_user_sweep_killed_resumed_reported(workdir, tmp_path):
         assert r["status"] == "ok" and r["end_layer"] == 32 and r["num_layers"] == 32 and r["n_samples"] == 8
         assert set(r["scores"]) == {"synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa"}
         assert 0 < r["flops"]["total"] < r["flops"]["baseline"] and r["latency_ms"] == r["latency"]["median_ms"] > 0
-        assert r["latency"]["n"] == 2 and r["latency"]["threads"] == 1 and r["n_per_task"] == {t: 2 for t in r["scores"]}
+        assert r["latency"]["n"] == 2 and r["latency"]["threads"] == 1 and r["latency"]["device"] == "cpu"
+        assert r["n_per_task"] == {t: 2 for t in r["scores"]}
         assert r["variant"]["label"] == f"skip_ffn L{r['start_layer']}–32"
         assert 0 <= r["agreement"] <= 1 and r["git_commit"] and r["versions"]["lmms_eval"] == "0.7.3"
         assert len(results.read_samples(Path(r["path"]).parent)) == 8

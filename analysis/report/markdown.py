@@ -20,8 +20,9 @@ def task_columns(table) -> list[str]:
     return sorted(c for c in table.columns if c.startswith("score:"))
 
 
-def latency_cell(row) -> str:
-    """``median [q1–q3]`` in ms, ``†`` when the timing is noisy (see :func:`analysis.results.latency_is_noisy`)."""
+def latency_cell(row, reference: str | None = None) -> str:
+    """``median [q1–q3]`` in ms, ``†`` when the timing is noisy (see :func:`analysis.results.latency_is_noisy`),
+    ``‡`` when it was taken elsewhere than the ``reference`` timing (the group's baseline's; :func:`timed_elsewhere`)."""
     median = number(row["latency_ms"])
     if median is None:
         return "–"
@@ -29,7 +30,20 @@ def latency_cell(row) -> str:
     q1, q3 = number(row.get("latency_q1_ms")), number(row.get("latency_q3_ms"))
     if q1 is not None and q3 is not None:
         text += f" [{q1:.1f}–{q3:.1f}]"
-    return text + (" †" if row.get("latency_noisy") is True else "")
+    text += " †" if row.get("latency_noisy") is True else ""
+    return text + (" ‡" if timed_elsewhere(row, reference) else "")
+
+
+def baseline_timed_on(group: Group) -> str | None:
+    """Where the group's baseline was timed (host · device · threads), as its record says; None if it does not."""
+    return ((group.baseline or {}).get("latency") or {}).get("timed_on")
+
+
+def timed_elsewhere(row, reference: str | None) -> bool:
+    """Whether the row's timing ran on another host, device or thread count than ``reference``: then its prefill
+    time cannot be compared with the baseline's (a baseline record is reused by every later sweep)."""
+    where = row.get("latency_timed_on")
+    return bool(reference) and not is_missing(where) and where != reference and number(row["latency_ms"]) is not None
 
 
 def _status_cell(row, group: Group, drawn_index) -> str:
@@ -48,11 +62,12 @@ def markdown_table(group: Group) -> str:
               "FLOPs saved", "FLOPs saved (theor.)", "prefill ms", "agreement", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     drawn_index = set(group.drawn.index)
+    reference = baseline_timed_on(group)
     for _, row in table.iterrows():
         cells = [row["label"], row["layer_text"], *[fmt(row[t], "{:.3f}") for t in tasks],
                  fmt(row["score"], "{:.3f}"), fmt(row["relative_score"], "{:.3f}"),
                  fmt(row["flops_reduction"], "{:.1%}"), fmt(row["theoretical_reduction"], "{:.1%}"),
-                 latency_cell(row), fmt(row["agreement"], "{:.3f}"), _status_cell(row, group, drawn_index)]
+                 latency_cell(row, reference), fmt(row["agreement"], "{:.3f}"), _status_cell(row, group, drawn_index)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -67,6 +82,12 @@ def table_notes(group: Group) -> list[str]:
     if any(flag is True for flag in table["latency_noisy"]):
         notes.append(f"† noisy timing: interquartile range above {results.NOISY_SPREAD:.0%} of the median, or "
                      "the 1-minute load above the CPU count while timing.")
+    reference = baseline_timed_on(group)
+    elsewhere = sorted({row["latency_timed_on"] for _, row in table.iterrows() if timed_elsewhere(row, reference)})
+    if elsewhere:
+        notes.append(f"‡ timed elsewhere than the baseline ({reference}): {'; '.join(elsewhere)}. Prefill times "
+                     "from another host, device or thread count are not comparable with the baseline's; rerun "
+                     "those variants (or the baseline) where the other was timed to compare them.")
     for label, count in group.duplicates.items():
         finished = [str(f) for f in table.loc[table["label"] == label, "finished_at"] if not is_missing(f)]
         notes.append(f"Duplicate: {count} records of `{label}` in this group (finished {', '.join(finished) or '?'}); "

@@ -77,7 +77,8 @@ def baseline_line(group: Group) -> list[str]:
     latency = base["latency"]
     lines = [f"Baseline {where}{source}, the reference of every relative score in this section: "
              f"score {fmt(base['score'], '{:.3f}')}" + (f" ({per_task})" if per_task else "")
-             + f"; prefill {fmt(latency['median_ms'], '{:.1f}')} ms."]
+             + f"; prefill {fmt(latency['median_ms'], '{:.1f}')} ms"
+             + (f" (timed on {latency['timed_on']})." if latency.get("timed_on") else ".")]
     if (number(base["score"]) or 0) == 0:
         lines.append("The baseline scores 0, so relative scores are undefined: is this a trained model?")
     return lines
