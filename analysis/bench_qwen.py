@@ -305,7 +305,8 @@ def table(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['variant']:<18}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
                      f"{fmt(r['saved_ratio']):>7} |{r['tower_median_s']:>7.3f} |{r['decoder_median_s']:>8.4f}"
-                     f"{r['decoder_flops_saved']:>12.1%}{r['decoder_time_saved']:>11.1%}{fmt(r['decoder_saved_ratio']):>7}"
+                     f"{r['decoder_flops_saved']:>12.1%}{r['decoder_time_saved']:>11.1%}"
+                     f"{fmt(r['decoder_saved_ratio']):>7}"
                      f"{r['decoder_pairs_flops_saved']:>7.1%}{fmt(r['decoder_pairs_saved_ratio']):>7}"
                      f"{r['peak_extra_mib']:>10.0f}{r['layer_host_reads']['count']:>6}")
     for r in rows:

@@ -366,16 +366,19 @@ def record_latency(record: dict) -> dict:
     """Prefill latency of a record: ``median_ms``, ``q1_ms``, ``q3_ms``, ``n`` (timed forwards), ``load_1min``,
     ``cpus`` from its ``latency`` field (older records: ``latency_ms`` as the median, the rest None), and
     ``noisy``: the interquartile range exceeds :data:`NOISY_SPREAD` of the median, or the 1-minute load
-    exceeded the CPU count (None when the record cannot tell); ``timed_on``: where the timings ran, host ·
-    device · threads as far as the record says (None when it says nothing), so that a report compares only
-    timings taken alike."""
+    exceeded the CPU count (None when the record cannot tell); where the timings ran, so that a report compares
+    only timings taken alike: ``host``, ``device``, ``threads`` (each None where the record does not say: older
+    records lack the device) and ``timed_on``, those joined for display (None when there is none)."""
     stats = record.get("latency") if isinstance(record.get("latency"), dict) else {}
     median = stats.get("median_ms", record.get("latency_ms"))
     out = {"median_ms": median, **{k: stats.get(k) for k in ("q1_ms", "q3_ms", "n", "load_1min", "cpus")}}
     out["noisy"] = latency_is_noisy(median, out["q1_ms"], out["q3_ms"], out["load_1min"], out["cpus"])
-    threads = stats.get("threads")
-    parts = [record.get("hostname"), stats.get("device"), f"{threads} thread{'s' if threads != 1 else ''}" if threads else None]
-    out["timed_on"] = (" · ".join(str(p) for p in parts if p) or None) if median is not None else None
+    timed = median is not None
+    out.update(host=record.get("hostname") if timed else None, device=stats.get("device") if timed else None,
+               threads=stats.get("threads") if timed else None)
+    threads = out["threads"]
+    parts = [out["host"], out["device"], f"{threads} thread{'s' if threads != 1 else ''}" if threads else None]
+    out["timed_on"] = " · ".join(str(p) for p in parts if p) or None
     return out
 
 
@@ -407,7 +410,7 @@ TABLE_COLUMNS = ("model", "eval", "op", "start_layer", "end_layer", "blind", "st
                  "gflops", "flops_reduction", "theoretical_reduction", "latency_ms", "agreement", "n_samples",
                  "label", "method", "family", "layer_text", "series", "tasks", "limit", "seed", "baseline_hash",
                  "n_per_task", "latency_q1_ms", "latency_q3_ms", "latency_n", "latency_noisy", "latency_timed_on",
-                 "finished_at", "checkpoint")
+                 "latency_host", "latency_device", "latency_threads", "finished_at", "checkpoint")
 
 
 def records_table(records: list[dict]):
@@ -448,7 +451,8 @@ def _table_row(r: dict) -> dict:
         "tasks": ",".join(sample_key(r)[2] or ()), "limit": r.get("limit"), "seed": r.get("seed"),
         "baseline_hash": baseline_hash(r), "n_per_task": r.get("n_per_task"),
         "latency_q1_ms": latency["q1_ms"], "latency_q3_ms": latency["q3_ms"], "latency_n": latency["n"],
-        "latency_noisy": latency["noisy"], "latency_timed_on": latency["timed_on"], "finished_at": r.get("finished_at"),
+        "latency_noisy": latency["noisy"], "latency_timed_on": latency["timed_on"], "latency_host": latency["host"],
+        "latency_device": latency["device"], "latency_threads": latency["threads"], "finished_at": r.get("finished_at"),
         "num_layers": r.get("num_layers"), "config_hash": r.get("config_hash"), "error": r.get("error"),
         "path": r.get("path"),
     }

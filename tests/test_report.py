@@ -432,10 +432,16 @@ def test_latency_timed_elsewhere_than_the_baseline_is_marked(tmp_path):
     assert "prefill 10.0 ms (timed on box · cpu · 2 threads)." in text
 
 
-def test_latency_without_where_is_not_marked(tmp_path):
-    root = tmp_path / "runs"  # records that do not say where they were timed: nothing to compare, no mark
-    results.write_record(root / "none", _record("none", None, 1.0, "base"))
-    results.write_record(root / "f16", _record("skip_ffn", 16, 1.0, "f16"))
+def test_latency_is_compared_on_what_both_records_say(tmp_path):
+    root = tmp_path / "runs"  # a baseline recorded before timings named their device, reused by a newer sweep
+    old_baseline = _record("none", None, 1.0, "base")
+    old_baseline["hostname"] = "box"
+    results.write_record(root / "none", old_baseline)
+    same_box = _record("skip_ffn", 16, 1.0, "f16")
+    same_box["hostname"] = "box"
+    same_box["latency"]["device"] = "cpu"
+    results.write_record(root / "f16", same_box)
+    results.write_record(root / "f24", _record("skip_ffn", 24, 1.0, "f24"))  # says no host: nothing to compare
     text = report.write_report(root, tmp_path / "out").read_text()
     assert "‡" not in text
 

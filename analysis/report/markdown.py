@@ -20,9 +20,10 @@ def task_columns(table) -> list[str]:
     return sorted(c for c in table.columns if c.startswith("score:"))
 
 
-def latency_cell(row, reference: str | None = None) -> str:
+def latency_cell(row, reference: dict | None = None) -> str:
     """``median [q1–q3]`` in ms, ``†`` when the timing is noisy (see :func:`analysis.results.latency_is_noisy`),
-    ``‡`` when it was taken elsewhere than the ``reference`` timing (the group's baseline's; :func:`timed_elsewhere`)."""
+    ``‡`` when it was taken elsewhere than the ``reference`` timing (the group's baseline's, see
+    :func:`timed_elsewhere`)."""
     median = number(row["latency_ms"])
     if median is None:
         return "–"
@@ -34,16 +35,23 @@ def latency_cell(row, reference: str | None = None) -> str:
     return text + (" ‡" if timed_elsewhere(row, reference) else "")
 
 
-def baseline_timed_on(group: Group) -> str | None:
-    """Where the group's baseline was timed (host · device · threads), as its record says; None if it does not."""
-    return ((group.baseline or {}).get("latency") or {}).get("timed_on")
+def baseline_timing(group: Group) -> dict | None:
+    """Where the group's baseline was timed (:func:`analysis.results.record_latency`: host, device, threads,
+    timed_on), as its record says; None without a baseline."""
+    return (group.baseline or {}).get("latency")
 
 
-def timed_elsewhere(row, reference: str | None) -> bool:
-    """Whether the row's timing ran on another host, device or thread count than ``reference``: then its prefill
-    time cannot be compared with the baseline's (a baseline record is reused by every later sweep)."""
-    where = row.get("latency_timed_on")
-    return bool(reference) and not is_missing(where) and where != reference and number(row["latency_ms"]) is not None
+def timed_elsewhere(row, reference: dict | None) -> bool:
+    """Whether the row's timing ran on another host, device or thread count than ``reference``, judged on what both
+    records say (an older record without a device is compared on host and threads): then its prefill time cannot
+    be compared with the baseline's (a baseline record is reused by every later sweep)."""
+    if not reference or number(row["latency_ms"]) is None:
+        return False
+    for field in ("host", "device", "threads"):
+        mine, theirs = row.get(f"latency_{field}"), reference.get(field)
+        if not is_missing(mine) and not is_missing(theirs) and mine != theirs:
+            return True
+    return False
 
 
 def _status_cell(row, group: Group, drawn_index) -> str:
@@ -62,7 +70,7 @@ def markdown_table(group: Group) -> str:
               "FLOPs saved", "FLOPs saved (theor.)", "prefill ms", "agreement", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     drawn_index = set(group.drawn.index)
-    reference = baseline_timed_on(group)
+    reference = baseline_timing(group)
     for _, row in table.iterrows():
         cells = [row["label"], row["layer_text"], *[fmt(row[t], "{:.3f}") for t in tasks],
                  fmt(row["score"], "{:.3f}"), fmt(row["relative_score"], "{:.3f}"),
@@ -82,12 +90,12 @@ def table_notes(group: Group) -> list[str]:
     if any(flag is True for flag in table["latency_noisy"]):
         notes.append(f"† noisy timing: interquartile range above {results.NOISY_SPREAD:.0%} of the median, or "
                      "the 1-minute load above the CPU count while timing.")
-    reference = baseline_timed_on(group)
+    reference = baseline_timing(group)
     elsewhere = sorted({row["latency_timed_on"] for _, row in table.iterrows() if timed_elsewhere(row, reference)})
     if elsewhere:
-        notes.append(f"‡ timed elsewhere than the baseline ({reference}): {'; '.join(elsewhere)}. Prefill times "
-                     "from another host, device or thread count are not comparable with the baseline's; rerun "
-                     "those variants (or the baseline) where the other was timed to compare them.")
+        notes.append(f"‡ timed elsewhere than the baseline ({reference['timed_on']}): {'; '.join(elsewhere)}. "
+                     "Prefill times from another host, device or thread count are not comparable with the "
+                     "baseline's; rerun those variants (or the baseline) where the other was timed to compare them.")
     for label, count in group.duplicates.items():
         finished = [str(f) for f in table.loc[table["label"] == label, "finished_at"] if not is_missing(f)]
         notes.append(f"Duplicate: {count} records of `{label}` in this group (finished {', '.join(finished) or '?'}); "
