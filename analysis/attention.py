@@ -113,6 +113,7 @@ def split_attention(
             # excludes the older ones, so keep the mask columns of the keys returned.
             keep = torch.arange(allowed.shape[-1], device=allowed.device) >= cached - key.shape[2]
             allowed = allowed[..., keep]
+            causal = None  # the caller's answer was about the whole mask
     if extra_kv is not None:
         key = torch.cat([key, extra_kv[0]], dim=2)
         value = torch.cat([value, extra_kv[1]], dim=2)

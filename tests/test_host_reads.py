@@ -94,6 +94,21 @@ def test_proxyv_layers_read_nothing_back(kind, init):
     assert _reads_in_layers(model, START[kind], run) == []
 
 
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava"])
+def test_pruned_layers_after_the_drop_read_nothing_back(kind):
+    """FastV ranks and gathers at its drop layer (data-dependent by nature: reads there); the layers after it run
+    on the kept rows under one mask, whose causal question is asked once, not in every layer."""
+    if kind == "llava":
+        model, batch = model_for("llava-llama"), make_batch("llava", MULTI[:1])  # batch 1: the mask is causal
+    else:
+        model, batch = qwen_model_for(kind), make_qwen_batch(kind)
+
+    def run():
+        with torch.no_grad(), ablate(model, "fastv", start_layer=1, keep=0.5):
+            model(**batch)
+    assert _reads_in_layers(model, 2, run) == []
+
+
 def test_scatter_add_rows_leaves_filler_rows_exact():
     x = torch.randn(2, 5, 3)
     mask = torch.tensor([[True, False, True, True, False], [False, True, False, False, False]])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ablation import QwenVisionTracker, VisionTracker
+from .. import attention
 from ..attention import check_backend, split_attention
 from ..models import (
     decoder_layers,
@@ -77,7 +78,17 @@ class Reduction:
         self.rank_attn = None  # fastv: layer K-1's attention (its q/k are captured)
         self.rows: Rows | None = None
         self.allowed: torch.Tensor | None = None
+        self._causal: tuple[torch.Tensor | None, bool] = (None, False)  # (the mask asked about, its answer)
         self.proxyv = getattr(core, "proxyv", None)  # a ProxyV model: its layers run on the kept rows
+
+    def mask_is_causal(self) -> bool:
+        """Whether the stage's mask is exactly causal (then sdpa runs its causal kernel), asked once per mask: the
+        question reads the mask back to the host, which in every pruned layer would stall the launch queue."""
+        mask, answer = self._causal
+        if mask is not self.allowed:
+            answer = attention._is_causal(self.allowed)
+            self._causal = (self.allowed, answer)
+        return answer
 
     def stage_of(self, layer_index: int) -> int:
         return sum(k <= layer_index for k in self.boundaries)
@@ -233,6 +244,7 @@ class Reduction:
     def release(self):
         self.captured.clear()
         self.rows = self.allowed = self.tracker.chunk = self.tracker.key_vision = None
+        self._causal = (None, False)
         self.active = self.capturing = False
 
 
@@ -256,7 +268,8 @@ def pruned_layer(layer, state: Reduction, hidden, cache):
     """The layer on the stage's rows only: every component on them, attention under the stage's mask."""
     rope = (state.rows.cos, state.rows.sin)
     x = layer.input_layernorm(hidden)
-    hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, cache)
+    hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, cache,
+                                      causal=state.mask_is_causal())
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
