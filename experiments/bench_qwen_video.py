@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--profile", type=Path, help="write torch.profiler tables of the decoder (one prefill per variant) here")
+    parser.add_argument("--profile", type=Path,
+                        help="write torch.profiler tables of the decoder (one prefill per variant) here")
     args = parser.parse_args()
     try:
         meta, rows = run(args)
