@@ -78,17 +78,10 @@ class Reduction:
         self.rank_attn = None  # fastv: layer K-1's attention (its q/k are captured)
         self.rows: Rows | None = None
         self.allowed: torch.Tensor | None = None
-        self._causal: tuple[torch.Tensor | None, bool] = (None, False)  # (the mask asked about, its answer)
+        # whether ``allowed`` is exactly causal (sdpa then runs its causal kernel): asked once where a mask is made,
+        # since the question reads the mask back to the host, which in every pruned layer would stall the launch queue
+        self.causal = False
         self.proxyv = getattr(core, "proxyv", None)  # a ProxyV model: its layers run on the kept rows
-
-    def mask_is_causal(self) -> bool:
-        """Whether the stage's mask is exactly causal (then sdpa runs its causal kernel), asked once per mask: the
-        question reads the mask back to the host, which in every pruned layer would stall the launch queue."""
-        mask, answer = self._causal
-        if mask is not self.allowed:
-            answer = attention._is_causal(self.allowed)
-            self._causal = (self.allowed, answer)
-        return answer
 
     def stage_of(self, layer_index: int) -> int:
         return sum(k <= layer_index for k in self.boundaries)
@@ -154,6 +147,7 @@ class Reduction:
             new.pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             new.cos, new.sin = self.rotary(hidden, new.pos)
         self.rows, self.allowed = new, prefill_mask(new)
+        self.causal = attention._is_causal(self.allowed)
         if cache is not None:
             self.caches[stage] = StageCache(valid, new.index, valid.sum(dim=1))
         self.kept_vision.append([new.index[b][new.vision[b]] for b in range(B)])
@@ -178,6 +172,7 @@ class Reduction:
             pos = index if position_ids is None else position_ids.expand(B, t)
             cos, sin = (x.expand(B, -1, -1) for x in position_embeddings)
         self.allowed = decode_mask(book.valid, new_valid)
+        self.causal = attention._is_causal(self.allowed)
         book.valid = torch.cat([book.valid, new_valid], dim=1)
         book.index = torch.cat([book.index, index], dim=1)
         self.rows = Rows(index, new_valid, torch.zeros_like(new_valid), pos, cos, sin)
@@ -244,7 +239,6 @@ class Reduction:
     def release(self):
         self.captured.clear()
         self.rows = self.allowed = self.tracker.chunk = self.tracker.key_vision = None
-        self._causal = (None, False)
         self.active = self.capturing = False
 
 
@@ -269,7 +263,7 @@ def pruned_layer(layer, state: Reduction, hidden, cache):
     rope = (state.rows.cos, state.rows.sin)
     x = layer.input_layernorm(hidden)
     hidden = hidden + split_attention(layer.self_attn, x, rope, x, rope, state.allowed, cache,
-                                      causal=state.mask_is_causal())
+                                      causal=state.causal)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
