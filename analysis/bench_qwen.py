@@ -6,6 +6,7 @@ FLOPs and peak memory."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import statistics
 import time
@@ -96,6 +97,12 @@ def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
     return batch, n_vision
 
 
+def variant_context(model, variant: str, L: int):
+    """The block a prefill of ``variant`` runs in: ``ablate`` from layer ``L`` for an operator; nothing for the
+    baseline and ProxyV (its model is already converted)."""
+    return ablate(model, variant, start_layer=L) if variant in OPS else contextlib.nullcontext()
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -134,7 +141,7 @@ def clocks_of(model, device: str) -> dict[str, SpanClock]:
 
 def call(model, clocks, batch, variant, L, device):
     """{"whole", "tower", "decoder": seconds, "peak": extra MiB} of one prefill of ``variant``."""
-    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    context = variant_context(model, variant, L)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -154,7 +161,7 @@ def layer_reads(model, batch, variant, L) -> dict:
     ``variant`` (:mod:`analysis.host_reads`; an untimed call): {"count": n, "where": ["op at file:line xN", ...]}."""
     lm = model.model.language_model
     spy = LayerReads(lm, lm.layers, L)
-    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    context = variant_context(model, variant, L)
     try:
         with torch.no_grad(), context:
             model(**batch, logits_to_keep=1)
@@ -185,7 +192,7 @@ def profile_table(model, batch, variant, L, device) -> str:
 
     lm = model.model.language_model
     handles = [lm.register_forward_pre_hook(on), lm.register_forward_hook(off)]
-    context = ablate(model, variant, start_layer=L) if variant in OPS else torch.no_grad()
+    context = variant_context(model, variant, L)
     try:
         with torch.no_grad(), context:
             model(**batch, logits_to_keep=1)
