@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import check_backend, split_attention
+from .frozen_rows import FrozenRows
 from .layers import resolve_layers
 from .layout import compute_layout, image_token_id
 from .models import (
@@ -34,7 +35,7 @@ from .models import (
     vlm_core,
 )
 from .ops import OPERATORS, Operator, get_operator
-from .rows import gather_rows, scatter_add_rows, select_rows
+from .rows import gather_rows, put_rows, scatter_add_rows, select_rows
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Chunk:
     past: int  # cache positions before this chunk
     masks: dict = field(default_factory=dict)  # (queries, window) -> (B, Nq, K) allowed
     affected: bool = True  # whether the op changes anything in this chunk (set by prepare)
+    frozen: FrozenRows = field(default_factory=FrozenRows)  # unit-normalised rows an op freezes (skip_attn_ffn)
     _text_rows: tuple | None = None
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,11 +247,10 @@ def _window(attn) -> int | None:
     return getattr(attn.config, "sliding_window", None)
 
 
-def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_states, attention_mask=None,
-                          position_ids=None, past_key_values=None, use_cache=False, position_embeddings=None,
-                          **kwargs):
-    """A decoder layer's forward with ``op`` applied; HF's own forward where ``op`` changes nothing."""
-    chunk = tracker.chunk
+def ablated_layer_forward(layer, tracker: VisionTracker, hidden_states, attention_mask=None, position_ids=None,
+                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """A decoder layer's forward with the tracker's operator applied; HF's own forward where it changes nothing."""
+    chunk, op = tracker.chunk, tracker.operator
     if chunk is None or not chunk.affected:
         return type(layer).forward(
             layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -259,6 +260,8 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
     B, T, _ = hidden_states.shape
     attn = layer.self_attn
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, hd)
+    if op.skip_attention and op.skip_ffn:
+        return _frozen_vision_layer(layer, op, chunk, hidden_states, (cos, sin), past_key_values)
 
     if op.changes_attention:
         x = layer.input_layernorm(hidden_states)
@@ -287,6 +290,25 @@ def ablated_layer_forward(layer, op: Operator, tracker: VisionTracker, hidden_st
         out = layer.mlp(layer.post_attention_layernorm(h))
         return scatter_add_rows(hidden_states, rows, valid, out)
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+
+def _frozen_vision_layer(layer, op: Operator, chunk: Chunk, h: torch.Tensor, rope: tuple, cache) -> torch.Tensor:
+    """A layer whose vision rows skip attention and FFN (``skip_attn_ffn``): only the text rows change, so they are
+    computed alone and written back once. The same operations on the same values as the general path (which adds
+    the attention and the FFN into two copies of the sequence), with one copy, and the input norm of the frozen
+    rows reused from the previous ablated layer (:mod:`analysis.frozen_rows`)."""
+    attn = layer.self_attn
+    rows, valid = chunk.text_rows()
+    x = chunk.frozen.input_norm(layer.input_layernorm, h, rows, valid)
+    q_rope = tuple(gather_rows(t, rows) for t in rope)
+    out = split_attention(attn, gather_rows(x, rows), q_rope, x, rope, _allowed(chunk, op, _window(attn)), cache,
+                          causal=False)
+    before = gather_rows(h, rows)  # (B, N, D)
+    text = before + out.to(h.dtype)
+    text = text + layer.mlp(layer.post_attention_layernorm(text)).to(h.dtype)
+    new = put_rows(h, rows, torch.where(valid[..., None], text, before))
+    chunk.frozen.returned(new)
+    return new
 
 
 def ablate(model, op: str | Operator, layers: Iterable[int] | None = None, *, start_layer: int | None = None,
@@ -355,7 +377,7 @@ def _ablate_operator(model, op: str | Operator, layers: Iterable[int] | None = N
         if not operator.is_identity:
             for i in chosen:
                 layer = layer_modules[i]
-                layer.forward = functools.partial(ablated_layer_forward, layer, operator, tracker)
+                layer.forward = functools.partial(ablated_layer_forward, layer, tracker)
                 patched.append(layer)
         yield chosen
     finally:

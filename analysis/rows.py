@@ -19,6 +19,11 @@ def select_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, valid
 
 
+def flat_rows(rows: torch.Tensor, T: int) -> torch.Tensor:
+    """Row indices ``rows`` (B, N) of (B, T, *F) as indices (B*N,) into its (B*T, *F) flattening."""
+    return (rows + torch.arange(rows.shape[0], device=rows.device)[:, None] * T).reshape(-1)
+
+
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x[b, rows[b, i]]``: (B, T, *F) -> (B, N, *F)."""
     index = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(*rows.shape, *x.shape[2:])
@@ -34,7 +39,12 @@ def scatter_add_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, u
     filler slots add an exact zero (``where``, so a non-finite value computed on a filler row cannot leak) rather
     than being removed: selecting the valid slots would read ``valid`` back to the host in every layer."""
     B, T, D = x.shape
-    N = rows.shape[1]
-    flat = (rows + torch.arange(B, device=rows.device)[:, None] * T).reshape(B * N)
-    update = torch.where(valid[..., None], update.to(x.dtype), 0).reshape(B * N, D)
-    return x.reshape(B * T, D).index_add(0, flat, update).view(B, T, D)
+    update = torch.where(valid[..., None], update.to(x.dtype), 0).reshape(-1, D)
+    return x.reshape(B * T, D).index_add(0, flat_rows(rows, T), update).view(B, T, D)
+
+
+def put_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` (B, T, D) with row ``rows[b, i]`` replaced by ``values[b, i]`` (B, N, D). ``rows`` distinct
+    within a sample (as :func:`select_rows` gives them); a filler slot must carry its row's own value."""
+    B, T, D = x.shape
+    return x.reshape(B * T, D).index_copy(0, flat_rows(rows, T), values.reshape(-1, D).to(x.dtype)).view(B, T, D)
