@@ -100,21 +100,22 @@ def _open(path: Path):
     return container
 
 
-def _count_frames(path: Path) -> int:
-    """Frames in the first video stream: the container's count, else one demux pass (no decoding)."""
+def _count_frames(path: Path, stream) -> int:
+    """Frames in the first video stream (``stream``, of an open container of ``path``): the container's count, else
+    one demux pass (no decoding) in a container of its own, so that ``stream`` is left unread."""
+    if stream.frames:
+        return int(stream.frames)
     with _open(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        counted = container.streams.video[0]
+        return sum(1 for packet in container.demux(counted) if packet.size)
 
 
 def read_video(path, fps: float = DEFAULT_FPS, max_num_frames: int = DEFAULT_MAX_FRAMES) -> Video:
     """Decode the frames of ``path`` that :func:`frame_count` / :func:`sample_indices` choose, as RGB."""
     path = Path(path)
-    total = _count_frames(path)
     with _open(path) as container:
         stream = container.streams.video[0]
+        total = _count_frames(path, stream)
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise ValueError(f"{path}: the video stream states no frame rate")

@@ -78,6 +78,18 @@ def test_read_video_decodes_the_sampled_frames_exactly(tmp_path):
     assert np.array_equal(every.frames, frames[np.round(np.linspace(0, 60, 60)).astype(int)])
     blank = video.blanked().frames
     assert blank.shape == video.frames.shape and all((f == f[0, 0]).all() for f in blank)
+
+
+def test_read_video_counts_frames_a_container_does_not_state(tmp_path):
+    """Matroska states no frame count: one demux pass counts them, and the decode still starts at frame 0."""
+    frames = clip(1, 23)
+    path = write_video(tmp_path / "a.mkv", frames, rate=30)
+    with av.open(path) as container:
+        assert container.streams.video[0].frames == 0
+    video = read_video(path, fps=30.0, max_num_frames=32)  # 23 wanted -> 22 (even), spread over all 23
+    indices = [int(i) for i in np.round(np.linspace(0, 22, 22))]
+    assert video.total_frames == 23 and video.indices == tuple(indices)
+    assert np.array_equal(video.frames, frames[indices])
     with pytest.raises(FileNotFoundError, match="video file not found: .*missing.mp4"):
         read_video(tmp_path / "missing.mp4")
     (tmp_path / "text.mp4").write_text("not a video")
