@@ -264,13 +264,13 @@ class LlavaAblate(lmms):
         return family(self.variant.family).load("execute")(self._model, self.variant,
                                                            newline_tokens=self.newline_tokens)
 
-    def _prompt(self, context: str, visuals) -> str:
-        """The chat-formatted prompt for ``visuals`` (a list of images and :class:`~analysis.video_input.Video` s,
-        or a number of images); the visuals go first, as LLaVA was trained (and as lmms-eval's Qwen-VL models
-        place them). Qwen-VL: always the processor's chat template, which writes each image as
-        ``<|vision_start|><|image_pad|><|vision_end|>`` and each video with ``<|video_pad|>``, in the visuals'
-        order (a LLaVA ``<image>`` in the context is dropped)."""
-        kinds = ["image"] * visuals if isinstance(visuals, int) else [_kind(v) for v in visuals]
+    def _prompt(self, context: str, visuals: list) -> str:
+        """The chat-formatted prompt for ``visuals`` (a list of images and :class:`~analysis.video_input.Video` s);
+        the visuals go first, as LLaVA was trained (and as lmms-eval's Qwen-VL models place them). Qwen-VL: always
+        the processor's chat template, which writes each image as ``<|vision_start|><|image_pad|><|vision_end|>``
+        and each video with ``<|video_pad|>``, in the visuals' order (a LLaVA ``<image>`` in the context is
+        dropped)."""
+        kinds = [_kind(v) for v in visuals]
         if self.qwen:
             content = [{"type": kind} for kind in kinds]
             content.append({"type": "text", "text": context.replace(IMAGE_TOKEN, "").strip()})

@@ -277,7 +277,7 @@ def test_flops_of_a_llava_next_proxyv_checkpoint(tmp_path):
     context, _, visual, doc_id, task, split = request.args
     images = lm._visuals(visual, lm.task_dict[task][split][doc_id])
     lm.prompt_shapes.clear()
-    batch = lm.encode([lm._prompt(context, len(images))], [images])
+    batch = lm.encode([lm._prompt(context, images)], [images])
     lm._record_prompt_shapes(batch)
     one = mean_flops(config, list(lm.prompt_shapes), variant)
     counter = torch_flop_counter()

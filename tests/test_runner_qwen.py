@@ -192,12 +192,12 @@ def test_plugin_loads_a_qwen_checkpoint_and_answers(kind, checkpoint, tmp_path):
     lm = LlavaAblate(str(path), op="skip_ffn", start_layer=1, batch_size=2, progress=False, max_new_tokens=5,
                      min_pixels=256, max_pixels=1024)
     assert lm.qwen and type(lm.model).__name__ == CLASSES[kind]
-    prompt = lm._prompt("What is written here?", 1)
-    assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is written here?<|im_end|>\n"
-                      "<|im_start|>assistant\n")
     images = [[Image.fromarray(np.random.RandomState(s).randint(0, 255, (h, w, 3), dtype=np.uint8))]
               for s, h, w in ((0, 64, 96), (1, 120, 40))]
-    prompts = [prompt, lm._prompt("Hi", 1)]
+    prompt = lm._prompt("What is written here?", images[0])
+    assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is written here?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    prompts = [prompt, lm._prompt("Hi", images[1])]
     batched = lm._generate(prompts, images, {"until": ["\n\n"]})  # left-padded batch of two image sizes
     alone = [lm._generate([p], [ims], {"until": ["\n\n"]})[0] for p, ims in zip(prompts, images)]
     assert batched == alone and all(isinstance(a, str) for a in batched)
@@ -406,7 +406,7 @@ def test_plugin_runs_token_reduction_on_a_learned_qwen_proxyv_checkpoint(checkpo
     assert lm.variant.method == "fastv" and lm.variant.options["proxyv"] == 2
     images = [[Image.fromarray(np.random.RandomState(s).randint(0, 255, (h, w, 3), dtype=np.uint8))]
               for s, h, w in ((0, 64, 96), (1, 120, 40))]
-    prompts = [lm._prompt("What is written here?", 1), lm._prompt("Hi", 1)]
+    prompts = [lm._prompt("What is written here?", images[0]), lm._prompt("Hi", images[1])]
     for op, where in (("fastv", {"start_layer": 1, "keep": 0.5}), ("pdrop", {"layers": "1;2", "keep": 0.6})):
         lm.set_variant(op, **where)
         lm.prompt_shapes.clear()
