@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from . import frozen_rows
 from .ablation import ablate
 from .bench import load_note
 from .flops import PrefillTokens, count_flops, load_config
@@ -22,6 +23,9 @@ from .models import vlm_generation_class
 from .proxyv import apply_proxyv, proxyv_shapes
 
 OPS = ("skip_attn", "skip_ffn", "skip_attn_ffn")
+# skip_attn_ffn with every input norm through HF's module (analysis.frozen_rows disabled): what its frozen-row
+# norm cache saves, timed in the same rounds
+MODULE_NORM = "skip_attn_ffn_hf_norm"
 # Tokens of a Qwen3-VL timestamp "<4.5 seconds>": "<", "4", ".", "5", " seconds", ">" by the Qwen pre-tokenizer's
 # one-digit split (one more from 10 s on); a stated constant, not checked against the real tokenizer (offline here).
 STAMP_TOKENS = 6
@@ -98,8 +102,14 @@ def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
 
 
 def variant_context(model, variant: str, L: int):
-    """The block a prefill of ``variant`` runs in: ``ablate`` from layer ``L`` for an operator; nothing for the
-    baseline and ProxyV (its model is already converted)."""
+    """The block a prefill of ``variant`` runs in: ``ablate`` from layer ``L`` for an operator (and for
+    :data:`MODULE_NORM` the frozen-row norm cache disabled); nothing for the baseline and ProxyV (its model is
+    already converted)."""
+    if variant == MODULE_NORM:
+        stack = contextlib.ExitStack()
+        stack.enter_context(ablate(model, "skip_attn_ffn", start_layer=L))
+        stack.enter_context(frozen_rows.disabled())
+        return stack
     return ablate(model, variant, start_layer=L) if variant in OPS else contextlib.nullcontext()
 
 
@@ -225,7 +235,7 @@ def run(args) -> tuple[dict, list[dict]]:
     proxyv = apply_proxyv(copy.deepcopy(model), L, args.reduce_factor, seed=0)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
     batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
-    models = {"none": model, **{op: model for op in OPS}, "proxyv": proxyv}
+    models = {"none": model, **{op: model for op in OPS}, MODULE_NORM: model, "proxyv": proxyv}
     clocks = {id(m): clocks_of(m, args.device) for m in (model, proxyv)}
 
     tokens = PrefillTokens.from_batch(batch_cpu, config)
@@ -234,6 +244,7 @@ def run(args) -> tuple[dict, list[dict]]:
     flops = {"none": count_flops(config, tokens, lm_head="last")}
     for op in OPS:
         flops[op] = count_flops(config, tokens, op, start_layer=L, lm_head="last")
+    flops[MODULE_NORM] = flops["skip_attn_ffn"]
     s = proxyv.config.proxyv
     flops["proxyv"] = count_flops(config, tokens, "proxyv", start_layer=L, reduce_factor=s["reduce_factor"],
                                   init=s["init"], light_width=s["light_width"], shapes=shapes, lm_head="last")
@@ -268,7 +279,7 @@ def run(args) -> tuple[dict, list[dict]]:
         # causal kernel computes in HF's own layers, where the executed count (torch's counter) has the rectangle
         pairs_saved = 1 - flops[name].theoretical / flops["none"].theoretical
         rows.append({
-            "variant": name if name == "none" else f"{name}-L{L}", "median_s": statistics.median(times[name]),
+            "variant": label(name, L), "median_s": statistics.median(times[name]),
             "time_ratio": ratio, "flops": f, "decoder_flops": flops[name].total, "time_saved": time_saved,
             "flops_saved": flops_saved, "decoder_flops_saved": decoder_saved,
             "saved_ratio": time_saved / flops_saved if flops_saved > 0 else None,
@@ -293,6 +304,14 @@ def run(args) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
+def label(name: str, L: int) -> str:
+    """A variant's row label: ``none``, ``<variant>-L<start>`` (:data:`MODULE_NORM`: ``skip_attn_ffn-L<start> HF
+    norm``)."""
+    if name == "none":
+        return name
+    return f"skip_attn_ffn-L{L} HF norm" if name == MODULE_NORM else f"{name}-L{L}"
+
+
 def table(meta: dict, rows: list[dict]) -> str:
     """The benchmark's figures as the script prints them."""
     side = meta["side"] // 2
@@ -303,14 +322,14 @@ def table(meta: dict, rows: list[dict]) -> str:
              "change); ratio = time saved / FLOPs saved, FLOPs as torch's counter (attention over full rectangles); "
              "pairs: FLOPs saved and ratio with attention over allowed pairs only (the causal triangle); host reads in "
              "the variant's layers",
-             (f"{'variant':<18}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7} |{'s':>7} |{'s':>8}"
+             (f"{'variant':<26}{'s':>8}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7} |{'s':>7} |{'s':>8}"
               f"{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7}{'pairs':>7}{'ratio':>7}{'peak MiB':>10}{'reads':>6}")]
 
     def fmt(x):
         return "-" if x is None else f"{x:.2f}"
 
     for r in rows:
-        lines.append(f"{r['variant']:<18}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
+        lines.append(f"{r['variant']:<26}{r['median_s']:>8.4f}{r['flops_saved']:>12.1%}{r['time_saved']:>11.1%}"
                      f"{fmt(r['saved_ratio']):>7} |{r['tower_median_s']:>7.3f} |{r['decoder_median_s']:>8.4f}"
                      f"{r['decoder_flops_saved']:>12.1%}{r['decoder_time_saved']:>11.1%}"
                      f"{fmt(r['decoder_saved_ratio']):>7}"

@@ -8,7 +8,9 @@ per block a timestamp (6 ordinary tokens, analysis.bench_qwen.STAMP_TOKENS), <|v
 prefill does) in rounds -- the baseline, then every variant -- so drift hits all alike; a figure is the median over
 rounds, a ratio the median of per-round ratios. FLOPs are the analytic counts (exact against torch's counter on
 tiny models of these classes). ``time saved / FLOPs saved`` near 1 means the variant turns its FLOPs saving into
-wall-clock time. Peak memory: the largest allocation above the weights during the call (CUDA), per variant.
+wall-clock time. Peak memory: the largest allocation above the weights during the call (CUDA), per variant. The row
+"skip_attn_ffn-L<start> HF norm" is a control: skip_attn_ffn with every input norm through HF's module
+(analysis.frozen_rows disabled), so that the frozen-row norm cache's saving is timed in the same rounds.
 
     # one H100 / H200, bf16: Qwen2.5-VL-7B shape, 26 blocks of 36 x 36 patches = 8,424 vision tokens
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --blocks 26 --side 36 --device cuda \

@@ -24,13 +24,15 @@ def options(**over):
 
 def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     meta, rows = run(options(profile=tmp_path))
-    assert [r["variant"] for r in rows] == ["none", "skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1", "proxyv-L1"]
+    assert [r["variant"] for r in rows] == ["none", "skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1",
+                                            "skip_attn_ffn-L1 HF norm", "proxyv-L1"]
     assert meta["vision_tokens"] == 2 * 4 * 4 and meta["prompt_tokens"] == 32 + 8 + 2 and meta["proxies"] == 2
     by = {r["variant"]: r for r in rows}
     assert by["none"]["flops_saved"] == 0 and by["none"]["decoder_flops_saved"] == 0
     for name in ("skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1", "proxyv-L1"):
         assert 0 < by[name]["decoder_flops_saved"] < 1 and 0 < by[name]["flops_saved"] < by[name]["decoder_flops_saved"]
     assert by["skip_attn_ffn-L1"]["decoder_flops"] < by["skip_ffn-L1"]["decoder_flops"]
+    assert by["skip_attn_ffn-L1 HF norm"]["decoder_flops"] == by["skip_attn_ffn-L1"]["decoder_flops"]  # a control
     # over allowed pairs only (the causal triangle), skipping vision queries' attention saves less, skipping their
     # FFN a larger share: the two counts bracket what the kernels do
     assert by["skip_attn-L1"]["decoder_pairs_flops_saved"] < by["skip_attn-L1"]["decoder_flops_saved"]
@@ -41,7 +43,7 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
         assert r["layer_host_reads"] == {"count": 0, "where": []}  # no variant's layer stalls the launch queue
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_none.txt", "profile_proxyv.txt",
                                                           "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
-                                                          "profile_skip_ffn.txt"]
+                                                          "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_ffn.txt"]
     ffn = (tmp_path / "profile_skip_ffn.txt").read_text()  # the decoder alone: the tower's operators are absent
     assert ffn.startswith("skip_ffn: decoder span") and "aten::linear" in ffn and "conv3d" not in ffn
     assert "proxyv-L1" in table(meta, rows)
@@ -54,7 +56,8 @@ def qwen3(**over):
 
 def test_qwen3_every_variant_runs_and_the_prompt_holds_the_timestamps():
     meta, rows = run(qwen3())
-    assert [r["variant"] for r in rows] == ["none", "skip_attn-L3", "skip_ffn-L3", "skip_attn_ffn-L3", "proxyv-L3"]
+    assert [r["variant"] for r in rows] == ["none", "skip_attn-L3", "skip_ffn-L3", "skip_attn_ffn-L3",
+                                            "skip_attn_ffn-L3 HF norm", "proxyv-L3"]
     # 3 blocks of 4x4 merged tokens; per block a 6-token timestamp, <|vision_start|>, <|vision_end|>; the outer
     # <|vision_start|> / <|vision_end|> of the chat template; 8 text tokens
     assert meta["vision_tokens"] == 3 * 16 and meta["prompt_tokens"] == 8 + 2 + 3 * (6 + 2) + 3 * 16

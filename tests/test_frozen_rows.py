@@ -171,3 +171,17 @@ def test_inference_mode_runs_without_reuse(monkeypatch):
     with torch.inference_mode(), ablate(model, "skip_attn_ffn", layers=range(0, 3)):
         got = model(**batch).logits
     assert len(calls) == 3 and torch.equal(got, expected)
+
+
+def test_disabled_calls_the_module_in_every_layer(monkeypatch):
+    """``frozen_rows.disabled()`` (the benchmark's control): every ablated layer normalises in full, same logits."""
+    model, batch = _case("qwen2_5_vl", torch.float32)
+    with torch.no_grad(), ablate(model, "skip_attn_ffn", layers=range(0, 3)):
+        expected = model(**batch).logits
+    calls = _count_full_normalisations(monkeypatch, batch["input_ids"].shape[1])
+    with torch.no_grad(), frozen_rows.disabled(), ablate(model, "skip_attn_ffn", layers=range(0, 3)):
+        got = model(**batch).logits
+    assert calls == [] and torch.equal(got, expected)  # the module itself, not unit_rows
+    with torch.no_grad(), ablate(model, "skip_attn_ffn", layers=range(0, 3)):
+        model(**batch)
+    assert len(calls) == 1  # enabled again after the block
