@@ -257,7 +257,7 @@ def ablated_layer_forward(layer, tracker: VisionTracker, hidden_states, attentio
             past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
             **kwargs,
         )
-    B, T, _ = hidden_states.shape
+    B = hidden_states.shape[0]
     attn = layer.self_attn
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, hd)
     if op.skip_attention and op.skip_ffn:

@@ -53,7 +53,7 @@ def project_kv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 def _is_causal(allowed: torch.Tensor) -> bool:
     """Whether ``allowed`` (B, Nq, K) is, for every sample, the square lower-triangular (causal) pattern."""
-    B, Nq, K = allowed.shape
+    Nq, K = allowed.shape[1:]
     if Nq != K or Nq < 2:
         return False
     causal = torch.ones(Nq, K, dtype=torch.bool, device=allowed.device).tril()

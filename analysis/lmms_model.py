@@ -74,7 +74,7 @@ def pick_device(device: str | None = None) -> torch.device:
     if device not in (None, "", "auto"):
         return torch.device(device)
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return torch.device("cpu")
 
 
@@ -463,7 +463,7 @@ class LlavaAblate(lmms):
                     self._model(**batch, use_cache=False, logits_to_keep=1)
                     self._sync()
                     times.append(1000 * (time.perf_counter() - start))
-        q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "min_ms": min(times),
                 "max_ms": max(times), "n": len(times), "warmup": warmup, "threads": torch.get_num_threads(),
                 "load_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "device": self._device_name()}

@@ -116,8 +116,7 @@ def lightmlp_layers(model, h, positions, images):
 def reference_sample(model, embeds, positions, images):
     """Logits (n, V) of one unpadded sample. images: [(start index, [crop grids of sample indices])]."""
     lm, config = model.model.language_model, model.config.text_config
-    settings, proxyv = model.config.proxyv, model.model.proxyv
-    L, f, learned = settings["start_layer"], settings["reduce_factor"], settings["init"] == "learned"
+    L = model.config.proxyv["start_layer"]
     eps = config.rms_norm_eps
     n = len(embeds)
     h = embeds.clone()

@@ -253,7 +253,7 @@ class VisionZip:
         tokens have no place on the patch grid, so only learned proxies use them (docs/reduction.md)."""
         from ..layout import BatchLayout, CropGrid, ImageLayout, SampleLayout
 
-        B, T = input_ids.shape
+        B = input_ids.shape[0]
         device = input_ids.device
         image = input_ids == self.image_token_id
         valid = torch.ones_like(image) if attention_mask is None else attention_mask.to(device).bool()
