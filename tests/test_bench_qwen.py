@@ -3,7 +3,13 @@ timed inside the whole call, and the FLOPs columns are the analytic counts. No t
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tarfile
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +128,23 @@ def test_bad_options_are_one_line():
         run(qwen3(vision_depth=2))
     with pytest.raises(ValueError, match="^start_layer=2: Qwen3-VL's DeepStack adds vision features"):
         run(qwen3(start_layer=-1))  # half of 4 layers: before the DeepStack layers 0..2
+
+
+def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
+    """scripts/device_qwen_bench.sh (the prepared GPU call of item 6) at its CPU smoke shape: both configs' tables,
+    the Qwen2.5-VL profiler tables in one archive, the machine notes."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "device_qwen_bench.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path), "--smoke"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "machine.txt", "profile_qwen2.5-vl-7b.tar.gz", "run_qwen2.5-vl-7b.json", "run_qwen2.5-vl-7b.txt",
+        "run_qwen3-vl-8b.json", "run_qwen3-vl-8b.txt"]
+    for config in ("qwen2.5-vl-7b", "qwen3-vl-8b"):
+        result = json.loads((tmp_path / f"run_{config}.json").read_text())
+        assert result["meta"]["config"] == config
+        assert [r["variant"] for r in result["rows"]][3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
+    with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
+        names = sorted(Path(n).name for n in archive.getnames() if n.endswith(".txt"))
+    assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
+                     "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_ffn.txt"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 12 item 6 on a lent GPU: the long-video benchmark of both shipped Qwen-VL shapes (docs/qwen.md, "Long-video
+# benchmark"), bf16, 5 rounds, with the decoder's profiler tables of the Qwen2.5-VL shape packed into one archive, so
+# that the call returns few files: <out>/run_<config>.{json,txt}, <out>/profile_qwen2.5-vl-7b.tar.gz, <out>/machine.txt.
+#
+#   bash scripts/device_qwen_bench.sh "$OUT"                   # on the GPU machine (see scripts/device_bundle.sh)
+#   bash scripts/device_qwen_bench.sh /tmp/smoke --smoke       # the same steps at a toy shape on the CPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: device_qwen_bench.sh OUT_DIR [--smoke]}
+mkdir -p "$out"
+python=${PYTHON:-python}
+if [ "${2:-}" = "--smoke" ]; then
+  shape=(--blocks 2 --side 8 --repeats 1 --warmup 0 --device cpu --dtype float32)
+  size=(--layers 4 --width 256 --vision-depth 3 --start-layer 3)
+else
+  shape=(--blocks 26 --side 36 --repeats 5 --device cuda --dtype bfloat16)
+  size=()
+fi
+{
+  date -u
+  uptime
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  git rev-parse HEAD 2>/dev/null || echo "no git metadata"
+} > "$out/machine.txt"
+profile=$(mktemp -d)
+"$python" experiments/bench_qwen_video.py --config qwen2.5-vl-7b "${shape[@]}" "${size[@]}" \
+  --out "$out/run_qwen2.5-vl-7b.json" --profile "$profile" | tee "$out/run_qwen2.5-vl-7b.txt"
+tar -czf "$out/profile_qwen2.5-vl-7b.tar.gz" -C "$profile" .
+rm -rf "$profile"
+"$python" experiments/bench_qwen_video.py --config qwen3-vl-8b "${shape[@]}" "${size[@]}" \
+  --out "$out/run_qwen3-vl-8b.json" | tee "$out/run_qwen3-vl-8b.txt"
+uptime >> "$out/machine.txt"
