@@ -112,6 +112,25 @@ def test_qwen_model_configs(name, tmp_path, monkeypatch):
     assert "\n" not in message and f"get them with: hf download {hub_id} (~{model['download_gb']} GB)" in message
 
 
+@pytest.mark.parametrize("name", sorted(QWEN_MODELS))
+def test_hub_ids_load_from_the_local_hf_cache(name, tmp_path, monkeypatch):
+    """A real Instruct config finds its weights in the HF cache offline (what `hf download <hub id>` leaves): a
+    snapshot of that repo, laid out as huggingface_hub writes it, holding a tiny checkpoint of the same class."""
+    from huggingface_hub import constants
+
+    hub_id, model_type, _ = QWEN_MODELS[name]
+    repo = tmp_path / "hub" / ("models--" + hub_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tiny_qwen.save_checkpoint(repo / "snapshots" / commit, model_type, seed=0)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = prepare(_compose(f"model={name}", "op=skip_ffn", "start_layer=1", f"run.runs_dir={tmp_path / 'runs'}",
+                            *TINY_PIXELS))
+    assert spec.model.path == str(snapshot) and spec.num_layers == 3
+    assert spec.variant.label == "skip_ffn L1–3"
+
+
 @pytest.mark.parametrize("op, message", [
     ("visionzip", ("op=visionzip is not supported on Qwen-VL models (qwen2_5_vl): VisionZip picks dominant tokens by "
                    "the CLS token's attention and the Qwen-VL vision towers have no CLS token; use op=fastv or op=pdrop")),
