@@ -34,7 +34,7 @@ import torch
 
 from ..layout import BatchLayout, CropGrid, ImageLayout, SampleLayout
 from ..layout_qwen import QwenBatchLayout
-from ..rows import select_rows
+from ..rows import flat_rows, select_rows
 
 
 @dataclass
@@ -209,7 +209,7 @@ def build_plan(layout, settings) -> ProxyPlan | None:
     row_context = context.gather(1, vision_rows)  # (B, Nv)
     if not learned:
         row_context = row_context + torch.arange(B)[:, None] * P  # local slot -> flat slot
-    text_flat, vision_flat = _flat(text_rows, T), _flat(vision_rows, T)
+    text_flat, vision_flat = flat_rows(text_rows, T), flat_rows(vision_rows, T)
     to = {"device": device}
     return ProxyPlan(
         vision=vision.to(**to), vision_rows=vision_rows.to(**to), vision_valid=vision_valid.to(**to),
@@ -221,11 +221,6 @@ def build_plan(layout, settings) -> ProxyPlan | None:
         text_put=_put(text_flat, text_valid, device), vision_put=_put(vision_flat, vision_valid, device),
         grid=grid, factor=factor, learned=learned, counts=tuple(counts),
     )
-
-
-def _flat(rows: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, N) row indices -> (B*N,) indices into the flattened (B*T, ...) rows."""
-    return (rows + torch.arange(rows.shape[0])[:, None] * T).flatten()
 
 
 def _existing(crop_proxy: torch.Tensor, device) -> tuple:
