@@ -299,11 +299,11 @@ def _frozen_vision_layer(layer, op: Operator, chunk: Chunk, h: torch.Tensor, rop
     rows reused from the previous ablated layer (:mod:`analysis.frozen_rows`)."""
     attn = layer.self_attn
     rows, valid = chunk.text_rows()
-    x = chunk.frozen.input_norm(layer.input_layernorm, h, rows, valid)
+    before = gather_rows(h, rows)  # (B, N, D)
+    x = chunk.frozen.input_norm(layer.input_layernorm, h, rows, valid, before)
     q_rope = tuple(gather_rows(t, rows) for t in rope)
     out = split_attention(attn, gather_rows(x, rows), q_rope, x, rope, _allowed(chunk, op, _window(attn)), cache,
                           causal=False)
-    before = gather_rows(h, rows)  # (B, N, D)
     text = before + out.to(h.dtype)
     text = text + layer.mlp(layer.post_attention_layernorm(text)).to(h.dtype)
     new = put_rows(h, rows, torch.where(valid[..., None], text, before))

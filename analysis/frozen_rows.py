@@ -86,17 +86,19 @@ class FrozenRows:
         self._version = -1
         self.fresh = 0  # how many times the rows were normalised in full (tests read it)
 
-    def input_norm(self, norm: nn.Module, h: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``norm(h)`` for a layer whose vision rows are frozen; ``rows`` / ``valid`` (B, N): its text rows."""
+    def input_norm(self, norm: nn.Module, h: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
+                   text: torch.Tensor) -> torch.Tensor:
+        """``norm(h)`` for a layer whose vision rows are frozen; ``rows`` / ``valid`` (B, N): its text rows, ``text``
+        (B, N, D) those rows of ``h`` (the layer gathers them anyway)."""
         if _DISABLED or not is_plain_rms_norm(norm) or (torch.is_grad_enabled() and h.requires_grad):
             self.units = None
             return norm(h)
         key = (norm.variance_epsilon, h.dtype)
         if self.units is not None and self.key == key and self._follows(h):
             B, T, D = h.shape
-            text = unit_rows(gather_rows(h, rows), norm.variance_epsilon)
-            text = torch.where(valid[..., None], text, gather_rows(self.units, rows))  # filler slots: unchanged
-            self.units.view(B * T, D).index_copy_(0, flat_rows(rows, T), text.reshape(-1, D))
+            units = unit_rows(text, norm.variance_epsilon)
+            units = torch.where(valid[..., None], units, gather_rows(self.units, rows))  # filler slots: unchanged
+            self.units.view(B * T, D).index_copy_(0, flat_rows(rows, T), units.reshape(-1, D))
         else:
             self.units, self.key = unit_rows(h, norm.variance_epsilon), key
             self.fresh += 1

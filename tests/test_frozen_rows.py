@@ -18,7 +18,7 @@ from qwen_helpers import model_for as qwen_model
 from analysis import ablate, frozen_rows
 from analysis.frozen_rows import FrozenRows, is_plain_rms_norm
 from analysis.models import decoder_layers, vlm_core
-from analysis.rows import select_rows
+from analysis.rows import gather_rows, select_rows
 
 
 def _norm(dtype, D=48):
@@ -43,7 +43,7 @@ def test_cached_norm_is_bit_for_bit_the_module(dtype):
     h = (torch.randn(2, 10, 48, generator=g) * 3).to(dtype)
     with torch.no_grad():
         for _ in range(4):
-            assert torch.equal(cache.input_norm(norm, h, rows, valid), norm(h))
+            assert torch.equal(cache.input_norm(norm, h, rows, valid, gather_rows(h, rows)), norm(h))
             out = h.clone()
             out[~vision] += torch.randn(int((~vision).sum()), 48, generator=g).to(dtype)
             cache.returned(out)
@@ -58,22 +58,23 @@ def test_reuse_only_for_the_returned_unmodified_tensor():
     rows, valid = select_rows(~vision)
     h = torch.randn(1, 5, 48, generator=g)
     with torch.no_grad():
-        cache.input_norm(norm, h, rows, valid)
+        cache.input_norm(norm, h, rows, valid, gather_rows(h, rows))
         out = h.clone()
         out[:, 0] += 1.0  # a text row changes, as in an ablated layer
         cache.returned(out)
-        assert torch.equal(cache.input_norm(norm, out, rows, valid), norm(out))
+        assert torch.equal(cache.input_norm(norm, out, rows, valid, gather_rows(out, rows)), norm(out))
         assert cache.fresh == 1  # reused: only the text rows were renormalised
         cache.returned(out)
         out[:, 1] += 1.0  # an in-place edit of a vision row (a user's hook): the version counter moves
-        assert torch.equal(cache.input_norm(norm, out, rows, valid), norm(out))
+        assert torch.equal(cache.input_norm(norm, out, rows, valid, gather_rows(out, rows)), norm(out))
         assert cache.fresh == 2
         cache.returned(out)
-        assert torch.equal(cache.input_norm(norm, out.clone(), rows, valid), norm(out))  # another tensor
+        other = out.clone()  # another tensor with the same values
+        assert torch.equal(cache.input_norm(norm, other, rows, valid, gather_rows(other, rows)), norm(out))
         assert cache.fresh == 3
     out.requires_grad_(True)
     cache.returned(out)
-    got = cache.input_norm(norm, out, rows, valid)  # autograd: the module itself, differentiable
+    got = cache.input_norm(norm, out, rows, valid, gather_rows(out, rows))  # autograd: the module itself, differentiable
     assert got.grad_fn is not None and torch.equal(got, norm(out)) and cache.units is None
 
 
