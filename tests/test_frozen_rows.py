@@ -74,7 +74,7 @@ def test_reuse_only_for_the_returned_unmodified_tensor():
         assert cache.fresh == 3
     out.requires_grad_(True)
     cache.returned(out)
-    got = cache.input_norm(norm, out, rows, valid, gather_rows(out, rows))  # autograd: the module itself, differentiable
+    got = cache.input_norm(norm, out, rows, valid, gather_rows(out, rows))  # autograd: the module, differentiable
     assert got.grad_fn is not None and torch.equal(got, norm(out)) and cache.units is None
 
 
