@@ -101,16 +101,26 @@ def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
     return batch, n_vision
 
 
+@contextlib.contextmanager
 def variant_context(model, variant: str, L: int):
     """The block a prefill of ``variant`` runs in: ``ablate`` from layer ``L`` for an operator (and for
     :data:`MODULE_NORM` the frozen-row norm cache disabled); nothing for the baseline and ProxyV (its model is
-    already converted)."""
+    already converted). Entered where it is used, so every variant's setup is inside its timing alike."""
     if variant == MODULE_NORM:
-        stack = contextlib.ExitStack()
-        stack.enter_context(ablate(model, "skip_attn_ffn", start_layer=L))
-        stack.enter_context(frozen_rows.disabled())
-        return stack
-    return ablate(model, variant, start_layer=L) if variant in OPS else contextlib.nullcontext()
+        with ablate(model, "skip_attn_ffn", start_layer=L), frozen_rows.disabled():
+            yield
+    elif variant in OPS:
+        with ablate(model, variant, start_layer=L):
+            yield
+    else:
+        yield
+
+
+def prefill(model, batch, variant: str, L: int) -> None:
+    """One prefill of ``variant`` (in its :func:`variant_context`, no gradients, the LM head on the last row as
+    generate()'s prefill): what every measurement here runs."""
+    with torch.no_grad(), variant_context(model, variant, L):
+        model(**batch, logits_to_keep=1)
 
 
 def synchronize(device: str) -> None:
@@ -151,15 +161,13 @@ def clocks_of(model, device: str) -> dict[str, SpanClock]:
 
 def call(model, clocks, batch, variant, L, device):
     """{"whole", "tower", "decoder": seconds, "peak": extra MiB} of one prefill of ``variant``."""
-    context = variant_context(model, variant, L)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     synchronize(device)
     start = time.perf_counter()
-    with torch.no_grad(), context:
-        model(**batch, logits_to_keep=1)
+    prefill(model, batch, variant, L)
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
@@ -171,10 +179,8 @@ def layer_reads(model, batch, variant, L) -> dict:
     ``variant`` (:mod:`analysis.host_reads`; an untimed call): {"count": n, "where": ["op at file:line xN", ...]}."""
     lm = model.model.language_model
     spy = LayerReads(lm, lm.layers, L)
-    context = variant_context(model, variant, L)
     try:
-        with torch.no_grad(), context:
-            model(**batch, logits_to_keep=1)
+        prefill(model, batch, variant, L)
     finally:
         spy.remove()
     counts = collections.Counter(f"{r.op} at {r.where}" for r in spy.reads)
@@ -202,10 +208,8 @@ def profile_table(model, batch, variant, L, device) -> str:
 
     lm = model.model.language_model
     handles = [lm.register_forward_pre_hook(on), lm.register_forward_hook(off)]
-    context = variant_context(model, variant, L)
     try:
-        with torch.no_grad(), context:
-            model(**batch, logits_to_keep=1)
+        prefill(model, batch, variant, L)
     finally:
         for handle in handles:
             handle.remove()
