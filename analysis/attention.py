@@ -51,7 +51,7 @@ def project_kv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return rope(key, cos, sin), value
 
 
-def _is_causal(allowed: torch.Tensor) -> bool:
+def is_causal_mask(allowed: torch.Tensor) -> bool:
     """Whether ``allowed`` (B, Nq, K) is, for every sample, the square lower-triangular (causal) pattern."""
     Nq, K = allowed.shape[1:]
     if Nq != K or Nq < 2:
@@ -119,7 +119,7 @@ def split_attention(
         value = torch.cat([value, extra_kv[1]], dim=2)
     if allowed.shape[-1] != key.shape[2]:
         raise ValueError(f"mask covers {allowed.shape[-1]} keys but attention has {key.shape[2]}")
-    if implementation == "sdpa" and (_is_causal(allowed) if causal is None else causal):
+    if implementation == "sdpa" and (is_causal_mask(allowed) if causal is None else causal):
         # Exactly the causal pattern (e.g. a batch-1 pruned layer): sdpa's causal kernel skips the upper
         # triangle, as HF's own layer does, instead of computing the rectangle under an explicit mask.
         out, _ = kernel(attn, query, key, value, None, dropout=attn.attention_dropout if attn.training else 0.0,

@@ -246,8 +246,9 @@ def test_cache_built_outside_the_block_is_refused():
     batch = make_batch("llava")
     with torch.no_grad():
         out = model(**batch, use_cache=True)
+        mask = batch["attention_mask"]
         step = {"input_ids": out.logits[:, -1:].argmax(-1),
-                "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}
+                "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
         with pytest.raises(RuntimeError, match="inside the same `with ablate"), reduced(model, "fastv"):
             model(**step, past_key_values=out.past_key_values)
 
@@ -278,18 +279,19 @@ def test_a_causal_mask_runs_sdpa_causal_kernel_with_the_same_result(monkeypatch)
     (as HF's own layers run), with the logits of the explicit-mask path."""
     from analysis import attention
 
-    assert attention._is_causal(torch.ones(1, 5, 5, dtype=torch.bool).tril())
-    assert not attention._is_causal(torch.ones(1, 5, 6, dtype=torch.bool).tril())
-    assert not attention._is_causal(torch.ones(2, 5, 5, dtype=torch.bool).tril().index_fill(1, torch.tensor([0]), True))
+    assert attention.is_causal_mask(torch.ones(1, 5, 5, dtype=torch.bool).tril())
+    assert not attention.is_causal_mask(torch.ones(1, 5, 6, dtype=torch.bool).tril())
+    one_row_full = torch.ones(2, 5, 5, dtype=torch.bool).tril().index_fill(1, torch.tensor([0]), True)
+    assert not attention.is_causal_mask(one_row_full)
     model = model_for("llava-llama", "sdpa")
     batch = make_batch("llava", PAIR[:1])
     calls = []
-    real = attention._is_causal
-    monkeypatch.setattr(attention, "_is_causal", lambda allowed: calls.append(real(allowed)) or calls[-1])
+    real = attention.is_causal_mask
+    monkeypatch.setattr(attention, "is_causal_mask", lambda allowed: calls.append(real(allowed)) or calls[-1])
     with torch.no_grad(), reduced(model, "fastv"):
         fast = model(**batch).logits
     assert calls and all(calls)  # every pruned layer took the causal kernel
-    monkeypatch.setattr(attention, "_is_causal", lambda allowed: False)
+    monkeypatch.setattr(attention, "is_causal_mask", lambda allowed: False)
     with torch.no_grad(), reduced(model, "fastv"):
         masked = model(**batch).logits
     torch.testing.assert_close(fast, masked, atol=1e-5, rtol=0)

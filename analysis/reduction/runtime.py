@@ -147,7 +147,7 @@ class Reduction:
             new.pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             new.cos, new.sin = self.rotary(hidden, new.pos)
         self.rows, self.allowed = new, prefill_mask(new)
-        self.causal = attention._is_causal(self.allowed)
+        self.causal = attention.is_causal_mask(self.allowed)
         if cache is not None:
             self.caches[stage] = StageCache(valid, new.index, valid.sum(dim=1))
         self.kept_vision.append([new.index[b][new.vision[b]] for b in range(B)])
@@ -172,7 +172,7 @@ class Reduction:
             pos = index if position_ids is None else position_ids.expand(B, t)
             cos, sin = (x.expand(B, -1, -1) for x in position_embeddings)
         self.allowed = decode_mask(book.valid, new_valid)
-        self.causal = attention._is_causal(self.allowed)
+        self.causal = attention.is_causal_mask(self.allowed)
         book.valid = torch.cat([book.valid, new_valid], dim=1)
         book.index = torch.cat([book.index, index], dim=1)
         self.rows = Rows(index, new_valid, torch.zeros_like(new_valid), pos, cos, sin)
