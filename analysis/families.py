@@ -168,7 +168,7 @@ REDUCTION = register_family(Family(
     methods=_reduction_methods,
     resolve=_reduction_layers,
     execute="analysis.reduction:reduction_context",
-    flops="analysis.flops.reduction:reduction_flops",
+    flops="analysis.flops.variants:reduction_flops",
     label_params=("keep", "positions", "dominant", "contextual", "proxyv"),
     param_layers=("pdrop", "visionzip"),
 ))

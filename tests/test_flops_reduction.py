@@ -23,7 +23,8 @@ from analysis.flops import (
     mean_flops,
 )
 from analysis.flops.measure import _module_names, _split, by_module, torch_flop_counter
-from analysis.flops.reduction import fastv_kept, pdrop_kept, reduction_flops
+from analysis.flops.reduction import fastv_kept, pdrop_kept
+from analysis.flops.variants import reduction_flops
 from analysis.variant import resolve_variant
 
 ROOT = Path(__file__).resolve().parents[1]

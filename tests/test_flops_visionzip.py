@@ -23,7 +23,7 @@ from analysis.flops import (
     vision_flops,
 )
 from analysis.flops.measure import _module_names, _split, torch_flop_counter
-from analysis.flops.reduction import reduction_flops
+from analysis.flops.variants import reduction_flops
 from analysis.flops.visionzip import ZIP_COMPONENTS, VisionZipFlops
 from analysis.variant import resolve_variant
 

@@ -63,7 +63,7 @@ Variants: a :class:`analysis.variant.Variant` is counted by its family's ``flops
 (``skip_attention``, ``skip_ffn``, ``allowed``), so a new operator is counted without a change
 here; ProxyV by :func:`analysis.flops.proxyv.proxyv_flops` (``--op proxyv --proxy-reduce F
 [--proxy-init learned]``), FastV and PyramidDrop by
-:func:`analysis.flops.reduction.reduction_flops` (``--op fastv --start-layer K --keep R``,
+:func:`analysis.flops.variants.reduction_flops` (``--op fastv --start-layer K --keep R``,
 ``--op pdrop --layers K1,K2,... --keep R``; VisionZip, ``--op visionzip --dominant D --contextual C``, by
 :mod:`analysis.flops.visionzip`: its tower extras and projector in the vision figure, the decoder on the shortened
 prompt), each imported on first use, so importing this package does

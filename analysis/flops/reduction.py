@@ -67,7 +67,6 @@ from dataclasses import dataclass
 import torch
 
 from ..reduction.counts import fastv_kept, pdrop_kept
-from ..variant import Variant
 from .decoder import Breakdown, LayerFlops, baseline_flops, decoder_layer_breakdown
 from .dims import TextDims
 from .tokens import PrefillTokens, allowed_pair_counts
@@ -232,44 +231,6 @@ def pdrop_ranking(dims: TextDims, rows: Rows, theoretical: bool) -> Breakdown:
 
 
 RANKINGS = {"fastv": fastv_ranking, "pdrop": pdrop_ranking}
-
-
-# ----------------------------------------------------------------------------- the family's FLOPs variant
-
-def reduction_flops(variant: Variant, proxyv_settings: dict | None = None, **extra) -> ReductionFlops:
-    """The layer-FLOPs variant of a ``reduction`` :class:`~analysis.variant.Variant` (the family registry's
-    ``flops``): FastV pruned in its layers K..L-1, PyramidDrop with its layers as stage boundaries, VisionZip by
-    :func:`analysis.flops.visionzip.visionzip_flops` (``extra``: its ``config``; no other family extra).
-
-    ``proxyv_settings``: the ProxyV settings of the model it runs on (``config.proxyv`` of a ProxyV checkpoint; what
-    :func:`analysis.flops.count_flops` passes for such a config): counted by
-    :class:`analysis.flops.proxyv_reduction.ProxyVReductionFlops` (VisionZip: ``VisionZipProxyVFlops``)."""
-    named = variant.options.get("proxyv")
-    proxyv = proxyv_settings
-    if named is not None and proxyv is None:
-        raise ValueError(f"{variant.label} runs on a ProxyV checkpoint: count it with that checkpoint's config "
-                         "(count_flops(checkpoint.config, ...)) or pass proxyv_settings=<its config.proxyv>")
-    if proxyv is not None and named is not None and proxyv.get("start_layer") != named:
-        raise ValueError(f"{variant.label}: the ProxyV settings given start at layer {proxyv.get('start_layer')}")
-    if variant.method == "visionzip":  # before the LLM: the tower's extras and a shortened prefill
-        from .visionzip import visionzip_flops
-
-        counted = visionzip_flops(variant, **extra)
-        if proxyv is None:
-            return counted
-        from .proxyv_reduction import VisionZipProxyVFlops
-
-        return VisionZipProxyVFlops(counted.dominant, counted.contextual, proxyv, counted.config)
-    kept = extra.pop("kept", None)  # an execution's kept vision tokens: which blocks keep a cell (Qwen-VL ProxyV)
-    if extra:
-        raise ValueError(f"op {variant.method!r} takes no options, got {sorted(extra)}")
-    if proxyv is not None:
-        from .proxyv_reduction import ProxyVReductionFlops
-
-        return ProxyVReductionFlops(variant.method, variant.layers, variant.options["keep"], proxyv, kept=kept)
-    if kept is not None:
-        raise ValueError(f"{variant.label}: kept= (an execution's kept vision tokens) is read on a ProxyV model only")
-    return ReductionFlops(variant.method, variant.layers, variant.options["keep"])
 
 
 class ReductionFlops:

@@ -3,7 +3,9 @@
 A variant is one :class:`analysis.variant.Variant`; its family (:mod:`analysis.families`) names the
 callable that makes its layer-FLOPs variant (``flops="module:attribute"``, imported on first use):
 :func:`operator_flops` here for the operators of :mod:`analysis.ops`, ProxyV's
-:func:`analysis.flops.proxyv.proxyv_flops`. A new family is counted once it registers; nothing here
+:func:`analysis.flops.proxyv.proxyv_flops`, and :func:`reduction_flops` here for token reduction, which picks
+among the counters of :mod:`.reduction`, :mod:`.visionzip` and :mod:`.proxyv_reduction` (so that those import
+only downwards: the ProxyV-hosting counters extend the plain ones). A new family is counted once it registers; nothing here
 changes. :func:`make_variant` also takes an op name with ``layers`` / ``start_layer`` /
 ``end_layer`` and options (what the CLI and older callers pass), resolved by
 :func:`analysis.variant.resolve_variant`.
@@ -24,6 +26,44 @@ def operator_flops(variant: Variant, **extra) -> OperatorVariant:
     if extra:
         raise ValueError(f"op {variant.method!r} takes no options, got {sorted(extra)}")
     return OperatorVariant(get_operator(variant.method), tuple(variant.layers))
+
+
+def reduction_flops(variant: Variant, proxyv_settings: dict | None = None, **extra) -> VariantFlops:
+    """The layer-FLOPs variant of a ``reduction`` :class:`~analysis.variant.Variant` (the family registry's
+    ``flops``): FastV pruned in its layers K..L-1, PyramidDrop with its layers as stage boundaries, VisionZip by
+    :func:`analysis.flops.visionzip.visionzip_flops` (``extra``: its ``config``; no other family extra).
+
+    ``proxyv_settings``: the ProxyV settings of the model it runs on (``config.proxyv`` of a ProxyV checkpoint; what
+    :func:`analysis.flops.count_flops` passes for such a config): counted by
+    :class:`analysis.flops.proxyv_reduction.ProxyVReductionFlops` (VisionZip: ``VisionZipProxyVFlops``)."""
+    named = variant.options.get("proxyv")
+    proxyv = proxyv_settings
+    if named is not None and proxyv is None:
+        raise ValueError(f"{variant.label} runs on a ProxyV checkpoint: count it with that checkpoint's config "
+                         "(count_flops(checkpoint.config, ...)) or pass proxyv_settings=<its config.proxyv>")
+    if proxyv is not None and named is not None and proxyv.get("start_layer") != named:
+        raise ValueError(f"{variant.label}: the ProxyV settings given start at layer {proxyv.get('start_layer')}")
+    if variant.method == "visionzip":  # before the LLM: the tower's extras and a shortened prefill
+        from .visionzip import visionzip_flops
+
+        counted = visionzip_flops(variant, **extra)
+        if proxyv is None:
+            return counted
+        from .proxyv_reduction import VisionZipProxyVFlops
+
+        return VisionZipProxyVFlops(counted.dominant, counted.contextual, proxyv, counted.config)
+    from .reduction import ReductionFlops
+
+    kept = extra.pop("kept", None)  # an execution's kept vision tokens: which blocks keep a cell (Qwen-VL ProxyV)
+    if extra:
+        raise ValueError(f"op {variant.method!r} takes no options, got {sorted(extra)}")
+    if proxyv is not None:
+        from .proxyv_reduction import ProxyVReductionFlops
+
+        return ProxyVReductionFlops(variant.method, variant.layers, variant.options["keep"], proxyv, kept=kept)
+    if kept is not None:
+        raise ValueError(f"{variant.label}: kept= (an execution's kept vision tokens) is read on a ProxyV model only")
+    return ReductionFlops(variant.method, variant.layers, variant.options["keep"])
 
 
 def flops_of(variant: Variant, **extra) -> VariantFlops:
