@@ -30,17 +30,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 
-from .results import REPO_ROOT
+from .config_groups import CONF_DIR, CONFIG_GROUPS, ConfigError, group_choices
+
+__all__ = ["CONF_DIR", "ConfigError", "SweepProgress", "VariantSweeper", "check_overrides", "group_choices",
+           "hydra_argv", "register_configs", "sweep_tag"]
 
 log = logging.getLogger("analysis.sweep")
-CONF_DIR = REPO_ROOT / "conf"
-CONFIG_GROUPS = {"model": "model", "op": "op", "eval": "eval", "hydra/launcher": "launcher"}
-BUILTIN_CHOICES = {"hydra/launcher": ("basic",)}
 TRAINED = "trained"  # a grid's start_layer value: every start layer the model lists a trained checkpoint for
-
-
-class ConfigError(ValueError):
-    """A bad config or override, found before any work; its message is one line that names the fix."""
 
 
 # ----------------------------------------------------------------------------- config groups
@@ -64,16 +60,6 @@ def register_configs() -> None:
 
 
 register_configs()
-
-
-def group_choices(group: str) -> list[str]:
-    """The options of a config group: the registered methods for ``op``, else its YAML files under conf/."""
-    if group == "op":
-        from .variant import methods
-
-        return sorted(methods())
-    files = [p.stem for p in (CONF_DIR / group).glob("*.yaml")]
-    return sorted({*files, *BUILTIN_CHOICES.get(group, ())})
 
 
 def check_overrides(argv: list[str]) -> None:

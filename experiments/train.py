@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.runner.spec import ConfigError, resolve_weights  # noqa: E402
-from analysis.sweep import CONF_DIR  # noqa: E402
+from analysis.config_groups import CONF_DIR, ConfigError  # noqa: E402
+from analysis.runner.spec import resolve_weights  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import results
-from ..sweep import CONF_DIR, ConfigError, group_choices
+from ..config_groups import CONF_DIR, ConfigError, group_choices
 from ..variant import Variant, baseline, family_of, resolve_variant
 
 REPO_ROOT = results.REPO_ROOT
