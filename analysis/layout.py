@@ -23,19 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .crop_grid import CropGrid
+from .layout_qwen import QWEN_VL_MODEL_TYPES, compute_qwen_layout
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "BatchLayout", "CropGrid", "ImageLayout", "SampleLayout", "compute_layout",
+           "image_token_id"]
+
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
-
-
-@dataclass(frozen=True)
-class CropGrid:
-    """The patch grid of one crop. ``positions``: ``(rows, cols)`` long tensor of sequence positions."""
-
-    kind: str
-    positions: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.positions.shape)
 
 
 @dataclass(frozen=True)
@@ -168,8 +162,6 @@ def compute_layout(input_ids: torch.Tensor, config, attention_mask: torch.Tensor
         ValueError: if the image tokens of a sample do not match what the config says an image expands to.
     """
     model_type = getattr(config, "model_type", None)
-    from .layout_qwen import QWEN_VL_MODEL_TYPES, compute_qwen_layout
-
     if model_type in QWEN_VL_MODEL_TYPES:
         if image_sizes is not None:
             raise ValueError("a Qwen-VL layout takes image_grid_thw / video_grid_thw, not image_sizes")

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import CropGrid
+from .crop_grid import CropGrid
 
 QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 KINDS = ("image", "video")
