@@ -24,10 +24,13 @@ fi
   git rev-parse HEAD 2>/dev/null || echo "no git metadata"
 } > "$out/machine.txt"
 profile=$(mktemp -d)
+echo "qwen2.5-vl-7b start $(date -u +%T)" >> "$out/machine.txt"   # how long each shape takes, for the next call
 "$python" experiments/bench_qwen_video.py --config qwen2.5-vl-7b "${shape[@]}" "${size[@]}" \
   --out "$out/run_qwen2.5-vl-7b.json" --profile "$profile" | tee "$out/run_qwen2.5-vl-7b.txt"
 tar -czf "$out/profile_qwen2.5-vl-7b.tar.gz" -C "$profile" .
 rm -rf "$profile"
+echo "qwen3-vl-8b start $(date -u +%T)" >> "$out/machine.txt"
 "$python" experiments/bench_qwen_video.py --config qwen3-vl-8b "${shape[@]}" "${size[@]}" \
   --out "$out/run_qwen3-vl-8b.json" | tee "$out/run_qwen3-vl-8b.txt"
+echo "end $(date -u +%T)" >> "$out/machine.txt"
 uptime >> "$out/machine.txt"

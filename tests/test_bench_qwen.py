@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -144,6 +145,8 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
         result = json.loads((tmp_path / f"run_{config}.json").read_text())
         assert result["meta"]["config"] == config
         assert [r["variant"] for r in result["rows"]][3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
+    notes = (tmp_path / "machine.txt").read_text()
+    assert re.search(r"^qwen2\.5-vl-7b start \d\d:\d\d:\d\d\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
     with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
         names = sorted(Path(n).name for n in archive.getnames() if n.endswith(".txt"))
     assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
