@@ -446,6 +446,30 @@ def test_latency_is_compared_on_what_both_records_say(tmp_path):
     assert "‡" not in text
 
 
+def test_runs_from_different_code_are_named(tmp_path):
+    """Runs are reused by config hash whatever the code: a group whose finished runs come from more than one
+    commit, or from a tree with local changes, says which and how many; runs from one clean commit say nothing."""
+    root = tmp_path / "runs"
+
+    def at(record, commit, dirty=False):
+        return {**record, "git_commit": commit, "git_dirty": dirty}
+
+    results.write_record(root / "none", at(_record("none", None, 1.0, "base"), "a" * 40))
+    results.write_record(root / "f16", at(_record("skip_ffn", 16, 1.0, "f16"), "a" * 40))
+    results.write_record(root / "bad", at(_record("skip_attn", 8, 0, "bad", status="failed"), "c" * 40))
+    clean = report.write_report(root, tmp_path / "one").read_text()
+    assert "code state" not in clean  # a failed run's code compares nothing
+    results.write_record(root / "f24", at(_record("skip_ffn", 24, 1.0, "f24"), "b" * 40))
+    results.write_record(root / "a24", at(_record("skip_attn", 24, 1.0, "a24"), "b" * 40, dirty=True))
+    results.write_record(root / "a16", _record("skip_attn", 16, 1.0, "a16"))  # an older record: no commit
+    text = report.write_report(root, tmp_path / "mixed").read_text()
+    assert (f"Code: the finished runs of this group come from 4 code states: `{'a' * 10}` (2), `{'b' * 10}` (1), "
+            f"`{'b' * 10}` with local changes (1), unrecorded (1).") in text
+    results.write_record(root / "solo", at(_record("none", None, 1.0, "base"), "d" * 40, dirty=True))
+    dirty = report.write_report(root / "solo", tmp_path / "dirty").read_text()
+    assert f"1 code state: `{'d' * 10}` with local changes (1)." in dirty
+
+
 def test_report_and_results_do_not_import_torch(tmp_path):
     """Importing and running the report imports no torch, runner, sweep glue, Hydra or lmms-eval, nor
     pyplot, and leaves matplotlib's backend as the user set it."""

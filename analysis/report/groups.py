@@ -65,6 +65,24 @@ class Group:
     def n_text(self, short: bool = False) -> str:
         return samples_text(self.samples, short=short)
 
+    @cached_property
+    def code_states(self) -> dict[str, int]:
+        """The code the group's finished (``ok``) records were computed from (:func:`code_state`) -> how many."""
+        states: dict[str, int] = {}
+        for record in self.records:
+            if record.get("status") == "ok":
+                states[code_state(record)] = states.get(code_state(record), 0) + 1
+        return dict(sorted(states.items()))
+
+
+def code_state(record: dict) -> str:
+    """A record's code: its commit (10 characters), ``"... with local changes"`` when the tracked tree had some;
+    ``"unrecorded"`` when the record names no commit (outside a git checkout, or an older record)."""
+    commit = record.get("git_commit")
+    if not commit:
+        return "unrecorded"
+    return f"`{commit[:10]}`" + (" with local changes" if record.get("git_dirty") else "")
+
 
 def group_records(records: list[dict]) -> list[Group]:
     """Split records into :class:`Group` s by the group key: model, eval, tasks, limit, blind, seed (what

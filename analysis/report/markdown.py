@@ -96,6 +96,14 @@ def table_notes(group: Group) -> list[str]:
         notes.append(f"‡ timed elsewhere than the baseline ({reference['timed_on']}): {'; '.join(elsewhere)}. "
                      "Prefill times from another host, device or thread count are not comparable with the "
                      "baseline's; rerun those variants (or the baseline) where the other was timed to compare them.")
+    states = group.code_states
+    if len(states) > 1 or any(state.endswith("with local changes") for state in states):
+        listed = ", ".join(f"{state} ({n})" for state, n in states.items())
+        notes.append(f"Code: the finished runs of this group come from {len(states)} code state"
+                     f"{'s' if len(states) != 1 else ''}: {listed}. A finished run is reused by its config hash "
+                     "whatever the code, so runs from different states (or from local changes) compare only where "
+                     "the code between them left what they measure unchanged; delete their run folders (and the "
+                     "baseline's) to recompute them from one commit.")
     for label, count in group.duplicates.items():
         finished = [str(f) for f in table.loc[table["label"] == label, "finished_at"] if not is_missing(f)]
         notes.append(f"Duplicate: {count} records of `{label}` in this group (finished {', '.join(finished) or '?'}); "
