@@ -125,6 +125,9 @@ def test_variants_count_as_their_names():
     assert count_flops(config, tokens, pdrop).to_dict() == count_flops(config, tokens, "pdrop", layers=[8, 16, 24],
                                                                          keep=0.5).to_dict()
     assert isinstance(reduction_flops(fastv).keep, float)
+    with pytest.raises(ValueError, match=r"^reduction_flops counts token reduction; 'skip_ffn L3–32' is of the "
+                                         r"'ablation' family: count it with flops_of\(variant\) or count_flops$"):
+        reduction_flops(resolve_variant("skip_ffn", 32, start_layer=3))
     with pytest.raises(ValueError, match="takes no options"):
         count_flops(config, tokens, "fastv", start_layer=3, shapes=None)
     with pytest.raises(ValueError, match="start_layer must be in 1..31"):

@@ -36,6 +36,9 @@ def reduction_flops(variant: Variant, proxyv_settings: dict | None = None, **ext
     ``proxyv_settings``: the ProxyV settings of the model it runs on (``config.proxyv`` of a ProxyV checkpoint; what
     :func:`analysis.flops.count_flops` passes for such a config): counted by
     :class:`analysis.flops.proxyv_reduction.ProxyVReductionFlops` (VisionZip: ``VisionZipProxyVFlops``)."""
+    if variant.family != "reduction":
+        raise ValueError(f"reduction_flops counts token reduction; {variant.label!r} is of the {variant.family!r} "
+                         "family: count it with flops_of(variant) or count_flops")
     named = variant.options.get("proxyv")
     proxyv = proxyv_settings
     if named is not None and proxyv is None:
