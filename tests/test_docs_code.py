@@ -28,7 +28,8 @@ PROXYV_MODEL = {("docs/flops.md", 1): "checkpoints/tiny-llava-proxyv-L16"}  # "m
 def code_blocks(page: str) -> list[tuple[int, str]]:
     """(line, code) of every ```python block of ``page``."""
     text = (REPO / page).read_text()
-    return [(text[:m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```python\n(.*?)```", text, re.S)]
+    return [(text[:m.start()].count("\n") + 2, m.group(1))
+            for m in re.finditer(r"```python\n(.*?)```", text, re.DOTALL)]
 
 
 BLOCKS = [(page, index, line) for page in PAGES for index, (line, _) in enumerate(code_blocks(page))]

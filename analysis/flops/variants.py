@@ -5,10 +5,9 @@ callable that makes its layer-FLOPs variant (``flops="module:attribute"``, impor
 :func:`operator_flops` here for the operators of :mod:`analysis.ops`, ProxyV's
 :func:`analysis.flops.proxyv.proxyv_flops`, and :func:`reduction_flops` here for token reduction, which picks
 among the counters of :mod:`.reduction`, :mod:`.visionzip` and :mod:`.proxyv_reduction` (so that those import
-only downwards: the ProxyV-hosting counters extend the plain ones). A new family is counted once it registers; nothing here
-changes. :func:`make_variant` also takes an op name with ``layers`` / ``start_layer`` /
-``end_layer`` and options (what the CLI and older callers pass), resolved by
-:func:`analysis.variant.resolve_variant`.
+only downwards: the ProxyV-hosting counters extend the plain ones). A new family is counted once it registers;
+nothing here changes. :func:`make_variant` also takes an op name with ``layers`` / ``start_layer`` / ``end_layer``
+and options (what the CLI and older callers pass), resolved by :func:`analysis.variant.resolve_variant`.
 """
 
 from __future__ import annotations
