@@ -1,5 +1,6 @@
 """Every Python block of the README and docs/ runs as written, on the embedded tiny checkpoints, so a reader who
-copies one meets no stale import, no name the block forgot to import, no layer the model does not have.
+copies one meets no stale import, no name the block forgot to import, no layer the model does not have; every
+FLOPs command (``python -m analysis.flops ...``) runs, and prints the figures the page shows after it.
 
 Each block runs on its own, in a fresh namespace holding what its page leaves to the reader -- ``model``,
 ``processor``, ``image``, ``prompt``, ``batch``, ``path`` (and ``torch``) -- built here per page: the tiny LLaVA
@@ -10,7 +11,10 @@ its ``model`` is another kind (a ProxyV model) gets that kind. The one block lef
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -97,3 +101,58 @@ def test_docs_code_runs(page, index, line, tmp_path, monkeypatch):
     _, code = code_blocks(page)[index]
     with torch.no_grad():
         exec(compile(code, f"{page}:{line}", "exec"), reader)
+
+
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
+
+
+def flops_commands(page: str) -> list[tuple[int, list[str], str | None]]:
+    """(line, argv, shown output) of every ``python -m analysis.flops`` command in ``page``'s shell blocks; the output
+    is the untyped block right after the shell block (it shows its first command's), None without one. Optional
+    flags written ``[--json]`` are left out; a command naming a placeholder ``PATH`` is not one to run."""
+    text = (REPO / page).read_text()
+    fences = list(FENCE.finditer(text))
+    found = []
+    for i, fence in enumerate(fences):
+        if fence.group(1) not in ("bash", "sh"):
+            continue
+        after = fences[i + 1] if i + 1 < len(fences) else None
+        shown = after.group(2) if after and after.group(1) == "" and not text[fence.end():after.start()].strip() \
+            else None
+        line = text[:fence.start()].count("\n") + 2
+        for n, command in enumerate(fence.group(2).replace("\\\n", " ").splitlines()):
+            command = re.sub(r"\[--[^\]]*\]", "", command.split("#")[0])
+            if "-m analysis.flops" in command and "PATH" not in command:
+                found.append((line, shlex.split(command)[3:], shown if n == 0 else None))
+    return found
+
+
+COMMANDS = [(page, *command) for page in PAGES for command in flops_commands(page)]
+
+
+def test_the_flops_commands_are_found():
+    assert len(COMMANDS) >= 8 and sum(shown is not None for *_, shown in COMMANDS) >= 4
+
+
+@pytest.mark.parametrize(("page", "line", "argv", "shown"), COMMANDS,
+                         ids=[f"{page}:{line}:{' '.join(argv[-4:])}" for page, line, argv, _ in COMMANDS])
+def test_docs_flops_command_prints_what_the_page_shows(page, line, argv, shown):
+    from analysis.flops.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    assert code in (0, None), f"{page}:{line}: exit {code}"
+    if shown is None:
+        return
+    printed, at = out.getvalue().splitlines(), 0
+    for expected in shown.splitlines():  # in order; a "..." line stands for lines the page leaves out
+        if expected.strip() == "...":
+            continue
+        while at < len(printed) and printed[at].rstrip() != expected.rstrip():
+            at += 1
+        assert at < len(printed), f"{page}:{line}: the page shows {expected!r}, which the command does not print"
+        at += 1
