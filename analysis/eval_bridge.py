@@ -33,12 +33,12 @@ _SESSIONS: dict[tuple, Session] = {}
 def session_for(spec, model) -> Session:
     """The session of ``model`` (a :class:`~analysis.runner.spec.ModelRef`: the variant's or the baseline's),
     loading it on first use. Two are kept: a ProxyV sweep alternates between the base model and checkpoints."""
-    from .runner.spec import VISION_INPUT_KEYS
+    from .runner.spec import VISION_KEYS
 
     settings = spec.settings
     batch_size = int(settings.get("batch_size") or model.cfg.get("batch_size", 8))
     key = (model.path, settings.get("device"), model.cfg.get("dtype"), model.cfg.get("attn_implementation"),
-           *(model.cfg.get(k) for k in VISION_INPUT_KEYS), spec.include_path, spec.include_defaults)
+           *(model.cfg.get(k) for k in VISION_KEYS), spec.include_path, spec.include_defaults)
     if key not in _SESSIONS:
         import torch
 
@@ -58,7 +58,7 @@ def session_for(spec, model) -> Session:
                          dtype=model.cfg.get("dtype", "auto"),
                          attn_implementation=model.cfg.get("attn_implementation", "sdpa"),
                          newline_tokens=model.cfg.get("newline_tokens", "vision"),
-                         **{k: model.cfg.get(k) for k in VISION_INPUT_KEYS},
+                         **{k: model.cfg.get(k) for k in VISION_KEYS},
                          progress=settings.get("progress") == "verbose")
         manager = TaskManager(verbosity="ERROR", include_path=spec.include_path,
                               include_defaults=spec.include_defaults)

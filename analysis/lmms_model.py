@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import QWEN_VL_CLASSES, qwen_params, qwen_runs, qwen_unsupported, vlm_generation_class
+from .models import (QWEN_VL_CLASSES, attn_implementations, qwen_params, qwen_runs, qwen_unsupported,
+                     vlm_generation_class)
 from .variant import Variant, family, family_of, resolve_variant
 from .video_input import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Video, check_sampling, read_video
 
@@ -97,19 +98,23 @@ def is_qwen_vl_config(config) -> bool:
 
 
 def load_llava(path: str | Path, device=None, dtype="auto", attn_implementation: str = "sdpa",
-               min_pixels: int | None = None, max_pixels: int | None = None):
+               min_pixels: int | None = None, max_pixels: int | None = None,
+               vision_attn_implementation: str | None = None):
     """(model, processor) of a saved LLaVA / LLaVA-NeXT / Qwen-VL checkpoint (a directory or a hub id already in
     the HF cache; a ProxyV checkpoint loads with its ProxyV modules), in eval mode on ``device``, the
     processor padding on the left. ``min_pixels`` / ``max_pixels``: a Qwen-VL processor's resizing bounds per
-    image (None: the checkpoint's ``preprocessor_config.json``); refused for LLaVA."""
+    image (None: the checkpoint's ``preprocessor_config.json``); refused for LLaVA. ``vision_attn_implementation``:
+    the vision tower's own attention backend (None: ``attn_implementation``; see
+    :func:`analysis.models.attn_implementations`)."""
     device = pick_device(device)
+    implementation = attn_implementations(attn_implementation, vision_attn_implementation, device.type)
     config = AutoConfig.from_pretrained(path)
     qwen = is_qwen_vl_config(config)
     pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if pixels and not qwen:
         raise ValueError(f"{', '.join(pixels)} apply to Qwen-VL processors only, not to model_type {config.model_type!r}")
     model_class = vlm_generation_class(config.model_type, str(path))
-    kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=attn_implementation)
+    kwargs = dict(dtype=pick_dtype(dtype, device, config), attn_implementation=implementation)
     if device.type == "cuda":  # load the weights straight onto this process's GPU, not through CPU memory
         kwargs["device_map"] = {"": device}
     if getattr(config, "proxyv", None):  # saved by a ProxyV model: the HF class + ProxyV modules + their weights
@@ -142,6 +147,8 @@ class LlavaAblate(lmms):
         fps, max_num_frames: how a video is sampled (frames per second of video, at most this many; Qwen-VL).
         batch_size, device, dtype, attn_implementation: as usual; ``device="auto"`` picks
             ``cuda:LOCAL_RANK`` when CUDA is available.
+        vision_attn_implementation: the vision tower's attention backend, when it should differ from the language
+            model's (e.g. ``flash_attention_2`` for Qwen2.5-VL's windowed tower; the decoder stays eager / sdpa).
         max_new_tokens: default when a task's generation_kwargs do not set it.
         model, processor: an already loaded pair (the runner passes these; ``pretrained`` is then a label).
     """
@@ -153,7 +160,8 @@ class LlavaAblate(lmms):
                  batch_size: int = 8, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "sdpa", max_new_tokens: int = 32, progress: bool = True,
                  model=None, processor=None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 fps: float | None = None, max_num_frames: int | None = None, **kwargs) -> None:
+                 fps: float | None = None, max_num_frames: int | None = None,
+                 vision_attn_implementation: str | None = None, **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "max_batch_size"}
         declared = _method_params(op)  # e.g. keep=0.5 for op=fastv
@@ -164,7 +172,8 @@ class LlavaAblate(lmms):
         if model is None:
             if pretrained is None:
                 raise ValueError("llava_ablate needs pretrained=PATH (a saved LLaVA or Qwen-VL checkpoint)")
-            model, processor = load_llava(pretrained, device, dtype, attn_implementation, min_pixels, max_pixels)
+            model, processor = load_llava(pretrained, device, dtype, attn_implementation, min_pixels, max_pixels,
+                                          vision_attn_implementation)
         self._model, self.processor = model, processor
         self.qwen = is_qwen_vl_config(model.config)  # a Qwen-VL model: grids, no image_sizes, fewer methods
         self.processor.tokenizer.padding_side = "left"

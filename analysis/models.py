@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -33,6 +35,33 @@ QWEN_VL_CLASSES = {
 }
 QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
+
+
+# A backend the vision tower may run on while the language model runs another (see attn_implementations).
+VISION_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def attn_implementations(text: str, vision: str | None = None, device_type: str | None = None) -> str | dict:
+    """``attn_implementation`` for ``from_pretrained``: ``text`` for the whole model; with a ``vision`` backend,
+    ``text`` for the model and its language model and ``vision`` for its tower (transformers' per-sub-config form).
+
+    Why: the operators, token reduction and ProxyV need an explicit-mask backend (eager / sdpa) in the decoder only.
+    Qwen2.5-VL's windowed tower under sdpa or eager runs one attention call per window (tens of thousands per long
+    video, bound by the host's launches); under ``flash_attention_2`` it runs one varlen call per block. A value that
+    cannot run is one line (ValueError): an unknown backend, flash-attn not installed, a device that is not CUDA.
+    """
+    if vision is None or vision == text:
+        return text
+    if vision not in VISION_ATTN_IMPLEMENTATIONS:
+        known = ", ".join(VISION_ATTN_IMPLEMENTATIONS)
+        raise ValueError(f"vision_attn_implementation={vision!r} is not one of {known}")
+    if vision == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("vision_attn_implementation='flash_attention_2' needs the flash-attn package; install it "
+                             "on a CUDA machine with: .venv/bin/pip install -c constraints.txt '.[gpu]'")
+        if device_type not in (None, "cuda"):
+            raise ValueError(f"vision_attn_implementation='flash_attention_2' runs on a CUDA GPU, not on {device_type}")
+    return {"": text, "text_config": text, "vision_config": vision}
 
 
 # Methods beyond the six operators that the runner and the lmms-eval plugin run on Qwen-VL models (FastV and PyramidDrop:

@@ -21,8 +21,10 @@ from ..variant import Variant, baseline, family_of, resolve_variant
 
 REPO_ROOT = results.REPO_ROOT
 MODEL_IDENTITY_KEYS = ("name", "dtype", "attn_implementation", "newline_tokens")
-# Qwen-VL only: the processor's image resizing bounds and how a video is sampled (analysis/video_input.py)
-VISION_INPUT_KEYS = ("min_pixels", "max_pixels", "fps", "max_num_frames")
+# How the vision side runs, part of the identity where set and passed to the plugin: the processor's image resizing
+# bounds and how a video is sampled (Qwen-VL only; analysis/video_input.py), and the tower's own attention backend
+# (analysis.models.attn_implementations)
+VISION_KEYS = ("min_pixels", "max_pixels", "fps", "max_num_frames", "vision_attn_implementation")
 
 
 @dataclass
@@ -36,9 +38,9 @@ class ModelRef:
     @property
     def identity(self) -> dict:
         # The weights' fingerprint, not their path: moving a checkpoint keeps its results, retraining does not.
-        # A Qwen-VL processor's resizing bounds and the video sampling change the vision tokens: part of the
-        # identity where set (a LLaVA config has none, so its hashes are unchanged).
-        pixels = {k: self.cfg[k] for k in VISION_INPUT_KEYS if self.cfg.get(k) is not None}
+        # A Qwen-VL processor's resizing bounds and the video sampling change the vision tokens, the tower's backend
+        # its numerics: part of the identity where set (a config without them keeps its hashes).
+        pixels = {k: self.cfg[k] for k in VISION_KEYS if self.cfg.get(k) is not None}
         return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **pixels,
                 "weights": results.weights_fingerprint(self.path)}
 
@@ -313,6 +315,22 @@ def _check_countable(variant: Variant, model: ModelRef) -> None:
         raise ConfigError(f"{error} (model {model.name})") from None
 
 
+def _check_backends(model_cfg: dict, run: dict) -> None:
+    """A vision-tower backend that cannot run here fails before any work, in one line."""
+    from ..models import attn_implementations
+
+    device = str(run.get("device") or "auto")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        attn_implementations(model_cfg.get("attn_implementation") or "sdpa",
+                             model_cfg.get("vision_attn_implementation"), device.split(":")[0])
+    except ValueError as error:
+        raise ConfigError(f"model {model_cfg['name']}: {error}") from None
+
+
 def prepare(cfg: DictConfig | dict) -> RunSpec:
     """Validate a composed config and resolve it into a :class:`RunSpec`; raises :class:`ConfigError`."""
     if isinstance(cfg, DictConfig):
@@ -322,6 +340,7 @@ def prepare(cfg: DictConfig | dict) -> RunSpec:
     cfg.pop("hydra", None)
     run = cfg["run"]
     set_offline(run.get("offline", True))
+    _check_backends(cfg["model"], run)
     model = ModelRef(cfg["model"]["name"], resolve_weights(cfg["model"]), cfg["model"])
     hf_config = _hf_config(model)
     num_layers = hf_config.text_config.num_hidden_layers
