@@ -19,7 +19,7 @@ from .bench import load_note
 from .flops import PrefillTokens, count_flops, load_config
 from .host_reads import LayerReads
 from .layout_qwen import QWEN_VL_MODEL_TYPES
-from .models import vlm_generation_class
+from .models import attn_implementations, vlm_generation_class
 from .proxyv import apply_proxyv, proxyv_shapes
 
 OPS = ("skip_attn", "skip_ffn", "skip_attn_ffn")
@@ -232,10 +232,12 @@ def run(args) -> tuple[dict, list[dict]]:
     layers = config.text_config.num_hidden_layers
     L = layers // 2 if args.start_layer < 0 else args.start_layer
     dtype = getattr(torch, args.dtype)
+    vision_attn = getattr(args, "vision_attn", None) or args.attn
+    implementation = attn_implementations(args.attn, vision_attn, torch.device(args.device).type)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = vlm_generation_class(config.model_type)._from_config(config, dtype=dtype,
-                                                                     attn_implementation=args.attn).eval()
+                                                                     attn_implementation=implementation).eval()
     proxyv = apply_proxyv(copy.deepcopy(model), L, args.reduce_factor, seed=0)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
     batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
@@ -301,8 +303,8 @@ def run(args) -> tuple[dict, list[dict]]:
             "vision_depth": config.vision_config.depth, "blocks": args.blocks, "side": args.side,
             "vision_tokens": n_vision, "text_tokens": args.text, "prompt_tokens": int(batch_cpu["input_ids"].shape[1]),
             "proxies": int(shapes.proxies), "start_layer": L, "reduce_factor": args.reduce_factor,
-            "dtype": args.dtype, "attn": args.attn, "device": device, "repeats": args.repeats,
-            "torch": torch.__version__, "baseline_s": base_time}
+            "dtype": args.dtype, "attn": args.attn, "vision_attn": vision_attn, "device": device,
+            "repeats": args.repeats, "torch": torch.__version__, "baseline_s": base_time}
     if config.model_type == "qwen3_vl":  # how its prompt was built: tokens per timestamp
         meta["stamp_tokens"] = STAMP_TOKENS
     return meta, rows
@@ -319,9 +321,11 @@ def label(name: str, L: int) -> str:
 def table(meta: dict, rows: list[dict]) -> str:
     """The benchmark's figures as the script prints them."""
     side = meta["side"] // 2
+    vision_attn = meta.get("vision_attn", meta["attn"])
+    tower = f" (tower: {vision_attn})" if vision_attn != meta["attn"] else ""
     lines = [(f"{meta['config']}: {meta['layers']} layers, width {meta['width']}, {meta['vision_tokens']} vision tokens "
               f"({meta['blocks']} blocks of {side}x{side}) + {meta['text_tokens']} text, {meta['proxies']} proxies; "
-              f"{meta['dtype']} {meta['attn']} on {meta['device']}; medians of {meta['repeats']} rounds"),
+              f"{meta['dtype']} {meta['attn']}{tower} on {meta['device']}; medians of {meta['repeats']} rounds"),
              "whole prefill (tower, decoder, LM head on the last row) | tower | decoder alone (what the variants "
              "change); ratio = time saved / FLOPs saved, FLOPs as torch's counter (attention over full rectangles); "
              "pairs: FLOPs saved and ratio with attention over allowed pairs only (the causal triangle); host reads in "

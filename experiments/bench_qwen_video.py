@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--vision-attn", default=None, choices=["sdpa", "eager", "flash_attention_2"],
+                        help="the tower's own attention backend (default: --attn); flash_attention_2 needs flash-attn")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path,
                         help="write torch.profiler tables of the decoder (one prefill per variant) here")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12 item 6 on a lent GPU: the long-video benchmark of both shipped Qwen-VL shapes (docs/qwen.md, "Long-video
 # benchmark"), bf16, 5 rounds, with the decoder's profiler tables of the Qwen2.5-VL shape packed into one archive, so
-# that the call returns few files: <out>/run_<config>.{json,txt}, <out>/profile_qwen2.5-vl-7b.tar.gz, <out>/machine.txt.
+# that the call returns few files: <out>/run_<config>.{json,txt}, <out>/profile_qwen2.5-vl-7b.tar.gz, <out>/machine.txt
+# (and, where flash-attn is installed, <out>/run_qwen2.5-vl-7b_fa2tower.{json,txt}: the tower on flash_attention_2).
 #
 #   bash scripts/device_qwen_bench.sh "$OUT"                   # on the GPU machine (see scripts/device_bundle.sh)
 #   bash scripts/device_qwen_bench.sh /tmp/smoke --smoke       # the same steps at a toy shape on the CPU
@@ -29,6 +30,16 @@ echo "qwen2.5-vl-7b start $(date -u +%T)" >> "$out/machine.txt"   # how long eac
   --out "$out/run_qwen2.5-vl-7b.json" --profile "$profile" | tee "$out/run_qwen2.5-vl-7b.txt"
 tar -czf "$out/profile_qwen2.5-vl-7b.tar.gz" -C "$profile" .
 rm -rf "$profile"
+# The same shape with the tower on flash_attention_2 (the decoder stays sdpa), where flash-attn is installed: what the
+# tower's one-call-per-window sdpa loop costs (docs/qwen.md); otherwise noted and skipped.
+if "$python" -c "import flash_attn" 2>/dev/null && [ "${2:-}" != "--smoke" ]; then
+  echo "qwen2.5-vl-7b tower on flash_attention_2 start $(date -u +%T)" >> "$out/machine.txt"
+  "$python" experiments/bench_qwen_video.py --config qwen2.5-vl-7b "${shape[@]}" "${size[@]}" \
+    --vision-attn flash_attention_2 --out "$out/run_qwen2.5-vl-7b_fa2tower.json" \
+    | tee "$out/run_qwen2.5-vl-7b_fa2tower.txt"
+else
+  echo "tower on flash_attention_2: skipped (flash-attn not importable, or a smoke run)" >> "$out/machine.txt"
+fi
 echo "qwen3-vl-8b start $(date -u +%T)" >> "$out/machine.txt"
 "$python" experiments/bench_qwen_video.py --config qwen3-vl-8b "${shape[@]}" "${size[@]}" \
   --out "$out/run_qwen3-vl-8b.json" | tee "$out/run_qwen3-vl-8b.txt"

@@ -56,6 +56,17 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     assert "proxyv-L1" in table(meta, rows)
 
 
+def test_the_tower_on_its_own_backend():
+    """--vision-attn: the tower on another backend than the decoder's (on a GPU: flash_attention_2, one varlen call
+    per block instead of one call per window); here eager against sdpa, said in the table's first line."""
+    meta, rows = run(options(vision_attn="eager"))
+    assert (meta["attn"], meta["vision_attn"]) == ("sdpa", "eager") and len(rows) == 6
+    assert "float32 sdpa (tower: eager) on CPU" in table(meta, rows).splitlines()[0]
+    assert "(tower:" not in table(*run(options()))
+    with pytest.raises(ValueError, match="^vision_attn_implementation='flash_attention_2' "):
+        run(options(vision_attn="flash_attention_2"))  # no flash-attn here, nor a CUDA GPU
+
+
 def qwen3(**over):
     """A toy Qwen3-VL-8B: 4 layers, 3 tower blocks (DeepStack taps 8, 16, 24 of 27 become 0, 1, 2), ProxyV at 3."""
     return options(**{**dict(config="qwen3-vl-8b", layers=4, vision_depth=3, blocks=3, start_layer=3), **over})
@@ -146,7 +157,8 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
         assert result["meta"]["config"] == config
         assert [r["variant"] for r in result["rows"]][3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
     notes = (tmp_path / "machine.txt").read_text()
-    assert re.search(r"^qwen2\.5-vl-7b start \d\d:\d\d:\d\d\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
+    assert re.search(r"^qwen2\.5-vl-7b start \d\d:\d\d:\d\d\ntower on flash_attention_2: skipped \(flash-attn not "
+                     r"importable, or a smoke run\)\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
     with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
         names = sorted(Path(n).name for n in archive.getnames() if n.endswith(".txt"))
     assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
