@@ -112,6 +112,7 @@ def test_the_runner_keeps_the_tower_backend_in_the_identity(checkpoint, tmp_path
     without_key = _compose(*common)
     del without_key["model"]["vision_attn_implementation"]
     assert prepare(without_key).key == plain.key
+    assert prepare(_compose(*common, "model.vision_attn_implementation=sdpa")).key == plain.key  # = the decoder's
     with pytest.raises(ConfigError, match=r"^model qwen2.5-vl-3b: vision_attn_implementation='flex' is not one of "):
         prepare(_compose(*common, "model.vision_attn_implementation=flex"))
 

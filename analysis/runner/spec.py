@@ -41,6 +41,8 @@ class ModelRef:
         # A Qwen-VL processor's resizing bounds and the video sampling change the vision tokens, the tower's backend
         # its numerics: part of the identity where set (a config without them keeps its hashes).
         pixels = {k: self.cfg[k] for k in VISION_KEYS if self.cfg.get(k) is not None}
+        if pixels.get("vision_attn_implementation") == self.cfg.get("attn_implementation"):
+            del pixels["vision_attn_implementation"]  # the tower on the model's own backend: nothing differs
         return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **pixels,
                 "weights": results.weights_fingerprint(self.path)}
 
