@@ -6,7 +6,8 @@ Each block runs on its own, in a fresh namespace holding what its page leaves to
 ``processor``, ``image``, ``prompt``, ``batch``, ``path`` (and ``torch``) -- built here per page: the tiny LLaVA
 checkpoint for the LLaVA pages; for docs/qwen.md its own first block, which builds the tiny Qwen3-VL and its batch;
 for docs/training_data.md a ``train.json`` and ``images_root/`` exported from the twins. A block whose comment says
-its ``model`` is another kind (a ProxyV model) gets that kind. The one block left out says why, below.
+its ``model`` is another kind (a ProxyV model) gets that kind. docs/running.md's registration of the proxyv family
+runs on a registry without it, and must register what analysis/families.py does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
-NOT_RUN = {("docs/running.md", 0): "shows the registry's own registration of the proxyv family, which exists"}
+REGISTRATION = ("docs/running.md", 0)  # the proxyv family's registration, as analysis/families.py writes it
 PROXYV_MODEL = {("docs/flops.md", 1): "checkpoints/tiny-llava-proxyv-L16"}  # "model: a ProxyV model"
 
 
@@ -75,20 +76,30 @@ def training_data_reader(tmp_path: Path) -> dict:
     return {"processor": AutoProcessor.from_pretrained(REPO / "checkpoints/tiny-llava")}
 
 
+def registry_without_proxyv(monkeypatch) -> dict:
+    """The family registry without the proxyv family, and the names its registration uses."""
+    from analysis import families, variant
+
+    variant.family("ablation")  # the built-in families are registered
+    monkeypatch.setattr(variant, "FAMILIES", {k: v for k, v in variant.FAMILIES.items() if k != "proxyv"})
+    return {"register_family": variant.register_family, "Family": variant.Family,
+            "_proxyv_layers": families._proxyv_layers}
+
+
 def test_every_page_has_its_blocks_found():
     """The pages with Python examples are found, so a block cannot silently drop out of the test."""
     pages = {page for page, _, _ in BLOCKS}
     assert {"README.md", "docs/flops.md", "docs/proxyv.md", "docs/qwen.md", "docs/reduction.md"} <= pages
-    assert set(NOT_RUN) | set(PROXYV_MODEL) <= {(page, index) for page, index, _ in BLOCKS}
+    assert {REGISTRATION, *PROXYV_MODEL} <= {(page, index) for page, index, _ in BLOCKS}
 
 
 @pytest.mark.parametrize(("page", "index", "line"), BLOCKS, ids=[f"{p}:{line}" for p, _, line in BLOCKS])
 def test_docs_code_runs(page, index, line, tmp_path, monkeypatch):
-    if (page, index) in NOT_RUN:
-        pytest.skip(NOT_RUN[(page, index)])
     monkeypatch.chdir(REPO)
     reader = {"torch": torch, "path": str(tmp_path / "saved")}
-    if page == "docs/qwen.md":
+    if (page, index) == REGISTRATION:
+        reader |= registry_without_proxyv(monkeypatch)
+    elif page == "docs/qwen.md":
         if index == 0:
             reader = {}
         else:
@@ -101,6 +112,13 @@ def test_docs_code_runs(page, index, line, tmp_path, monkeypatch):
     _, code = code_blocks(page)[index]
     with torch.no_grad():
         exec(compile(code, f"{page}:{line}", "exec"), reader)
+    if (page, index) == REGISTRATION:  # what the page registers is what the package registers
+        from analysis import families, variant
+
+        shown, real = variant.FAMILIES["proxyv"], families.PROXYV
+        for field in ("resolve", "execute", "flops", "trained", "label_params"):
+            assert getattr(shown, field) == getattr(real, field), field
+        assert shown.methods() == real.methods()
 
 
 FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
