@@ -1,6 +1,8 @@
 """Every Python block of the README and docs/ runs as written, on the embedded tiny checkpoints, so a reader who
 copies one meets no stale import, no name the block forgot to import, no layer the model does not have; every
-FLOPs command (``python -m analysis.flops ...``) runs, and prints the figures the page shows after it.
+FLOPs command (``python -m analysis.flops ...``) runs, and prints the figures the page shows after it; every job of
+every runner command (``experiments/run.py ...``) is a valid run (prepared as the sweeper prepares it before any
+work, against the model's real config.json where the weights are not here).
 
 Each block runs on its own, in a fresh namespace holding what its page leaves to the reader -- ``model``,
 ``processor``, ``image``, ``prompt``, ``batch``, ``path`` (and ``torch``) -- built here per page: the tiny LLaVA
@@ -174,3 +176,88 @@ def test_docs_flops_command_prints_what_the_page_shows(page, line, argv, shown):
             at += 1
         assert at < len(printed), f"{page}:{line}: the page shows {expected!r}, which the command does not print"
         at += 1
+
+
+def run_commands(page: str) -> list[tuple[int, list[str]]]:
+    """(line, overrides) of every ``experiments/run.py`` command in ``page``'s shell blocks (``-m`` dropped)."""
+    text = (REPO / page).read_text()
+    found = []
+    for fence in FENCE.finditer(text):
+        if fence.group(1) not in ("bash", "sh"):
+            continue
+        line = text[:fence.start()].count("\n") + 2
+        for command in fence.group(2).replace("\\\n", " ").splitlines():
+            command = command.split(" #")[0].split("&&")[-1]
+            if "experiments/run.py" in command:
+                argv = shlex.split(command)
+                argv = argv[[a.endswith("experiments/run.py") for a in argv].index(True) + 1:]
+                found.append((line, [a for a in argv if a != "-m"]))
+    return found
+
+
+RUN_COMMANDS = [(page, line, argv) for page in PAGES for line, argv in run_commands(page)]
+
+
+def jobs_of(argv: list[str]) -> list[list[str]]:
+    """The jobs of a command line as Hydra's basic sweeper expands it: every combination of the swept values
+    (``a=1,2 b=3,4``: four jobs); ``hydra*`` overrides (how a sweep is launched, not what it computes) left out."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for override in OverridesParser.create().parse_overrides(argv):
+        key = override.input_line.split("=", 1)[0]
+        if key.lstrip("+~").startswith("hydra"):
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
+            else [override.get_value_element_as_str()]
+        axes.append([f"{key}={value}" for value in values])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def test_the_run_commands_are_found():
+    assert len(RUN_COMMANDS) >= 15
+
+
+@pytest.mark.parametrize(("page", "line", "argv"), RUN_COMMANDS,
+                         ids=[f"{page}:{line}:{' '.join(argv)[:60]}" for page, line, argv in RUN_COMMANDS])
+def test_docs_run_command_jobs_are_valid_runs(page, line, argv, tmp_path, monkeypatch):
+    """Each job composes and passes the runner's own validation (:func:`analysis.runner.spec.prepare`): group
+    options, layer ranges against the model's depth, method parameters, trained checkpoints, FLOPs countable. A
+    model whose weights are not here is read from its shipped config.json (``analysis/configs``): the same layer
+    count and classes, no weights needed to validate. A command of an experiment (its grids) or the main job (the
+    default grids) is run whole elsewhere (tests/test_runner*.py, CI's main job)."""
+    from analysis.config_groups import ConfigError
+    from analysis.runner import spec as spec_module
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from analysis.sweep import CONF_DIR, check_overrides
+
+    def composed(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
+
+    if not argv or any(a.startswith("+experiment=") for a in argv):
+        pytest.skip("the default or an experiment's grids: run whole by the runner's tests and the main job")
+    check_overrides(argv)
+    real = spec_module.resolve_weights
+
+    def weights_or_config(model: dict) -> str:
+        try:
+            return real(model)
+        except ConfigError as error:
+            if "weights not found" not in str(error) and "not a directory" not in str(error):
+                raise
+            shipped = REPO / "analysis/configs" / f"{model.get('flops_config') or model['name']}.json"
+            folder = tmp_path / model["name"]
+            folder.mkdir(exist_ok=True)
+            shutil.copyfile(shipped, folder / "config.json")
+            return str(folder)
+
+    monkeypatch.setattr(spec_module, "resolve_weights", weights_or_config)
+    monkeypatch.chdir(REPO)
+    for job in jobs_of(argv):
+        prepared = spec_module.prepare(composed(*job, f"run.runs_dir={tmp_path / 'runs'}"))
+        assert prepared.variant.method == prepared.cfg["op"]["name"] or prepared.variant.family == "proxyv"
