@@ -232,6 +232,8 @@ class VariantSweeper(BasicSweeper):
         t0 = time.perf_counter()
         jobs = self.job_overrides(list(arguments))
         specs = self.validate(jobs)
+        if self.config.run.get("dry_run"):
+            return self.plan(specs)
         todo = self.check_writable(specs)
         launch = [job for job, spec in zip(jobs, specs) if spec in todo]  # finished runs are not launched at all
         roots = list(dict.fromkeys(s.sweep_root for s in specs))
@@ -260,6 +262,26 @@ class VariantSweeper(BasicSweeper):
             self._report(roots, Path(run_cfg.reports_dir))
         print(f"sweep: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return returns
+
+    @staticmethod
+    def plan(specs: list) -> list:
+        """``run.dry_run=true``: every run of the sweep (validated as for a real sweep), whether it is finished or
+        would be computed, and each baseline it needs; nothing is evaluated or written."""
+        from .runner.job import finished_record
+
+        def state(directory: Path, key: str) -> str:
+            return "finished" if finished_record(directory, key) is not None else "to run"
+
+        todo = [spec for spec in specs if finished_record(spec.run_dir, spec.key) is None]
+        roots = ", ".join(map(_shown, dict.fromkeys(s.sweep_root for s in specs)))
+        print(f"sweep (dry run): {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run -> {roots}")
+        baselines = {}
+        for spec in specs:
+            baselines.setdefault((spec.baseline_dir, spec.baseline_key), spec)
+            print(f"  {state(spec.run_dir, spec.key):<9} {spec.variant.label:<48} {_shown(spec.run_dir)}")
+        for (directory, key), spec in baselines.items():
+            print(f"  {state(directory, key):<9} {'baseline of ' + spec.base.name:<48} {_shown(directory)}")
+        return []
 
     def _launch(self, jobs: list[list[str]]) -> list:
         returns, index = [], 0

@@ -378,6 +378,41 @@ def test_unwritable_runs_dir_is_one_line_unless_everything_is_finished(tmp_path,
                               "finished; make it writable or set run.runs_dir=") and "\n" not in message
 
 
+def test_dry_run_lists_every_run_and_baseline_with_its_state(tmp_path, config_only, stubbed, capsys):
+    """run.dry_run=true: the sweep's runs, validated as for a real sweep, each finished or to run, and the baseline
+    they need; nothing evaluated, nothing written."""
+    stub, factory = stubbed
+    cfg = _cfg(tmp_path, config_only, "op=skip_ffn", "start_layer=28")
+    runner.run_one(cfg, session_factory=factory)  # finishes this run and its baseline
+    finished, unfinished = runner.prepare(cfg), runner.prepare(_cfg(tmp_path, config_only, "op=skip_attn",
+                                                                   "start_layer=30"))
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert sweep.VariantSweeper.plan([finished, unfinished]) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sweep (dry run): 2 runs, 1 finished, 1 to run -> ")
+    assert lines[1].split()[:3] == ["finished", "skip_ffn", "L28–32"] and lines[1].endswith(finished.run_dir.name)
+    assert lines[2].split()[:4] == ["to", "run", "skip_attn", "L30–32"] and lines[2].endswith(unfinished.run_dir.name)
+    assert lines[3].split()[:4] == ["finished", "baseline", "of", "tiny"] and len(lines) == 4  # one shared baseline
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == written
+
+
+def test_dry_run_from_the_command_line_stops_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(results.REPO_ROOT / "experiments" / "run.py"), "-m", "op=skip_ffn",
+                          "start_layer=24,28", "run.dry_run=true", f"run.runs_dir={tmp_path / 'runs'}",
+                          f"run.reports_dir={tmp_path / 'reports'}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("sweep (dry run): 2 runs, 0 finished, 2 to run -> "
+                        "runs/tiny-synthetic-op=skip_ffn-start_layer=24,28")
+    assert [line.split()[2:4] for line in lines[1:]] == [["skip_ffn", "L24–32"], ["skip_ffn", "L28–32"],
+                                                          ["baseline", "of"]]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
 @pytest.fixture(scope="module")
 def learned_config_only(tmp_path_factory) -> Path:
     """A config.json as a learned-proxy ProxyV checkpoint from layer 16 saves it."""
