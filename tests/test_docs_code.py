@@ -226,8 +226,8 @@ def test_docs_run_command_jobs_are_valid_runs(page, line, argv, tmp_path, monkey
     """Each job composes and passes the runner's own validation (:func:`analysis.runner.spec.prepare`): group
     options, layer ranges against the model's depth, method parameters, trained checkpoints, FLOPs countable. A
     model whose weights are not here is read from its shipped config.json (``analysis/configs``): the same layer
-    count and classes, no weights needed to validate. A command of an experiment (its grids) or the main job (the
-    default grids) is run whole elsewhere (tests/test_runner*.py, CI's main job)."""
+    count and classes, no weights needed to validate. The main job and an experiment (their grids) go through the
+    sweeper itself with ``run.dry_run=true``, which validates every job the same way."""
     from analysis.config_groups import ConfigError
     from analysis.runner import spec as spec_module
     from hydra import compose, initialize_config_dir
@@ -239,8 +239,16 @@ def test_docs_run_command_jobs_are_valid_runs(page, line, argv, tmp_path, monkey
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
 
-    if not argv or any(a.startswith("+experiment=") for a in argv):
-        pytest.skip("the default or an experiment's grids: run whole by the runner's tests and the main job")
+    if not argv or any(a.startswith("+experiment=") for a in argv):  # grids: the sweeper's own dry run checks them
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, str(REPO / "experiments/run.py"), *argv, "run.dry_run=true",
+                              f"run.runs_dir={tmp_path / 'runs'}", f"run.reports_dir={tmp_path / 'reports'}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, f"{page}:{line}: {out.stderr[-1500:]}"
+        assert re.match(r"sweep \(dry run\): \d+ runs", out.stdout), out.stdout[:500]
+        return
     check_overrides(argv)
     real = spec_module.resolve_weights
 
