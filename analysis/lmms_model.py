@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor
 
 from .layout import compute_layout
-from .models import (QWEN_VL_CLASSES, attn_implementations, qwen_params, qwen_runs, qwen_unsupported,
+from .models import (QWEN_VL_CLASSES, attn_implementations, pick_device, qwen_params, qwen_runs, qwen_unsupported,
                      vlm_generation_class)
 from .variant import Variant, family, family_of, resolve_variant
 from .video_input import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Video, check_sampling, read_video
@@ -68,15 +68,6 @@ def _one_line(error: Exception) -> str:
 
 def _kind(visual) -> str:
     return "video" if isinstance(visual, Video) else "image"
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """``device``, or for ``None`` / ``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
-    if device not in (None, "", "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
 
 
 def pick_dtype(dtype, device: torch.device, config=None) -> torch.dtype:

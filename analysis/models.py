@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
+import torch
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -37,6 +39,15 @@ QWEN_VL_BACKBONES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 QWEN_VL_SUPPORTED_CLASSES = tuple(c for classes in QWEN_VL_CLASSES.values() for c in classes)
 
 
+def pick_device(device: str | None = None) -> torch.device:
+    """``device``, or for ``None`` / ``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    if device not in (None, "", "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
 # A backend the vision tower may run on while the language model runs another (see attn_implementations).
 VISION_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -60,7 +71,8 @@ def attn_implementations(text: str, vision: str | None = None, device_type: str 
             raise ValueError("vision_attn_implementation='flash_attention_2' needs the flash-attn package; install it "
                              "on a CUDA machine with: .venv/bin/pip install -c constraints.txt '.[gpu]'")
         if device_type not in (None, "cuda"):
-            raise ValueError(f"vision_attn_implementation='flash_attention_2' runs on a CUDA GPU, not on {device_type}")
+            raise ValueError("vision_attn_implementation='flash_attention_2' runs on a CUDA GPU, "
+                             f"not on {device_type}")
     return {"": text, "text_config": text, "vision_config": vision}
 
 

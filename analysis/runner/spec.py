@@ -40,10 +40,10 @@ class ModelRef:
         # The weights' fingerprint, not their path: moving a checkpoint keeps its results, retraining does not.
         # A Qwen-VL processor's resizing bounds and the video sampling change the vision tokens, the tower's backend
         # its numerics: part of the identity where set (a config without them keeps its hashes).
-        pixels = {k: self.cfg[k] for k in VISION_KEYS if self.cfg.get(k) is not None}
-        if pixels.get("vision_attn_implementation") == self.cfg.get("attn_implementation"):
-            del pixels["vision_attn_implementation"]  # the tower on the model's own backend: nothing differs
-        return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **pixels,
+        vision = {k: self.cfg[k] for k in VISION_KEYS if self.cfg.get(k) is not None}
+        if vision.get("vision_attn_implementation") == self.cfg.get("attn_implementation"):
+            del vision["vision_attn_implementation"]  # the tower on the model's own backend: nothing differs
+        return {**{k: self.cfg.get(k) for k in MODEL_IDENTITY_KEYS}, **vision,
                 "weights": results.weights_fingerprint(self.path)}
 
 
@@ -319,17 +319,15 @@ def _check_countable(variant: Variant, model: ModelRef) -> None:
 
 def _check_backends(model_cfg: dict, run: dict) -> None:
     """A vision-tower backend that cannot run here fails before any work, in one line."""
-    from ..models import attn_implementations
+    from ..models import attn_implementations, pick_device
 
-    device = str(run.get("device") or "auto")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    vision = model_cfg.get("vision_attn_implementation")
+    if vision is None:
+        return
     try:
-        attn_implementations(model_cfg.get("attn_implementation") or "sdpa",
-                             model_cfg.get("vision_attn_implementation"), device.split(":")[0])
-    except ValueError as error:
+        device = pick_device(run.get("device")).type
+        attn_implementations(model_cfg.get("attn_implementation") or "sdpa", vision, device)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: torch's word on a device string it cannot parse
         raise ConfigError(f"model {model_cfg['name']}: {error}") from None
 
 
