@@ -272,13 +272,14 @@ class VariantSweeper(BasicSweeper):
         def state(directory: Path, key: str) -> str:
             return "finished" if finished_record(directory, key) is not None else "to run"
 
-        todo = [spec for spec in specs if finished_record(spec.run_dir, spec.key) is None]
+        states = [state(spec.run_dir, spec.key) for spec in specs]
+        todo = states.count("to run")
         roots = ", ".join(map(_shown, dict.fromkeys(s.sweep_root for s in specs)))
-        print(f"sweep (dry run): {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run -> {roots}")
+        print(f"sweep (dry run): {len(specs)} runs, {len(specs) - todo} finished, {todo} to run -> {roots}")
         baselines = {}
-        for spec in specs:
+        for spec, run_state in zip(specs, states):
             baselines.setdefault((spec.baseline_dir, spec.baseline_key), spec)
-            print(f"  {state(spec.run_dir, spec.key):<9} {spec.variant.label:<48} {_shown(spec.run_dir)}")
+            print(f"  {run_state:<9} {spec.variant.label:<48} {_shown(spec.run_dir)}")
         for (directory, key), spec in baselines.items():
             print(f"  {state(directory, key):<9} {'baseline of ' + spec.base.name:<48} {_shown(directory)}")
         return []

@@ -3,6 +3,7 @@ record; per group its baseline, its duplicates and the one record drawn per vari
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -68,10 +69,7 @@ class Group:
     @cached_property
     def code_states(self) -> dict[str, int]:
         """The code the group's finished (``ok``) records were computed from (:func:`code_state`) -> how many."""
-        states: dict[str, int] = {}
-        for record in self.records:
-            if record.get("status") == "ok":
-                states[code_state(record)] = states.get(code_state(record), 0) + 1
+        states = Counter(code_state(record) for record in self.records if record.get("status") == "ok")
         return dict(sorted(states.items()))
 
 
