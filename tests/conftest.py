@@ -130,3 +130,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def composed_config(*overrides: str) -> dict:
+    """conf/config.yaml composed with ``overrides`` as the runner composes one job, resolved to plain containers
+    (what ``analysis.runner.spec.prepare`` takes)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from analysis.config_groups import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)

@@ -126,13 +126,12 @@ def test_docs_code_runs(page, index, line, tmp_path, monkeypatch):
 FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
 
 
-def flops_commands(page: str) -> list[tuple[int, list[str], str | None]]:
-    """(line, argv, shown output) of every ``python -m analysis.flops`` command in ``page``'s shell blocks; the output
-    is the untyped block right after the shell block (it shows its first command's), None without one. Optional
-    flags written ``[--json]`` are left out; a command naming a placeholder ``PATH`` is not one to run."""
+def shell_commands(page: str):
+    """(line, command, shown output) of every command line in ``page``'s shell blocks, continuation lines joined and
+    comments dropped; the output is the untyped block right after the shell block, given with its first command
+    (the one it shows), None otherwise."""
     text = (REPO / page).read_text()
     fences = list(FENCE.finditer(text))
-    found = []
     for i, fence in enumerate(fences):
         if fence.group(1) not in ("bash", "sh"):
             continue
@@ -141,10 +140,15 @@ def flops_commands(page: str) -> list[tuple[int, list[str], str | None]]:
             else None
         line = text[:fence.start()].count("\n") + 2
         for n, command in enumerate(fence.group(2).replace("\\\n", " ").splitlines()):
-            command = re.sub(r"\[--[^\]]*\]", "", command.split("#")[0])
-            if "-m analysis.flops" in command and "PATH" not in command:
-                found.append((line, shlex.split(command)[3:], shown if n == 0 else None))
-    return found
+            yield line, command.split(" #")[0], shown if n == 0 else None
+
+
+def flops_commands(page: str) -> list[tuple[int, list[str], str | None]]:
+    """(line, argv, shown output) of every ``python -m analysis.flops`` command in ``page``'s shell blocks. Optional
+    flags written ``[--json]`` are left out; a command naming a placeholder ``PATH`` is not one to run."""
+    return [(line, shlex.split(re.sub(r"\[--[^\]]*\]", "", command))[3:], shown)
+            for line, command, shown in shell_commands(page)
+            if "-m analysis.flops" in command and "PATH" not in command]
 
 
 COMMANDS = [(page, *command) for page in PAGES for command in flops_commands(page)]
@@ -180,18 +184,12 @@ def test_docs_flops_command_prints_what_the_page_shows(page, line, argv, shown):
 
 def run_commands(page: str) -> list[tuple[int, list[str]]]:
     """(line, overrides) of every ``experiments/run.py`` command in ``page``'s shell blocks (``-m`` dropped)."""
-    text = (REPO / page).read_text()
     found = []
-    for fence in FENCE.finditer(text):
-        if fence.group(1) not in ("bash", "sh"):
-            continue
-        line = text[:fence.start()].count("\n") + 2
-        for command in fence.group(2).replace("\\\n", " ").splitlines():
-            command = command.split(" #")[0].split("&&")[-1]
-            if "experiments/run.py" in command:
-                argv = shlex.split(command)
-                argv = argv[[a.endswith("experiments/run.py") for a in argv].index(True) + 1:]
-                found.append((line, [a for a in argv if a != "-m"]))
+    for line, command, _ in shell_commands(page):
+        if "experiments/run.py" in command:
+            argv = shlex.split(command.split("&&")[-1])
+            argv = argv[[a.endswith("experiments/run.py") for a in argv].index(True) + 1:]
+            found.append((line, [a for a in argv if a != "-m"]))
     return found
 
 
@@ -230,14 +228,9 @@ def test_docs_run_command_jobs_are_valid_runs(page, line, argv, tmp_path, monkey
     sweeper itself with ``run.dry_run=true``, which validates every job the same way."""
     from analysis.config_groups import ConfigError
     from analysis.runner import spec as spec_module
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from conftest import composed_config
 
-    from analysis.sweep import CONF_DIR, check_overrides
-
-    def composed(*overrides: str) -> dict:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
+    from analysis.sweep import check_overrides
 
     if not argv or any(a.startswith("+experiment=") for a in argv):  # grids: the sweeper's own dry run checks them
         import subprocess
@@ -267,5 +260,5 @@ def test_docs_run_command_jobs_are_valid_runs(page, line, argv, tmp_path, monkey
     monkeypatch.setattr(spec_module, "resolve_weights", weights_or_config)
     monkeypatch.chdir(REPO)
     for job in jobs_of(argv):
-        prepared = spec_module.prepare(composed(*job, f"run.runs_dir={tmp_path / 'runs'}"))
+        prepared = spec_module.prepare(composed_config(*job, f"run.runs_dir={tmp_path / 'runs'}"))
         assert prepared.variant.method == prepared.cfg["op"]["name"] or prepared.variant.family == "proxyv"

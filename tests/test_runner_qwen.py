@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import composed_config as _compose
 
-from analysis import sweep, tiny_qwen
+from analysis import tiny_qwen
 from analysis.runner import ConfigError
 from analysis.runner.spec import prepare
 
@@ -35,12 +34,6 @@ QWEN_MODELS = {  # conf/model name -> (hub id, model_type, pixels per LLM token 
 # The tiny fixture's processor: 8 px per merged token; 4..64 tokens per image (the real configs' bounds are for 28/32 px)
 TINY_PIXELS = ("model.min_pixels=256", "model.max_pixels=4096")
 TASKS = ("synth_textvqa", "synth_docvqa", "synth_ocrbench", "synth_chartqa")
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(sweep.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def run_runner(tmp_path, *args: str, name: str = "tiny-qwen") -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import composed_config as _compose
 from PIL import Image
 
 from analysis import ablate, tiny_qwen
@@ -88,16 +89,6 @@ def test_a_tower_on_its_own_backend_gives_the_same_results(checkpoint, monkeypat
             ablated = split(**batch).logits
         with ablate(both, "skip_attn_ffn", start_layer=1):
             torch.testing.assert_close(ablated, both(**batch).logits, atol=1e-5, rtol=0)
-
-
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from analysis import sweep
-
-    with initialize_config_dir(config_dir=str(sweep.CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
 
 
 def test_the_runner_keeps_the_tower_backend_in_the_identity(checkpoint, tmp_path):
