@@ -232,7 +232,7 @@ def run(args) -> tuple[dict, list[dict]]:
     layers = config.text_config.num_hidden_layers
     L = layers // 2 if args.start_layer < 0 else args.start_layer
     dtype = getattr(torch, args.dtype)
-    vision_attn = getattr(args, "vision_attn", None) or args.attn
+    vision_attn = args.vision_attn or args.attn
     implementation = attn_implementations(args.attn, vision_attn, torch.device(args.device).type)
     torch.manual_seed(0)
     with torch.device(args.device):

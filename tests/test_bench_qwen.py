@@ -25,7 +25,8 @@ from analysis.layout_qwen import layout_of_batch
 
 def options(**over):
     base = dict(config="qwen2.5-vl-7b", layers=2, width=256, vision_depth=1, blocks=2, side=8, text=8, start_layer=1,
-                reduce_factor=4, repeats=1, warmup=0, device="cpu", dtype="float32", attn="sdpa", profile=None)
+                reduce_factor=4, repeats=1, warmup=0, device="cpu", dtype="float32", attn="sdpa", vision_attn=None,
+                profile=None)
     return Namespace(**{**base, **over})
 
 
