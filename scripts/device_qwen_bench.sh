@@ -22,7 +22,12 @@ fi
   date -u
   uptime
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  git rev-parse HEAD 2>/dev/null || echo "no git metadata"
+  # The tree a device call sends can be newer than the git metadata it finds there (a call ran code of a later commit
+  # while HEAD there still named the first one sent), so the notes name the code by content: the sha1 of
+  # `sha1sum` over every .py / .sh / .json file under analysis/, experiments/ and scripts/ in C sort order, 12 digits;
+  # the same command here at a clean checkout of a commit says whether that commit is what ran.
+  echo "code $(find analysis experiments scripts -type f \( -name '*.py' -o -name '*.sh' -o -name '*.json' \) \
+    | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12)"
 } > "$out/machine.txt"
 profile=$(mktemp -d)
 echo "qwen2.5-vl-7b start $(date -u +%T)" >> "$out/machine.txt"   # how long each shape takes, for the next call

@@ -3,6 +3,7 @@ timed inside the whole call, and the FLOPs columns are the analytic counts. No t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -158,6 +159,12 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
         assert result["meta"]["config"] == config
         assert [r["variant"] for r in result["rows"]][3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
     notes = (tmp_path / "machine.txt").read_text()
+    repo = script.parents[1]
+    files = sorted((str(f.relative_to(repo)) for d in ("analysis", "experiments", "scripts")
+                    for f in (repo / d).rglob("*") if f.is_file() and f.suffix in (".py", ".sh", ".json")),
+                   key=lambda name: name.encode())
+    listing = "".join(f"{hashlib.sha1((repo / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    assert f"\ncode {hashlib.sha1(listing.encode()).hexdigest()[:12]}\n" in notes  # the code that ran, by content
     assert re.search(r"^qwen2\.5-vl-7b start \d\d:\d\d:\d\d\ntower on flash_attention_2: skipped \(flash-attn not "
                      r"importable, or a smoke run\)\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
     with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
