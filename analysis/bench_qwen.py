@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import os
 import statistics
 import time
 
@@ -26,6 +27,10 @@ OPS = ("skip_attn", "skip_ffn", "skip_attn_ffn")
 # skip_attn_ffn with every input norm through HF's module (analysis.frozen_rows disabled): what its frozen-row
 # norm cache saves, timed in the same rounds
 MODULE_NORM = "skip_attn_ffn_hf_norm"
+# skip_attn_ffn and ProxyV with their explicit-mask attention on SDPA's own GQA (transformers' switch
+# TRANSFORMERS_SDPA_FORCE_GQA=1; under a mask it otherwise repeats the key / value heads): the same values and FLOPs,
+# timed in the same rounds (experiments/bench_attention.py found that call 0.6-0.8x as long on an H200). sdpa only.
+SDPA_GQA = {"skip_attn_ffn_sdpa_gqa": "skip_attn_ffn", "proxyv_sdpa_gqa": "proxyv"}
 # Tokens of a Qwen3-VL timestamp "<4.5 seconds>": "<", "4", ".", "5", " seconds", ">" by the Qwen pre-tokenizer's
 # one-digit split (one more from 10 s on); a stated constant, not checked against the real tokenizer (offline here).
 STAMP_TOKENS = 6
@@ -102,11 +107,30 @@ def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
 
 
 @contextlib.contextmanager
+def forced_sdpa_gqa():
+    """transformers' sdpa attention uses SDPA's own GQA (``enable_gqa=True``) also under an attention mask, for the
+    block's duration (it reads the switch at every call); the environment is restored after."""
+    name, before = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
 def variant_context(model, variant: str, L: int):
     """The block a prefill of ``variant`` runs in: ``ablate`` from layer ``L`` for an operator (and for
-    :data:`MODULE_NORM` the frozen-row norm cache disabled); nothing for the baseline and ProxyV (its model is
-    already converted). Entered where it is used, so every variant's setup is inside its timing alike."""
-    if variant == MODULE_NORM:
+    :data:`MODULE_NORM` the frozen-row norm cache disabled; for an :data:`SDPA_GQA` control its base variant's block
+    under :func:`forced_sdpa_gqa`); nothing for the baseline and ProxyV (its model is already converted). Entered
+    where it is used, so every variant's setup is inside its timing alike."""
+    if variant in SDPA_GQA:
+        with forced_sdpa_gqa(), variant_context(model, SDPA_GQA[variant], L):
+            yield
+    elif variant == MODULE_NORM:
         with ablate(model, "skip_attn_ffn", start_layer=L), frozen_rows.disabled():
             yield
     elif variant in OPS:
@@ -242,6 +266,8 @@ def run(args) -> tuple[dict, list[dict]]:
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
     batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
     models = {"none": model, **{op: model for op in OPS}, MODULE_NORM: model, "proxyv": proxyv}
+    if args.attn == "sdpa":
+        models.update({name: models[base] for name, base in SDPA_GQA.items()})
     clocks = {id(m): clocks_of(m, args.device) for m in (model, proxyv)}
 
     tokens = PrefillTokens.from_batch(batch_cpu, config)
@@ -254,6 +280,7 @@ def run(args) -> tuple[dict, list[dict]]:
     s = proxyv.config.proxyv
     flops["proxyv"] = count_flops(config, tokens, "proxyv", start_layer=L, reduce_factor=s["reduce_factor"],
                                   init=s["init"], light_width=s["light_width"], shapes=shapes, lm_head="last")
+    flops.update({name: flops[base] for name, base in SDPA_GQA.items()})  # controls: the same computation
 
     for _ in range(args.warmup):
         for name, m in models.items():
@@ -312,9 +339,11 @@ def run(args) -> tuple[dict, list[dict]]:
 
 def label(name: str, L: int) -> str:
     """A variant's row label: ``none``, ``<variant>-L<start>`` (:data:`MODULE_NORM`: ``skip_attn_ffn-L<start> HF
-    norm``)."""
+    norm``; an :data:`SDPA_GQA` control: ``<base>-L<start> SDPA GQA``)."""
     if name == "none":
         return name
+    if name in SDPA_GQA:
+        return f"{SDPA_GQA[name]}-L{L} SDPA GQA"
     return f"skip_attn_ffn-L{L} HF norm" if name == MODULE_NORM else f"{name}-L{L}"
 
 

@@ -10,7 +10,9 @@ rounds, a ratio the median of per-round ratios. FLOPs are the analytic counts (e
 tiny models of these classes). ``time saved / FLOPs saved`` near 1 means the variant turns its FLOPs saving into
 wall-clock time. Peak memory: the largest allocation above the weights during the call (CUDA), per variant. The row
 "skip_attn_ffn-L<start> HF norm" is a control: skip_attn_ffn with every input norm through HF's module
-(analysis.frozen_rows disabled), so that the frozen-row norm cache's saving is timed in the same rounds.
+(analysis.frozen_rows disabled), so that the frozen-row norm cache's saving is timed in the same rounds; the rows
+"... SDPA GQA" (sdpa only) are skip_attn_ffn and ProxyV with their explicit-mask attention on SDPA's own GQA instead
+of repeated key / value heads (the same values and FLOPs; experiments/bench_attention.py times that call alone).
 
     # one H100 / H200, bf16: Qwen2.5-VL-7B shape, 26 blocks of 36 x 36 patches = 8,424 vision tokens
     python experiments/bench_qwen_video.py --config qwen2.5-vl-7b --blocks 26 --side 36 --device cuda \

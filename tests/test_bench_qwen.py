@@ -34,14 +34,18 @@ def options(**over):
 def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
     meta, rows = run(options(profile=tmp_path))
     assert [r["variant"] for r in rows] == ["none", "skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1",
-                                            "skip_attn_ffn-L1 HF norm", "proxyv-L1"]
+                                            "skip_attn_ffn-L1 HF norm", "proxyv-L1", "skip_attn_ffn-L1 SDPA GQA",
+                                            "proxyv-L1 SDPA GQA"]
     assert meta["vision_tokens"] == 2 * 4 * 4 and meta["prompt_tokens"] == 32 + 8 + 2 and meta["proxies"] == 2
     by = {r["variant"]: r for r in rows}
     assert by["none"]["flops_saved"] == 0 and by["none"]["decoder_flops_saved"] == 0
     for name in ("skip_attn-L1", "skip_ffn-L1", "skip_attn_ffn-L1", "proxyv-L1"):
         assert 0 < by[name]["decoder_flops_saved"] < 1 and 0 < by[name]["flops_saved"] < by[name]["decoder_flops_saved"]
     assert by["skip_attn_ffn-L1"]["decoder_flops"] < by["skip_ffn-L1"]["decoder_flops"]
-    assert by["skip_attn_ffn-L1 HF norm"]["decoder_flops"] == by["skip_attn_ffn-L1"]["decoder_flops"]  # a control
+    for control, base in (("skip_attn_ffn-L1 HF norm", "skip_attn_ffn-L1"), ("skip_attn_ffn-L1 SDPA GQA",
+                                                                            "skip_attn_ffn-L1"),
+                          ("proxyv-L1 SDPA GQA", "proxyv-L1")):  # controls: the same computation, timed
+        assert by[control]["decoder_flops"] == by[base]["decoder_flops"]
     # over allowed pairs only (the causal triangle), skipping vision queries' attention saves less, skipping their
     # FFN a larger share: the two counts bracket what the kernels do
     assert by["skip_attn-L1"]["decoder_pairs_flops_saved"] < by["skip_attn-L1"]["decoder_flops_saved"]
@@ -50,9 +54,10 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
         assert 0 < r["decoder_median_s"] < r["median_s"]  # the decoder is timed inside the whole call
         assert 0 < r["tower_median_s"] < r["median_s"] - r["decoder_median_s"]  # so is the tower, before it
         assert r["layer_host_reads"] == {"count": 0, "where": []}  # no variant's layer stalls the launch queue
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_none.txt", "profile_proxyv.txt",
-                                                          "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
-                                                          "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_ffn.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "profile_none.txt", "profile_proxyv.txt", "profile_proxyv_sdpa_gqa.txt", "profile_skip_attn.txt",
+        "profile_skip_attn_ffn.txt", "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_attn_ffn_sdpa_gqa.txt",
+        "profile_skip_ffn.txt"]
     ffn = (tmp_path / "profile_skip_ffn.txt").read_text()  # the decoder alone: the tower's operators are absent
     assert ffn.startswith("skip_ffn: decoder span") and "aten::linear" in ffn and "conv3d" not in ffn
     assert "proxyv-L1" in table(meta, rows)
@@ -62,7 +67,7 @@ def test_the_tower_on_its_own_backend():
     """--vision-attn: the tower on another backend than the decoder's (on a GPU: flash_attention_2, one varlen call
     per block instead of one call per window); here eager against sdpa, said in the table's first line."""
     meta, rows = run(options(vision_attn="eager"))
-    assert (meta["attn"], meta["vision_attn"]) == ("sdpa", "eager") and len(rows) == 6
+    assert (meta["attn"], meta["vision_attn"]) == ("sdpa", "eager") and len(rows) == 8
     assert "float32 sdpa (tower: eager) on CPU" in table(meta, rows).splitlines()[0]
     assert "(tower:" not in table(*run(options()))
     with pytest.raises(ValueError, match="^vision_attn_implementation='flash_attention_2' "):
@@ -77,7 +82,8 @@ def qwen3(**over):
 def test_qwen3_every_variant_runs_and_the_prompt_holds_the_timestamps():
     meta, rows = run(qwen3())
     assert [r["variant"] for r in rows] == ["none", "skip_attn-L3", "skip_ffn-L3", "skip_attn_ffn-L3",
-                                            "skip_attn_ffn-L3 HF norm", "proxyv-L3"]
+                                            "skip_attn_ffn-L3 HF norm", "proxyv-L3", "skip_attn_ffn-L3 SDPA GQA",
+                                            "proxyv-L3 SDPA GQA"]
     # 3 blocks of 4x4 merged tokens; per block a 6-token timestamp, <|vision_start|>, <|vision_end|>; the outer
     # <|vision_start|> / <|vision_end|> of the chat template; 8 text tokens
     assert meta["vision_tokens"] == 3 * 16 and meta["prompt_tokens"] == 8 + 2 + 3 * (6 + 2) + 3 * 16
@@ -157,7 +163,9 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
     for config in ("qwen2.5-vl-7b", "qwen3-vl-8b"):
         result = json.loads((tmp_path / f"run_{config}.json").read_text())
         assert result["meta"]["config"] == config
-        assert [r["variant"] for r in result["rows"]][3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
+        variants = [r["variant"] for r in result["rows"]]
+        assert variants[3:5] == ["skip_attn_ffn-L3", "skip_attn_ffn-L3 HF norm"]
+        assert variants[6:] == ["skip_attn_ffn-L3 SDPA GQA", "proxyv-L3 SDPA GQA"]
     notes = (tmp_path / "machine.txt").read_text()
     repo = script.parents[1]
     files = sorted((str(f.relative_to(repo)) for d in ("analysis", "experiments", "scripts")
@@ -169,5 +177,47 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
                      r"importable, or a smoke run\)\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
     with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
         names = sorted(Path(n).name for n in archive.getnames() if n.endswith(".txt"))
-    assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_skip_attn.txt", "profile_skip_attn_ffn.txt",
-                     "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_ffn.txt"]
+    assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_proxyv_sdpa_gqa.txt", "profile_skip_attn.txt",
+                     "profile_skip_attn_ffn.txt", "profile_skip_attn_ffn_hf_norm.txt",
+                     "profile_skip_attn_ffn_sdpa_gqa.txt", "profile_skip_ffn.txt"]
+
+
+@pytest.mark.parametrize("variant", ["skip_attn_ffn_sdpa_gqa", "proxyv_sdpa_gqa"])
+def test_the_sdpa_gqa_controls_compute_the_same_on_sdpas_own_gqa(monkeypatch, variant):
+    """The SDPA GQA rows: the variant's explicit-mask attention gets SDPA's own GQA (the key / value heads not
+    repeated) and the logits of its base variant; the switch is gone after the block."""
+    from analysis import bench_qwen
+    from analysis.models import vlm_generation_class
+    from analysis.proxyv import apply_proxyv
+
+    args = options(layers=3, start_layer=1, width=1024)  # 8 query heads over the shipped config's 4 key heads
+    config = build_config(args)
+    batch, _ = build_batch(config, args)
+    torch.manual_seed(0)
+    model = vlm_generation_class(config.model_type)._from_config(config, attn_implementation="sdpa").eval()
+    base = bench_qwen.SDPA_GQA[variant]
+    if base == "proxyv":
+        model = apply_proxyv(model, 1, 4, seed=0)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        calls.append((attn_mask is not None, query.shape[1], key.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    logits = {}
+    for name in (base, variant):
+        calls.clear()
+        with torch.no_grad(), bench_qwen.variant_context(model, name, 1):
+            logits[name] = model(**batch, logits_to_keep=1).logits
+        masked = [c for c in calls if c[0]]  # the explicit-mask calls: the variant's layers (HF's are causal)
+        heads = config.text_config.num_attention_heads, config.text_config.num_key_value_heads
+        assert heads == (8, 4)
+        assert len(masked) == 2, (name, calls)  # layers 1 and 2: the variant's layers
+        if name == variant:
+            assert all(c[1:] == (*heads, True) for c in masked), calls
+        else:
+            assert all(c[1:] == (heads[0], heads[0], False) for c in masked), calls
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert (logits[variant] - logits[base]).abs().max() < 1e-5
