@@ -47,7 +47,7 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIE
 
 @dataclass
 class Shape:
-    """One attention problem: query rows at ``positions`` (None: not prompt rows, e.g. proxies) and their mask."""
+    """One attention problem: which keys each query row reads, as a mask and as lower-right causal pieces."""
 
     name: str
     allowed: torch.Tensor  # (Nq, Nk) bool
