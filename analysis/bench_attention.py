@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+from .bench import timed
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -117,7 +118,9 @@ def eager_grouped(q, k, v, allowed, scale):
 def flash_pieces(shape: Shape) -> Callable:
     """One lower-right causal SDPA call per piece of ``shape`` (its key ranges joined where there are several)."""
     def keys_of(x, ranges):
-        return x[:, :, ranges[0][0]:ranges[0][1]] if len(ranges) == 1 else torch.cat([x[:, :, a:b] for a, b in ranges], 2)
+        if len(ranges) == 1:
+            return x[:, :, ranges[0][0]:ranges[0][1]]
+        return torch.cat([x[:, :, a:b] for a, b in ranges], 2)
 
     def attend(q, k, v, allowed, scale):
         outs = []
@@ -144,22 +147,19 @@ def reference(q, k, v, allowed, scale):
 
 
 def timer(device: torch.device) -> Callable[[Callable], float]:
-    """Seconds one call takes: CUDA events on a GPU (device time), the wall clock elsewhere."""
-    if device.type == "cuda":
-        def cuda_time(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return cuda_time
+    """Seconds one call takes: CUDA events on a GPU (device time), elsewhere the wall clock
+    (:func:`analysis.bench.timed`)."""
+    if device.type != "cuda":
+        return timed
 
-    def wall_time(fn):
-        t0 = time.perf_counter()
+    def cuda_time(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        return time.perf_counter() - t0
-    return wall_time
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return cuda_time
 
 
 def run(shapes: list[Shape], heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype,

@@ -110,7 +110,8 @@ def build_batch(config, args, stamp_tokens: int = STAMP_TOKENS):
 def forced_sdpa_gqa():
     """transformers' sdpa attention uses SDPA's own GQA (``enable_gqa=True``) also under an attention mask, for the
     block's duration (it reads the switch at every call); the environment is restored after."""
-    name, before = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    before = os.environ.get(name)
     os.environ[name] = "1"
     try:
         yield

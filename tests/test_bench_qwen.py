@@ -23,6 +23,11 @@ from analysis.bench_qwen import STAMP_TOKENS, build_batch, build_config, run, ta
 from analysis.flops import PrefillTokens, count_flops
 from analysis.layout_qwen import layout_of_batch
 
+# The profiler tables of a run with --profile: one per variant, the controls included
+PROFILES = ["profile_none.txt", "profile_proxyv.txt", "profile_proxyv_sdpa_gqa.txt", "profile_skip_attn.txt",
+            "profile_skip_attn_ffn.txt", "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_attn_ffn_sdpa_gqa.txt",
+            "profile_skip_ffn.txt"]
+
 
 def options(**over):
     base = dict(config="qwen2.5-vl-7b", layers=2, width=256, vision_depth=1, blocks=2, side=8, text=8, start_layer=1,
@@ -54,10 +59,7 @@ def test_every_variant_runs_and_the_flops_are_the_analytic_ones(tmp_path):
         assert 0 < r["decoder_median_s"] < r["median_s"]  # the decoder is timed inside the whole call
         assert 0 < r["tower_median_s"] < r["median_s"] - r["decoder_median_s"]  # so is the tower, before it
         assert r["layer_host_reads"] == {"count": 0, "where": []}  # no variant's layer stalls the launch queue
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "profile_none.txt", "profile_proxyv.txt", "profile_proxyv_sdpa_gqa.txt", "profile_skip_attn.txt",
-        "profile_skip_attn_ffn.txt", "profile_skip_attn_ffn_hf_norm.txt", "profile_skip_attn_ffn_sdpa_gqa.txt",
-        "profile_skip_ffn.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == PROFILES
     ffn = (tmp_path / "profile_skip_ffn.txt").read_text()  # the decoder alone: the tower's operators are absent
     assert ffn.startswith("skip_ffn: decoder span") and "aten::linear" in ffn and "conv3d" not in ffn
     assert "proxyv-L1" in table(meta, rows)
@@ -177,9 +179,7 @@ def test_the_device_script_runs_both_shapes_and_packs_the_profiles(tmp_path):
                      r"importable, or a smoke run\)\nqwen3-vl-8b start .*\nend ", notes, re.M), notes
     with tarfile.open(tmp_path / "profile_qwen2.5-vl-7b.tar.gz") as archive:
         names = sorted(Path(n).name for n in archive.getnames() if n.endswith(".txt"))
-    assert names == ["profile_none.txt", "profile_proxyv.txt", "profile_proxyv_sdpa_gqa.txt", "profile_skip_attn.txt",
-                     "profile_skip_attn_ffn.txt", "profile_skip_attn_ffn_hf_norm.txt",
-                     "profile_skip_attn_ffn_sdpa_gqa.txt", "profile_skip_ffn.txt"]
+    assert names == PROFILES
 
 
 @pytest.mark.parametrize("variant", ["skip_attn_ffn_sdpa_gqa", "proxyv_sdpa_gqa"])

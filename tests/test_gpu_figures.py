@@ -27,8 +27,13 @@ def calls(config: str) -> list[list[dict]]:
     return runs
 
 
+def base_of(variant: str) -> str:
+    """A row label without its start layer: ``skip_ffn-L14`` -> ``skip_ffn``."""
+    return re.sub(r"-L\d+", "", variant)
+
+
 def name_of(variant: str) -> str:
-    return NAMES[re.sub(r"-L\d+", "", variant)]
+    return NAMES[base_of(variant)]
 
 
 def docs_table(config: str) -> dict[str, list[str]]:
@@ -76,7 +81,7 @@ def test_readme_sentence_is_the_result_files():
 
     def percent(config: str, variant: str) -> str:
         runs = calls(config)
-        i = next(k for k, r in enumerate(runs[0]) if re.sub(r"-L\d+", "", r["variant"]) == variant)
+        i = next(k for k, r in enumerate(runs[0]) if base_of(r["variant"]) == variant)
         return f"{median([rows[i] for rows in runs], 'decoder_saved_ratio'):.0%}"
 
     q25, q3 = "qwen2.5-vl-7b", "qwen3-vl-8b"
